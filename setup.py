@@ -1,0 +1,47 @@
+"""msisynth: MSI-to-histology registration through deep histological synthesis (JAX/Flax)."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+_README = pathlib.Path(__file__).with_name("README.md")
+
+setup(
+    name="msisynth",
+    version="0.1.0",
+    description="Register mass spectrometry imaging to histology through synthetic H&E (pix2pix, JAX/Flax).",
+    long_description=_README.read_text(encoding="utf-8") if _README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["msisynth", "msisynth.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "jax>=0.4.35,<0.12",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.3,<0.3",
+        # Tested with 0.12.8; the CheckpointManager/args API is stable within this range.
+        "orbax-checkpoint>=0.11,<0.13",
+        "chex>=0.1.87",
+        "ml_collections>=0.1.1",
+        "pyimzml>=1.5.4",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "scikit-image>=0.22",
+        "tifffile>=2023.7",
+        "dm-pix>=0.4.3",
+        "absl-py>=2.0",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "SimpleITK>=2.3",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+            "psutil>=5.9",
+        ],
+        "tensorboard": ["tensorboardX>=2.6"],
+    },
+)

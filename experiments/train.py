@@ -1,0 +1,51 @@
+"""Trains pix2pix or the U-Net baseline to synthesise H&E from MSI.
+
+Usage (from the repository root):
+  python experiments/train.py --config=experiments/configs/pix2pix.py:tiny --workdir=/tmp/pix2pix_tiny
+  python -m experiments.train --config=experiments/configs/unet.py --workdir=runs/unet
+  python experiments/train.py --config=experiments/configs/pix2pix.py --workdir=runs/pix2pix \
+      --config.train.batch_size=16 --config.precision=bfloat16
+
+Any config field can be overridden with --config.<field>=<value>. Running again with the same --workdir resumes
+from its latest checkpoint, and ends with the same parameters as an uninterrupted run. The workdir receives
+checkpoints/ (orbax; the fitted MSI preprocessor and the config are saved with the weights), metrics.jsonl,
+images/step_XXXXXX.png and, when tensorboardX is installed, tensorboard/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+  # Run as a script: make the repository root importable (msisynth, experiments.configs).
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. "
+                                          "experiments/configs/pix2pix.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and images (resumed if present).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_orbax(record) -> bool:
+  # orbax logs every save and deletion at INFO; keep its warnings and errors, and the training progress.
+  return record.levelno >= logging.converter.STANDARD_WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  from msisynth import train
+
+  config = _CONFIG.value
+  logging.info("config:\n%s", config)
+  train_data, val_data, preprocessor = train.data_from_config(config)
+  train.train_and_evaluate(config, _WORKDIR.value, train_data, val_data, preprocessor=preprocessor)
+
+
+if __name__ == "__main__":
+  app.run(main)

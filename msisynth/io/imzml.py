@@ -1,0 +1,1483 @@
+"""Reading and writing imzML mass spectrometry imaging files.
+
+An imzML data set is a pair of files: `name.imzML` (XML: metadata, and for every spectrum its pixel position and
+where its m/z and intensity arrays lie in the binary file) and `name.ibd` (the arrays, little-endian, after a
+16-byte UUID). Two layouts exist:
+
+- *continuous*: every spectrum shares one m/z array; each pixel stores only its intensities. The image is read
+  as is: one channel per m/z value, or a subset of them.
+- *processed*: every pixel has its own m/z array (typically centroided peaks). The image is made dense by binning
+  the peaks onto a common m/z axis (bins of fixed width in ppm or Da), or by summing the peaks that fall within a
+  tolerance of requested m/z values.
+
+Layout of the result: an `MSIImage` whose cube is (H, W, C) float32 with row = y - min(y) and column =
+x - min(x) in imzML pixel coordinates; pixels without a spectrum are 0 and False in the mask.
+
+The XML metadata is read with pyimzml (`pyimzml.metadata.Metadata`); the spectrum list (positions, offsets,
+lengths) is scanned with a fast byte-level tokenizer, checked for consistency, and read with pyimzml's
+`ImzMLParser` instead when the file's layout is one the tokenizer does not recognise. The binary file is read in
+chunks of spectra with vectorised NumPy code, so memory stays near the size of the output cube.
+
+This module imports NumPy only at import time (no JAX, no matplotlib).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from msisynth import errors
+from msisynth.types import MSIImage
+
+# Bin width used for processed files when neither `bin_width` nor `mz_values` is given.
+DEFAULT_BIN_WIDTH_PPM = 10.0
+
+_NS = "{http://psi.hupo.org/ms/mzml}"
+_PRECISIONS = {
+  "MS:1000521": "<f4",
+  "MS:1000523": "<f8",
+  "MS:1000519": "<i4",
+  "MS:1000522": "<i8",
+  "IMS:1000141": "<i4",
+  "IMS:1000142": "<i8",
+}
+_ZLIB_COMPRESSION = "MS:1000574"
+_MZ_ARRAY = "MS:1000514"
+_INTENSITY_ARRAY = "MS:1000515"
+_CONTINUOUS = "IMS:1000030"
+_PROCESSED = "IMS:1000031"
+_UUID = "IMS:1000080"
+_PIXEL_SIZE_X = "IMS:1000046"
+_PIXEL_SIZE_Y = "IMS:1000047"
+_CENTROID = "MS:1000127"
+_PROFILE = "MS:1000128"
+_POSITIVE = "MS:1000130"
+_NEGATIVE = "MS:1000129"
+
+# Values of a chunk of spectra processed at once when `chunk_spectra` is not given: small enough that the
+# temporaries of one chunk stay in the tens of MB, large enough that per-chunk overheads vanish.
+_CHUNK_VALUES = 1 << 20
+_XML_BLOCK_BYTES = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The index of a file: header metadata and per-spectrum positions, offsets and lengths.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+  """What the XML says before the spectrum list."""
+
+  declared_mode: str | None
+  mz_group: str
+  intensity_group: str
+  mz_dtype: np.dtype
+  intensity_dtype: np.dtype
+  spectrum_count: int | None
+  pixel_size_um: tuple[float, float] | None
+  uuid: str | None
+  polarity: str | None
+  spectrum_type: str | None
+  instrument: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Index:
+  """Everything needed to read the spectra of one imzML/ibd pair without touching the XML again."""
+
+  path: pathlib.Path
+  ibd_path: pathlib.Path
+  ibd_size: int
+  header: _Header
+  coords: np.ndarray  # (N, 3) int64: x, y, z as written in the file.
+  mz_offsets: np.ndarray  # (N,) int64 byte offsets into the .ibd.
+  mz_lengths: np.ndarray  # (N,) int64 number of values.
+  intensity_offsets: np.ndarray
+  intensity_lengths: np.ndarray
+  continuous: bool  # all spectra share one m/z array.
+
+  @property
+  def num_spectra(self) -> int:
+    return int(self.coords.shape[0])
+
+  def position(self, i: int) -> str:
+    x, y, z = (int(v) for v in self.coords[i])
+    return f"spectrum {i} at imzML position (x={x}, y={y}" + (f", z={z})" if z != 1 else ")")
+
+
+def _local_name(tag: str) -> str:
+  return tag.rsplit("}", 1)[-1]
+
+
+def _parse_header(path: pathlib.Path) -> _Header:
+  """Parses the XML up to <spectrumList> and interprets it with pyimzml's metadata classes."""
+  from pyimzml.metadata import Metadata
+
+  mzml = None
+  spectrum_list = None
+  try:
+    with open(path, "rb") as fh:
+      events = ET.iterparse(fh, events=("start",))
+      _, root = next(events)
+      if not root.tag.startswith(_NS) or _local_name(root.tag) not in ("mzML", "indexedmzML"):
+        raise errors.ImzMLError(
+          f"not an imzML file: the XML root element is <{_local_name(root.tag)}>, expected <mzML> in namespace "
+          f"{_NS[1:-1]}",
+          path,
+        )
+      mzml = root if _local_name(root.tag) == "mzML" else None
+      for _, elem in events:
+        if elem.tag == _NS + "mzML":
+          mzml = elem
+        elif elem.tag == _NS + "spectrumList":
+          spectrum_list = elem
+          break
+  except ET.ParseError as e:
+    raise errors.ImzMLError(f"not a well-formed imzML (XML) file: {e}", path) from e
+  except StopIteration as e:
+    raise errors.ImzMLError("the file is empty, not an imzML file", path) from e
+  if mzml is None or spectrum_list is None:
+    raise errors.ImzMLError("no <spectrumList> element: not an imzML file, or its XML is truncated", path)
+  try:
+    with warnings.catch_warnings():
+      # pyimzml warns about every cvParam whose name differs from the ontology's spelling; these are harmless.
+      warnings.simplefilter("ignore")
+      meta = Metadata(mzml)
+  except Exception as e:  # pyimzml raises assorted errors on incomplete headers.
+    raise errors.ImzMLError(f"cannot read the imzML header ({type(e).__name__}: {e})", path) from e
+
+  groups = meta.referenceable_param_groups
+
+  def group_for(accession: str, what: str) -> str:
+    ids = [gid for gid, group in groups.items() if accession in group.param_by_accession]
+    if not ids:
+      raise errors.ImzMLError(
+        f"no referenceableParamGroup declares the {what} array ({accession}); not an imzML file?", path
+      )
+    if len(ids) > 1:
+      raise errors.ImzMLError(f"several referenceableParamGroups declare the {what} array: {ids}", path)
+    group = groups[ids[0]]
+    if _ZLIB_COMPRESSION in group.param_by_accession:
+      raise errors.ImzMLError(f"the {what} arrays are zlib-compressed, which is not supported", path)
+    return ids[0]
+
+  def dtype_of(group_id: str, what: str) -> np.dtype:
+    found = [np.dtype(dt) for acc, dt in _PRECISIONS.items() if acc in groups[group_id].param_by_accession]
+    if len(found) != 1:
+      raise errors.ImzMLError(f"the {what} array's number format is missing or ambiguous", path)
+    return found[0]
+
+  mz_group = group_for(_MZ_ARRAY, "m/z")
+  intensity_group = group_for(_INTENSITY_ARRAY, "intensity")
+
+  content = meta.file_description.param_by_accession
+  declared_mode = "continuous" if _CONTINUOUS in content else "processed" if _PROCESSED in content else None
+
+  pixel_size = None
+  for settings in meta.scan_settings.values():
+    px = settings.param_by_accession.get(_PIXEL_SIZE_X)
+    py = settings.param_by_accession.get(_PIXEL_SIZE_Y)
+    px, py = (px if px is not None else py), (py if py is not None else px)
+    try:
+      if px is not None and float(px) > 0 and float(py) > 0:
+        pixel_size = (float(py), float(px))
+        break
+    except (TypeError, ValueError):
+      continue
+
+  all_params = [content] + [g.param_by_accession for g in groups.values()]
+  polarity = None
+  if any(_POSITIVE in p for p in all_params):
+    polarity = "positive"
+  if any(_NEGATIVE in p for p in all_params):
+    polarity = "mixed" if polarity else "negative"
+  spectrum_type = (
+    "profile"
+    if any(_PROFILE in p for p in all_params)
+    else "centroid"
+    if any(_CENTROID in p for p in all_params)
+    else None
+  )
+  instrument = None
+  for config in meta.instrument_configurations.values():
+    if config.cv_params:
+      instrument = str(config.cv_params[0][0])
+      break
+  count = spectrum_list.get("count")
+  return _Header(
+    declared_mode=declared_mode,
+    mz_group=mz_group,
+    intensity_group=intensity_group,
+    mz_dtype=dtype_of(mz_group, "m/z"),
+    intensity_dtype=dtype_of(intensity_group, "intensity"),
+    spectrum_count=int(count) if count and count.strip().isdigit() else None,
+    pixel_size_um=pixel_size,
+    uuid=None if content.get(_UUID) is None else str(content.get(_UUID)),
+    polarity=polarity,
+    spectrum_type=spectrum_type,
+    instrument=instrument,
+  )
+
+
+def _spectrum_list_blocks(path: pathlib.Path) -> Iterator[bytes]:
+  """Yields the bytes of <spectrumList> in blocks that each end after a whole </spectrum>."""
+  with open(path, "rb") as fh:
+    carry = b""
+    started = False
+    while True:
+      data = fh.read(_XML_BLOCK_BYTES)
+      buf = carry + data
+      if not started:
+        start = buf.find(b"<spectrumList")
+        if start < 0:
+          if not data:
+            return
+          carry = buf[-64:]
+          continue
+        buf = buf[start:]
+        started = True
+      end = buf.find(b"</spectrumList>")
+      if end >= 0:
+        yield buf[:end]
+        return
+      if not data:
+        yield buf
+        return
+      cut = buf.rfind(b"</spectrum>")
+      if cut < 0:
+        carry = buf
+        continue
+      cut += len(b"</spectrum>")
+      yield buf[:cut]
+      carry = buf[cut:]
+
+
+_SCAN_VALUES = re.compile(rb'accession="(IMS:100005[012]|IMS:100010[23])"[^>]*?value="([^"]*)"')
+
+
+def _fix_wrapped_offsets(offsets: np.ndarray) -> np.ndarray:
+  """Undoes the signed 32-bit overflow some writers commit, as pyimzml does."""
+  if offsets.size == 0 or offsets.min() >= 0:
+    return offsets
+  prev = np.concatenate(([np.iinfo(np.int64).min], offsets[:-1]))
+  wraps = np.cumsum((offsets < 0) & (prev >= 0))
+  return offsets + wraps * (1 << 32)
+
+
+def _scan_spectrum_list(path: pathlib.Path, header: _Header) -> dict[str, np.ndarray] | None:
+  """Reads positions, offsets and lengths of every spectrum with a byte-level tokenizer.
+
+  Returns None when the spectrum list is laid out in a way the tokenizer does not recognise (attributes in an
+  unusual order, single quotes, inline array types, ...); the caller then uses pyimzml's parser.
+  """
+  # A pattern that starts with a literal is scanned far faster by `re`; "ref" is case-sensitive, so attributes
+  # such as cvRef or dataProcessingRef do not match.
+  refs = re.compile(
+    rb'ref="(' + re.escape(header.mz_group.encode()) + rb"|" + re.escape(header.intensity_group.encode()) + rb')"'
+  )
+  mz_ref = header.mz_group.encode()
+  parts: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "y", "z", "offset", "length", "is_mz")}
+  for block in _spectrum_list_blocks(path):
+    tokens = _SCAN_VALUES.findall(block)
+    kinds = refs.findall(block)
+    if not tokens:
+      continue
+    table = np.array(tokens, dtype="S")
+    accession = table[:, 0]
+    try:
+      values = table[:, 1].astype(np.int64)
+    except ValueError:
+      return None
+    for key, acc in (
+      ("x", b"IMS:1000050"),
+      ("y", b"IMS:1000051"),
+      ("z", b"IMS:1000052"),
+      ("offset", b"IMS:1000102"),
+      ("length", b"IMS:1000103"),
+    ):
+      parts[key].append(values[accession == acc])
+    parts["is_mz"].append(np.array(kinds, dtype="S") == mz_ref)
+  merged = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in parts.items()}
+  n = merged["x"].size
+  if n == 0 or merged["y"].size != n or merged["z"].size not in (0, n):
+    return None
+  if header.spectrum_count is not None and header.spectrum_count != n:
+    return None
+  if not merged["offset"].size == merged["length"].size == merged["is_mz"].size == 2 * n:
+    return None
+  is_mz = merged["is_mz"].astype(bool)
+  first_is_mz = is_mz[0::2]
+  if np.any(first_is_mz == is_mz[1::2]):
+    return None
+  mz_slot = 2 * np.arange(n) + np.where(first_is_mz, 0, 1)
+  int_slot = 2 * np.arange(n) + np.where(first_is_mz, 1, 0)
+  offsets = _fix_wrapped_offsets(merged["offset"])
+  z = merged["z"] if merged["z"].size else np.ones(n, np.int64)
+  return {
+    "coords": np.stack([merged["x"], merged["y"], z], axis=1),
+    "mz_offsets": offsets[mz_slot],
+    "mz_lengths": merged["length"][mz_slot],
+    "intensity_offsets": offsets[int_slot],
+    "intensity_lengths": merged["length"][int_slot],
+  }
+
+
+def _parse_with_pyimzml(path: pathlib.Path) -> dict[str, np.ndarray]:
+  from pyimzml.ImzMLParser import ImzMLParser
+
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      parser = ImzMLParser(os.fspath(path), parse_lib="ElementTree", ibd_file=None)
+  except Exception as e:  # ParseError, AttributeError, KeyError, ... on malformed spectrum lists.
+    raise errors.ImzMLError(f"cannot read the spectrum list ({type(e).__name__}: {e})", path) from e
+  if not parser.coordinates:
+    raise errors.ImzMLError("the imzML file lists no spectra", path)
+  return {
+    "coords": np.asarray(parser.coordinates, dtype=np.int64).reshape(-1, 3),
+    "mz_offsets": np.asarray(parser.mzOffsets, dtype=np.int64),
+    "mz_lengths": np.asarray(parser.mzLengths, dtype=np.int64),
+    "intensity_offsets": np.asarray(parser.intensityOffsets, dtype=np.int64),
+    "intensity_lengths": np.asarray(parser.intensityLengths, dtype=np.int64),
+  }
+
+
+def _find_ibd(path: pathlib.Path) -> pathlib.Path:
+  exact = path.with_suffix(".ibd")
+  if exact.is_file():
+    return exact
+  for candidate in path.parent.glob("*"):
+    if candidate.stem == path.stem and candidate.suffix.lower() == ".ibd" and candidate.is_file():
+      return candidate
+  raise errors.ImzMLError(f"the binary file {path.stem}.ibd that holds the spectra is missing", path)
+
+
+def _normalise_uuid(value: str) -> str:
+  return re.sub(r"[^0-9a-f]", "", value.lower())
+
+
+def _open_index(path: str | os.PathLike, *, check_uuid: bool = True, parser: str = "auto") -> _Index:
+  """Parses and validates an imzML file's index (no spectra are read)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise errors.ImzMLError("no such file", path)
+  if path.suffix.lower() != ".imzml":
+    raise errors.ImzMLError(f"expected a .imzML file, got suffix {path.suffix!r}", path)
+  header = _parse_header(path)
+  ibd_path = _find_ibd(path)
+  ibd_size = ibd_path.stat().st_size
+  if parser not in ("auto", "pyimzml"):
+    raise errors.ConfigError(f"parser must be 'auto' or 'pyimzml', got {parser!r}")
+  fields = _scan_spectrum_list(path, header) if parser == "auto" else None
+  if fields is None:
+    if parser == "auto":
+      logging.info("%s: spectrum list not recognised by the fast scanner; parsing it with pyimzml", path)
+    fields = _parse_with_pyimzml(path)
+  index = _Index(path=path, ibd_path=ibd_path, ibd_size=ibd_size, header=header, continuous=False, **fields)
+  _validate_index(index, check_uuid)
+  return dataclasses.replace(index, continuous=_is_continuous(index))
+
+
+def _is_continuous(index: _Index) -> bool:
+  """Whether all spectra share one m/z array.
+
+  True when every non-empty spectrum points at the same m/z array. A file declared continuous whose spectra
+  point at separate copies counts as continuous when the first, middle and last copies are identical;
+  otherwise it is read as processed (and says so in the log).
+  """
+  nonempty = np.flatnonzero(index.mz_lengths > 0)
+  if nonempty.size == 0:
+    return index.header.declared_mode != "processed"
+  lengths = index.mz_lengths[nonempty]
+  if not np.all(lengths == lengths[0]):
+    if index.header.declared_mode == "continuous":
+      logging.warning(
+        "%s: declared continuous but its m/z arrays differ in length; reading it as processed", index.path
+      )
+    return False
+  offsets = index.mz_offsets[nonempty]
+  if np.all(offsets == offsets[0]):
+    return True
+  if index.header.declared_mode != "continuous":
+    return False
+  probes = nonempty[[0, nonempty.size // 2, nonempty.size - 1]]
+  dtype = index.header.mz_dtype
+  arrays = []
+  with open(index.ibd_path, "rb") as fh:
+    for i in probes.tolist():
+      values = np.empty(int(index.mz_lengths[i]), dtype)
+      _read_exact(fh, int(index.mz_offsets[i]), values)
+      arrays.append(values)
+  if all(np.array_equal(arrays[0], a) for a in arrays[1:]):
+    return True
+  logging.warning(
+    "%s: declared continuous but its spectra have different m/z arrays; reading it as processed", index.path
+  )
+  return False
+
+
+def _validate_index(index: _Index, check_uuid: bool) -> None:
+  path = index.path
+  if index.num_spectra == 0:
+    raise errors.ImzMLError("the imzML file lists no spectra", path)
+  if index.ibd_size < 16:
+    raise errors.ImzMLError(f"{index.ibd_path.name} has {index.ibd_size} bytes, too short to hold its UUID", path)
+  if check_uuid and index.header.uuid:
+    with open(index.ibd_path, "rb") as fh:
+      ibd_uuid = fh.read(16).hex()
+    if _normalise_uuid(index.header.uuid) != ibd_uuid:
+      raise errors.ImzMLError(
+        f"the UUID in the .imzML ({index.header.uuid}) does not match the one at the start of "
+        f"{index.ibd_path.name} ({ibd_uuid}): the two files do not belong together (pass check_uuid=False to "
+        "read them anyway)",
+        path,
+      )
+  for name, offsets, lengths, dtype in (
+    ("m/z", index.mz_offsets, index.mz_lengths, index.header.mz_dtype),
+    ("intensity", index.intensity_offsets, index.intensity_lengths, index.header.intensity_dtype),
+  ):
+    bad = np.flatnonzero(lengths < 0)
+    if bad.size:
+      raise errors.ImzMLError(f"{index.position(bad[0])}: negative {name} array length", path)
+    ends = offsets + lengths * dtype.itemsize
+    bad = np.flatnonzero((lengths > 0) & ((offsets < 0) | (ends > index.ibd_size)))
+    if bad.size:
+      i = bad[0]
+      raise errors.ImzMLError(
+        f"{index.position(i)}: its {name} array spans bytes {offsets[i]}-{ends[i]} but "
+        f"{index.ibd_path.name} has only {index.ibd_size} bytes (truncated .ibd?)",
+        path,
+      )
+  # An empty spectrum of a continuous file may keep the shared m/z array but store no intensities.
+  mismatch = np.flatnonzero((index.intensity_lengths != index.mz_lengths) & (index.intensity_lengths > 0))
+  if mismatch.size:
+    i = mismatch[0]
+    raise errors.ImzMLError(
+      f"{index.position(i)}: m/z array has {index.mz_lengths[i]} values but intensity array has "
+      f"{index.intensity_lengths[i]}",
+      path,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading arrays from the .ibd.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _read_exact(fh, offset: int, out) -> None:
+  fh.seek(offset)
+  view = memoryview(out).cast("B")
+  got = fh.readinto(view)
+  if got != len(view):
+    raise errors.ImzMLError(f"unexpected end of file at byte {offset + (got or 0)}", fh.name)
+
+
+class _Scratch:
+  """Work buffers of one reader thread, grown as needed and reused from chunk to chunk.
+
+  Fresh memory costs a page fault per page on first touch; reusing buffers keeps that cost to the first chunk.
+  """
+
+  def __init__(self):
+    self._buffers: dict[str, np.ndarray] = {}
+
+  def get(self, name: str, shape: int | tuple[int, ...], dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = self._buffers.get(name)
+    if buf is None or buf.size < nbytes:
+      buf = self._buffers[name] = np.empty(max(nbytes, 1), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _read_arrays(
+    fh, byte_offsets: np.ndarray, byte_lengths: np.ndarray, scratch: _Scratch
+) -> tuple[np.ndarray, np.ndarray]:
+  """Reads byte ranges of the .ibd into one (reused) buffer.
+
+  Returns:
+    (buffer, starts): a uint8 buffer and the position of each requested range in it. Ranges that lie close
+    together in the file are read with a single read of their span; scattered ranges are read one by one.
+  """
+  total = int(byte_lengths.sum())
+  if byte_offsets.size == 0:
+    return np.zeros(0, np.uint8), np.zeros(0, np.int64)
+  lo = int(byte_offsets.min())
+  hi = int((byte_offsets + byte_lengths).max())
+  if hi - lo <= 1.25 * total + (1 << 16):
+    buf = scratch.get("raw", hi - lo, np.uint8)
+    _read_exact(fh, lo, buf)
+    return buf, byte_offsets - lo
+  buf = scratch.get("raw", total, np.uint8)
+  starts = np.concatenate(([0], np.cumsum(byte_lengths)[:-1])).astype(np.int64)
+  for offset, start, length in zip(byte_offsets.tolist(), starts.tolist(), byte_lengths.tolist()):
+    if length:
+      _read_exact(fh, offset, buf[start : start + length])
+  return buf, starts
+
+
+def _typed_arrays(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  """Views or gathers arrays of `dtype` from a buffer: (n, L) when all have length L, else concatenated (sum,)."""
+  n = starts.size
+  if n and np.all(lengths == lengths[0]):
+    count = int(lengths[0])
+    steps = np.diff(starts)
+    if n == 1 or np.all(steps == steps[0]) and steps[0] >= count * dtype.itemsize:
+      step = int(steps[0]) if n > 1 else count * dtype.itemsize
+      return np.ndarray((n, count), dtype=dtype, buffer=buf, offset=int(starts[0]), strides=(step, dtype.itemsize))
+    return np.stack([np.frombuffer(buf, dtype, count, int(s)) for s in starts.tolist()])
+  pieces = [np.frombuffer(buf, dtype, int(c), int(s)) for s, c in zip(starts.tolist(), lengths.tolist()) if c]
+  return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+
+
+def _read_scalars(path: pathlib.Path, byte_offsets: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  """Reads one value of `dtype` at each byte offset (the first and last m/z of each spectrum)."""
+  out = np.empty(byte_offsets.size, dtype)
+  raw = out.view(np.uint8)
+  size = dtype.itemsize
+  with open(path, "rb", buffering=0) as fh:
+    if hasattr(os, "pread"):  # one system call per value, and no read-ahead into a buffer
+      fd = fh.fileno()
+      chunks = [os.pread(fd, size, offset) for offset in byte_offsets.tolist()]
+      joined = b"".join(chunks)
+      if len(joined) != raw.size:
+        raise errors.ImzMLError("unexpected end of file while reading m/z values", path)
+      raw[:] = np.frombuffer(joined, np.uint8)
+    else:
+      for i, offset in enumerate(byte_offsets.tolist()):
+        _read_exact(fh, offset, raw[i * size : (i + 1) * size])
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# m/z axes: bins and windows.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_unit(unit: str, name: str) -> str:
+  if not isinstance(unit, str) or unit.lower() not in ("ppm", "da"):
+    raise errors.ConfigError(f"{name} must be 'ppm' or 'da', got {unit!r}")
+  return unit.lower()
+
+
+def mz_bin_edges(mz_min: float, mz_max: float, bin_width: float, bin_unit: str = "ppm") -> np.ndarray:
+  """Edges of the m/z bins that `read_imzml` uses to bin spectra.
+
+  Bin k holds the peaks with edges[k] <= m/z < edges[k + 1]. Bins of `bin_unit="da"` are `bin_width` Da wide;
+  bins of `bin_unit="ppm"` are geometric, each `bin_width` ppm wider than the last (edges[k] = mz_min * (1 +
+  bin_width * 1e-6) ** k). There are just enough bins that `mz_max` lies inside the last one, so the last edge
+  lies above `mz_max`. The channel m/z of a bin is the midpoint of its edges.
+
+  Args:
+    mz_min: lower edge of the first bin, m/z (> 0).
+    mz_max: highest m/z to cover (>= mz_min).
+    bin_width: bin width in ppm or Da (> 0).
+    bin_unit: "ppm" or "da".
+
+  Returns:
+    float64 (num_bins + 1,) strictly increasing edges.
+
+  Raises:
+    ConfigError: on non-finite, non-positive or inverted arguments.
+  """
+  unit = _check_unit(bin_unit, "bin_unit")
+  if not (np.isfinite(mz_min) and np.isfinite(mz_max) and mz_min > 0 and mz_max >= mz_min):
+    raise errors.ConfigError(f"need 0 < mz_min <= mz_max, got ({mz_min}, {mz_max})")
+  if not (np.isfinite(bin_width) and bin_width > 0):
+    raise errors.ConfigError(f"bin_width must be positive, got {bin_width}")
+  plan = _BinPlan.create(float(mz_min), float(mz_max), float(bin_width), unit)
+  return plan.edges()
+
+
+@dataclasses.dataclass(frozen=True)
+class _BinPlan:
+  """Bins of fixed width (Da) or fixed relative width (ppm, geometric) from `lo`.
+
+  A value's bin is floor(t) with t = (mz - lo) / width, or log(mz / lo) / log(1 + ppm * 1e-6), in float64.
+  """
+
+  lo: float
+  scale: float  # 1 / width, or 1 / log(1 + ppm * 1e-6)
+  num_bins: int
+  geometric: bool
+  bin_width: float
+  bin_unit: str
+
+  @classmethod
+  def create(cls, lo: float, hi: float, bin_width: float, unit: str) -> _BinPlan:
+    geometric = unit == "ppm"
+    scale = 1.0 / math.log1p(bin_width * 1e-6) if geometric else 1.0 / bin_width
+    top = (math.log(hi) - math.log(lo)) * scale if geometric else (hi - lo) * scale
+    return cls(lo, scale, int(math.floor(top)) + 1, geometric, bin_width, unit)
+
+  def edges(self) -> np.ndarray:
+    k = np.arange(self.num_bins + 1, dtype=np.float64)
+    if self.geometric:
+      return self.lo * np.exp(k / self.scale)
+    return self.lo + k / self.scale
+
+  def centres(self) -> np.ndarray:
+    e = self.edges()
+    return 0.5 * (e[:-1] + e[1:])
+
+  def slots(self, mz: np.ndarray, scratch: _Scratch | None = None) -> np.ndarray:
+    """Slot of each value: 1 + its bin, 0 below the first bin, num_bins + 1 above the last (intp)."""
+    scratch = scratch or _Scratch()
+    t = scratch.get("t", mz.shape, np.float64)
+    # float64 throughout: float32 arithmetic would misplace values near bin edges.
+    if self.geometric:
+      np.log(mz, out=t)
+      t *= self.scale
+      t += 1.0 - math.log(self.lo) * self.scale
+    else:
+      np.multiply(mz, self.scale, out=t)
+      t += 1.0 - self.lo * self.scale
+    np.clip(t, 0, self.num_bins + 1, out=t)  # also keeps the integer conversion below in range
+    slots = scratch.get("slots", mz.shape, np.intp)
+    np.copyto(slots, t, casting="unsafe")
+    return slots
+
+
+@dataclasses.dataclass(frozen=True)
+class _WindowPlan:
+  """Output channels that each sum the peaks within [lo_k, hi_k] (inclusive), windows possibly overlapping.
+
+  Windows are split into layers of non-overlapping windows; each layer assigns a peak to at most one window.
+  """
+
+  lows: np.ndarray
+  highs: np.ndarray
+  layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (flat edges [lo, next(hi), ...], channel of each window)
+
+  @classmethod
+  def create(cls, centres: np.ndarray, tol: float, unit: str) -> _WindowPlan:
+    half = centres * tol * 1e-6 if unit == "ppm" else np.full_like(centres, tol)
+    lows, highs = centres - half, centres + half
+    layer_windows: list[list[int]] = []
+    layer_end: list[float] = []
+    for k in np.argsort(lows, kind="stable").tolist():
+      for j, end in enumerate(layer_end):
+        if end <= lows[k]:
+          layer_windows[j].append(k)
+          layer_end[j] = np.nextafter(highs[k], np.inf)
+          break
+      else:
+        layer_windows.append([k])
+        layer_end.append(np.nextafter(highs[k], np.inf))
+    layers = []
+    for ks in layer_windows:
+      ks = np.asarray(ks)
+      flat = np.empty(2 * ks.size)
+      flat[0::2] = lows[ks]
+      flat[1::2] = np.nextafter(highs[ks], np.inf)
+      layers.append((flat, ks))
+    return cls(lows, highs, tuple(layers))
+
+  @property
+  def num_bins(self) -> int:
+    return int(self.lows.size)
+
+  def slot_layers(self, mz: np.ndarray) -> Iterator[np.ndarray]:
+    """For each layer, the slot of each value: 1 + the channel of its window, 0 when in none."""
+    for flat, channel in self.layers:
+      pos = np.searchsorted(flat, mz, side="right")
+      inside = (pos & 1).astype(bool)
+      yield np.where(inside, channel[np.minimum(pos >> 1, channel.size - 1)] + 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _validate_read_args(
+  mz_range, mz_values, tol, tol_unit, bin_width, bin_unit, nan_policy, chunk_spectra, num_threads, max_cube_gib
+):
+  tol_unit = _check_unit(tol_unit, "tol_unit")
+  bin_unit = _check_unit(bin_unit, "bin_unit")
+  if mz_range is not None:
+    try:
+      lo, hi = (float(v) for v in mz_range)
+    except (TypeError, ValueError) as e:
+      raise errors.ConfigError(f"mz_range must be a pair (low, high), got {mz_range!r}") from e
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+      raise errors.ConfigError(f"mz_range must satisfy 0 < low < high, got {mz_range!r}")
+    mz_range = (lo, hi)
+  if mz_values is not None:
+    if mz_range is not None or bin_width is not None:
+      raise errors.ConfigError("give either mz_values (with tol) or mz_range/bin_width, not both")
+    values = np.asarray(mz_values, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+      raise errors.ConfigError("mz_values must be a non-empty sequence of positive finite m/z values")
+    values = np.sort(values)
+    if np.any(np.diff(values) == 0):
+      raise errors.ConfigError("mz_values contains duplicates")
+    mz_values = values
+  if not (np.isfinite(tol) and tol >= 0):
+    raise errors.ConfigError(f"tol must be >= 0, got {tol}")
+  if bin_width is not None and not (np.isfinite(bin_width) and bin_width > 0):
+    raise errors.ConfigError(f"bin_width must be positive, got {bin_width}")
+  if nan_policy not in ("raise", "zero"):
+    raise errors.ConfigError(f"nan_policy must be 'raise' or 'zero', got {nan_policy!r}")
+  if chunk_spectra is not None and (not isinstance(chunk_spectra, int | np.integer) or chunk_spectra < 1):
+    raise errors.ConfigError(f"chunk_spectra must be a positive integer or None, got {chunk_spectra!r}")
+  if num_threads is not None and (not isinstance(num_threads, int | np.integer) or num_threads < 1):
+    raise errors.ConfigError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+  if not max_cube_gib > 0:
+    raise errors.ConfigError(f"max_cube_gib must be positive, got {max_cube_gib}")
+  return mz_range, mz_values, tol_unit, bin_unit
+
+
+def _grid(index: _Index, z: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int], dict]:
+  """Selects the spectra of one z plane and maps them to (row, column) of the dense image."""
+  coords = index.coords
+  z_values = np.unique(coords[:, 2])
+  if z is None:
+    if z_values.size > 1:
+      raise errors.ImzMLError(f"3D data with z positions {z_values.tolist()}; pass z= to read one plane", index.path)
+    selected = np.arange(index.num_spectra)
+  else:
+    selected = np.flatnonzero(coords[:, 2] == z)
+    if selected.size == 0:
+      raise errors.ImzMLError(f"no spectra at z={z}; the file has z positions {z_values.tolist()}", index.path)
+  x, y = coords[selected, 0], coords[selected, 1]
+  x0, y0 = int(x.min()), int(y.min())
+  rows, cols = y - y0, x - x0
+  shape = (int(rows.max()) + 1, int(cols.max()) + 1)
+  linear = rows * shape[1] + cols
+  unique, first, counts = np.unique(linear, return_index=True, return_counts=True)
+  if unique.size != linear.size:
+    dup = selected[first[np.flatnonzero(counts > 1)[0]]]
+    raise errors.ImzMLError(f"{index.position(dup)}: several spectra share this pixel position", index.path)
+  offset = {"coordinate_offset": [x0, y0]}
+  return selected, rows, cols, shape, offset
+
+
+def _chunks(lengths: np.ndarray, chunk_spectra: int | None) -> list[tuple[int, int]]:
+  n = lengths.size
+  if chunk_spectra is not None:
+    return [(s, min(s + chunk_spectra, n)) for s in range(0, n, chunk_spectra)]
+  bounds = [0]
+  total = 0
+  for i, length in enumerate(np.maximum(lengths, 1).tolist()):
+    if total and total + length > _CHUNK_VALUES:
+      bounds.append(i)
+      total = 0
+    total += length
+  bounds.append(n)
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_chunks(
+  chunks: list[tuple[int, int]],
+  work: Callable[[int, int, Any, _Scratch], None],
+  path: pathlib.Path,
+  num_threads: int,
+  progress: bool,
+  what: str,
+) -> None:
+  """Runs `work(start, stop, fh, scratch)` over chunks, on a thread pool when there are several threads and chunks."""
+  start_time = time.perf_counter()
+  total = chunks[-1][1] if chunks else 0
+  done = 0
+  next_report = 0.1
+  local = threading.local()
+  handles = []
+  lock = threading.Lock()
+
+  def run(chunk):
+    fh = getattr(local, "fh", None)
+    if fh is None:
+      fh = open(path, "rb")  # one handle per worker thread, closed at the end
+      local.fh = fh
+      with lock:
+        handles.append(fh)
+    scratch = getattr(local, "scratch", None)
+    if scratch is None:
+      scratch = local.scratch = _Scratch()
+    work(chunk[0], chunk[1], fh, scratch)
+    return chunk
+
+  def report(chunk):
+    nonlocal done, next_report
+    done += chunk[1] - chunk[0]
+    if progress and total and (done / total >= next_report or done == total):
+      elapsed = time.perf_counter() - start_time
+      logging.info("%s: %s %d/%d spectra (%.0f%%) in %.1f s", path.name, what, done, total, 100 * done / total, elapsed)
+      next_report = math.floor(done / total * 10 + 1) / 10
+
+  try:
+    if num_threads <= 1 or len(chunks) <= 1:
+      for chunk in chunks:
+        report(run(chunk))
+      return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=num_threads) as pool:
+      pending: list[concurrent.futures.Future] = []
+      for chunk in chunks:
+        pending.append(pool.submit(run, chunk))
+        if len(pending) >= 2 * num_threads:
+          report(pending.pop(0).result())
+      for future in pending:
+        report(future.result())
+  finally:
+    for fh in handles:
+      fh.close()
+
+
+def _first_bad_spectrum(bad: np.ndarray, lengths: np.ndarray | None) -> int:
+  """Row of the first spectrum with a True in `bad`: (n, L) rows, or (sum,) values of spectra of `lengths`."""
+  if lengths is None:
+    return int(np.flatnonzero(bad.any(axis=1))[0])
+  return int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(bad)[0], side="right"))
+
+
+def _check_finite(
+  values: np.ndarray, index: _Index, spectrum_ids: np.ndarray, lengths: np.ndarray | None, nan_policy: str, what: str
+) -> np.ndarray:
+  """Raises on NaN/Inf (naming the pixel), or with nan_policy='zero' returns the values with them set to 0."""
+  if values.dtype.kind != "f" or np.isfinite(values.sum(dtype=np.float64)):
+    return values  # one cheap pass; the sum of finite m/z or intensity values does not overflow float64
+  finite = np.isfinite(values)
+  if finite.all():
+    return values
+  if nan_policy == "zero":
+    return np.where(finite, values, 0).astype(values.dtype, copy=False)
+  row = _first_bad_spectrum(~finite, lengths)
+  hint = " (pass nan_policy='zero' to read them as 0)" if what == "intensities" else ""
+  raise errors.ImzMLError(f"{index.position(spectrum_ids[row])}: NaN or Inf {what}{hint}", index.path)
+
+
+def _check_sorted(mz: np.ndarray, index: _Index, spectrum_ids: np.ndarray, lengths: np.ndarray | None) -> None:
+  """Raises when an m/z array decreases anywhere, naming the pixel (m/z arrays are never sorted silently)."""
+  if mz.ndim == 2:
+    decreasing = mz[:, 1:] < mz[:, :-1]
+  else:
+    decreasing = np.zeros(mz.size, bool)
+    decreasing[1:] = mz[1:] < mz[:-1]
+    decreasing[np.cumsum(lengths)[:-1]] = False  # first value of each spectrum vs last of the previous one
+  if decreasing.any():
+    row = _first_bad_spectrum(decreasing, lengths)
+    raise errors.ImzMLError(
+      f"{index.position(spectrum_ids[row])}: m/z array is not sorted in increasing order", index.path
+    )
+
+
+def _data_mz_range(index: _Index, selected: np.ndarray) -> tuple[float, float]:
+  """Smallest and largest m/z over the selected spectra, from the first and last value of each m/z array."""
+  dtype = index.header.mz_dtype
+  lengths = index.mz_lengths[selected]
+  nonempty = selected[lengths > 0]
+  if nonempty.size == 0:
+    return (math.nan, math.nan)
+  if index.continuous:
+    nonempty = nonempty[:1]
+  offsets = index.mz_offsets[nonempty]
+  last = offsets + (index.mz_lengths[nonempty] - 1) * dtype.itemsize
+  values = _read_scalars(index.ibd_path, np.concatenate([offsets, last]), dtype).astype(np.float64)
+  if not np.all(np.isfinite(values)):
+    raise errors.ImzMLError("some m/z arrays start or end with NaN/Inf", index.path)
+  return float(values.min()), float(values.max())
+
+
+def _effective_threads(num_threads: int | None) -> int:
+  if num_threads is not None:
+    return int(num_threads)
+  return max(1, min(4, os.cpu_count() or 1))
+
+
+def read_imzml(
+  path: str | os.PathLike,
+  *,
+  mz_range: tuple[float, float] | None = None,
+  mz_values: Sequence[float] | np.ndarray | None = None,
+  tol: float = 10.0,
+  tol_unit: str = "ppm",
+  bin_width: float | None = None,
+  bin_unit: str = "ppm",
+  z: int | None = None,
+  nan_policy: str = "raise",
+  check_uuid: bool = True,
+  chunk_spectra: int | None = None,
+  num_threads: int | None = None,
+  max_cube_gib: float = 16.0,
+  progress: bool = True,
+) -> MSIImage:
+  """Reads an imzML file (continuous or processed) into a dense MSI cube.
+
+  Channels of the result:
+
+  - `mz_values` given: one channel per value (sorted increasing), the sum of the intensities whose m/z lies
+    within `value ± tol` (ppm of the value, or Da), inclusive. Works in both modes; windows may overlap.
+  - continuous file, no `bin_width`: the file's own channels, all of them or those with m/z in `mz_range`
+    (inclusive).
+  - processed file (or continuous with `bin_width`): intensities summed into bins of `bin_width` (ppm:
+    geometric bins; Da: fixed width; default 10 ppm) from the lowest m/z of `mz_range` or of the data, up to
+    its highest; see `mz_bin_edges`. Channel m/z values are bin midpoints; bins no pixel reaches stay as
+    zero channels.
+
+  Pixels: row = y - min(y), column = x - min(x) over the file's spectra; positions without a spectrum are 0
+  with mask False. A listed spectrum with no values (length 0) counts as measured: mask True, all channels 0.
+  Spectra are streamed in chunks, so memory stays near the size of the output cube, and a subset of channels
+  reads only the bytes it needs.
+
+  Args:
+    path: the .imzML file; the .ibd with the same stem must sit beside it.
+    mz_range: (low, high) m/z to keep, or None for everything.
+    mz_values: m/z values of the output channels (summed within ± tol), or None.
+    tol: half-width of the windows around `mz_values`.
+    tol_unit: "ppm" or "da".
+    bin_width: bin width for processed data (or to re-bin continuous data); None: 10 ppm for processed data.
+    bin_unit: "ppm" or "da".
+    z: the z position to read from a 3D file; None for 2D files.
+    nan_policy: "raise" (default) on NaN/Inf intensities, naming the pixel; "zero" reads them as 0.
+    check_uuid: refuse an .ibd whose UUID differs from the one the .imzML names.
+    chunk_spectra: spectra per chunk, or None to size chunks at about a million values.
+    num_threads: reader threads (None: up to 4, as many as there are CPUs).
+    max_cube_gib: refuse to allocate an output cube larger than this (GiB); pick a range or wider bins.
+    progress: log progress with absl.logging.
+
+  Returns:
+    MSIImage with float32 cube (H, W, C), float64 m/z (C,), mask (H, W), `pixel_size_um` from the file's
+    "pixel size x/y" parameters (None when absent) and metadata: source, mode ("continuous" or "processed" as
+    read), declared_mode, num_spectra, coordinate_offset ([x, y] of pixel (0, 0) in file coordinates),
+    polarity, spectrum_type, instrument, uuid, and the binning used.
+
+  Raises:
+    ImzMLError: missing or truncated .ibd, malformed XML or a file that is not imzML, UUID mismatch, unsorted
+      m/z arrays, NaN/Inf values, no non-empty spectrum, several spectra at one pixel.
+    ConfigError: invalid or conflicting arguments, or an output cube larger than `max_cube_gib`.
+  """
+  mz_range, mz_values, tol_unit, bin_unit = _validate_read_args(
+    mz_range, mz_values, tol, tol_unit, bin_width, bin_unit, nan_policy, chunk_spectra, num_threads, max_cube_gib
+  )
+  start_time = time.perf_counter()
+  index = _open_index(path, check_uuid=check_uuid)
+  path = index.path
+  selected, rows, cols, shape, offset = _grid(index, z)
+  nonempty = index.intensity_lengths[selected] > 0
+  if not nonempty.any():
+    raise errors.ImzMLError("every spectrum is empty (length 0): there is nothing to read", path)
+  threads = _effective_threads(num_threads)
+  metadata = {
+    "source": os.fspath(path),
+    "declared_mode": index.header.declared_mode,
+    "num_spectra": int(selected.size),
+    "polarity": index.header.polarity,
+    "spectrum_type": index.header.spectrum_type,
+    "instrument": index.header.instrument,
+    "uuid": index.header.uuid,
+    **offset,
+  }
+  if z is not None:
+    metadata["z"] = int(z)
+
+  def check_size(num_channels: int) -> None:
+    gib = shape[0] * shape[1] * num_channels * 4 / 2**30
+    if gib > max_cube_gib:
+      raise errors.ConfigError(
+        f"{path}: the output cube would be {shape[0]}x{shape[1]}x{num_channels} float32 = {gib:.1f} GiB "
+        f"(> max_cube_gib={max_cube_gib}); choose mz_range, mz_values or a wider bin_width"
+      )
+
+  def allocate(num_channels: int) -> np.ndarray:
+    check_size(num_channels)
+    return np.zeros((shape[0], shape[1], num_channels), np.float32)
+
+  if index.continuous:
+    cube, mz, binning = _read_continuous(
+      index,
+      selected,
+      rows,
+      cols,
+      check_size,
+      allocate,
+      mz_range,
+      mz_values,
+      tol,
+      tol_unit,
+      bin_width,
+      bin_unit,
+      nan_policy,
+      chunk_spectra,
+      threads,
+      progress,
+    )
+    metadata["mode"] = "continuous"
+  else:
+    cube, mz, binning = _read_processed(
+      index,
+      selected,
+      rows,
+      cols,
+      check_size,
+      allocate,
+      mz_range,
+      mz_values,
+      tol,
+      tol_unit,
+      bin_width,
+      bin_unit,
+      nan_policy,
+      chunk_spectra,
+      threads,
+      progress,
+    )
+    metadata["mode"] = "processed"
+  metadata["binning"] = binning
+  mask = np.zeros(shape, bool)
+  mask[rows, cols] = True
+  if progress:
+    logging.info(
+      "%s: read %s %dx%dx%d cube in %.2f s", path.name, metadata["mode"], *cube.shape, time.perf_counter() - start_time
+    )
+  return MSIImage(cube=cube, mz=mz, mask=mask, pixel_size_um=index.header.pixel_size_um, metadata=metadata)
+
+
+def _column_windows(axis: np.ndarray, plan: _BinPlan | _WindowPlan) -> tuple[np.ndarray, np.ndarray]:
+  """Channel index ranges [a_k, b_k) of the shared m/z axis that fall into each output channel."""
+  if isinstance(plan, _WindowPlan):
+    a = np.searchsorted(axis, plan.lows, side="left")
+    b = np.searchsorted(axis, plan.highs, side="right")
+  else:
+    slots = plan.slots(axis)
+    counts = np.bincount(slots, minlength=plan.num_bins + 2)[1:-1]
+    first = int(np.searchsorted(slots, 1))  # the axis is increasing, so are its slots
+    a = first + np.concatenate(([0], np.cumsum(counts)[:-1]))
+    b = a + counts
+  return a.astype(np.int64), b.astype(np.int64)
+
+
+def _reduce_layers(a: np.ndarray, b: np.ndarray, width: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Plans sums of columns a[k]:b[k] of a (n, width) block with np.add.reduceat, exactly (no differences).
+
+  Non-empty windows are split into layers of non-overlapping ones. In a layer, the window edges cut the
+  columns into segments, and each window is exactly the segment that starts at its first column.
+
+  Returns:
+    [(channels, bounds, segments)]: reduceat at `bounds` gives segment sums; `segments` picks the
+    segment of each of `channels`.
+  """
+  layer_channels: list[list[int]] = []
+  layer_end: list[int] = []
+  for k in np.argsort(a, kind="stable").tolist():
+    if b[k] <= a[k]:
+      continue
+    for j, end in enumerate(layer_end):
+      if end <= a[k]:
+        layer_channels[j].append(k)
+        layer_end[j] = int(b[k])
+        break
+    else:
+      layer_channels.append([k])
+      layer_end.append(int(b[k]))
+  layers = []
+  for ks in layer_channels:
+    ks = np.asarray(ks)
+    bounds = np.unique(np.concatenate([a[ks], b[ks]]))
+    bounds = bounds[bounds < width]
+    layers.append((ks, bounds, np.searchsorted(bounds, a[ks])))
+  return layers
+
+
+def _read_continuous(
+  index,
+  selected,
+  rows,
+  cols,
+  check_size,
+  allocate,
+  mz_range,
+  mz_values,
+  tol,
+  tol_unit,
+  bin_width,
+  bin_unit,
+  nan_policy,
+  chunk_spectra,
+  threads,
+  progress,
+):
+  path = index.path
+  first = int(selected[np.argmax(index.mz_lengths[selected] > 0)])
+  length = int(index.mz_lengths[first])
+  with open(index.ibd_path, "rb") as fh:
+    axis = np.empty(length, index.header.mz_dtype)
+    _read_exact(fh, int(index.mz_offsets[first]), axis)
+  axis = axis.astype(np.float64)
+  if not np.all(np.isfinite(axis)):
+    raise errors.ImzMLError("the shared m/z array contains NaN or Inf", path)
+  not_increasing = np.flatnonzero(np.diff(axis) <= 0)
+  if not_increasing.size:
+    i = int(not_increasing[0])
+    raise errors.ImzMLError(
+      f"the shared m/z array is not strictly increasing (values {i} and {i + 1}: {axis[i]} and {axis[i + 1]})", path
+    )
+
+  windows = None  # (a, b): output channel k sums the file's channels a[k]:b[k]
+  if mz_values is not None:
+    windows = _column_windows(axis, _WindowPlan.create(mz_values, tol, tol_unit))
+    out_mz = mz_values
+    binning = {"method": "windows", "tol": float(tol), "tol_unit": tol_unit}
+    empty = np.flatnonzero(windows[1] <= windows[0])
+    if empty.size:
+      logging.warning(
+        "%s: no channel within ± %g %s of m/z %s; those channels are 0",
+        path,
+        tol,
+        tol_unit,
+        mz_values[empty][:5].tolist(),
+      )
+  else:
+    lo, hi = mz_range if mz_range is not None else (float(axis[0]), float(axis[-1]))
+    if bin_width is not None:
+      plan = _BinPlan.create(lo, hi, bin_width, bin_unit)
+      check_size(plan.num_bins)
+      windows = _column_windows(axis, plan)
+      out_mz = plan.centres()
+      binning = {"method": "bins", "bin_width": float(bin_width), "bin_unit": bin_unit, "mz_range": [lo, hi]}
+    else:
+      first_channel, stop_channel = np.searchsorted(axis, lo, side="left"), np.searchsorted(axis, hi, side="right")
+      if stop_channel <= first_channel:
+        raise errors.ImzMLError(
+          f"no channel in m/z range {mz_range}; the file spans {axis[0]:.4f}-{axis[-1]:.4f}", path
+        )
+      out_mz = axis[first_channel:stop_channel]
+      binning = {"method": "none", "mz_range": None if mz_range is None else [lo, hi]}
+  # Only the file's channels c0:c1 are read.
+  if windows is None:
+    c0, c1 = int(first_channel), int(stop_channel)
+  else:
+    used = windows[1] > windows[0]
+    c0 = int(windows[0][used].min()) if used.any() else 0
+    c1 = int(windows[1][used].max()) if used.any() else 0
+    layers = _reduce_layers(windows[0] - c0, windows[1] - c0, c1 - c0)
+  cube = allocate(out_mz.size)
+  itemsize = index.header.intensity_dtype.itemsize
+  lengths = index.intensity_lengths[selected]
+  chunks = _chunks(np.where(lengths > 0, max(c1 - c0, 1), 1), chunk_spectra)
+
+  def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
+    ids = selected[start:stop]
+    keep = index.intensity_lengths[ids] > 0
+    ids, r, c = ids[keep], rows[start:stop][keep], cols[start:stop][keep]
+    if ids.size == 0 or c1 <= c0:
+      return
+    byte_offsets = index.intensity_offsets[ids] + c0 * itemsize
+    buf, starts = _read_arrays(fh, byte_offsets, np.full(ids.size, (c1 - c0) * itemsize, np.int64), scratch)
+    block = _typed_arrays(buf, starts, np.full(ids.size, c1 - c0), index.header.intensity_dtype)
+    block = _check_finite(block, index, ids, None, nan_policy, "intensities")
+    if windows is None:
+      cube[r, c, :] = block
+    else:
+      sums = np.zeros((block.shape[0], out_mz.size), np.float64)
+      for channels, bounds, segments in layers:
+        sums[:, channels] = np.add.reduceat(block, bounds, axis=1, dtype=np.float64)[:, segments]
+      cube[r, c, :] = sums
+
+  _run_chunks(chunks, work, index.ibd_path, threads, progress, "read")
+  return cube, out_mz, binning
+
+
+def _read_processed(
+  index,
+  selected,
+  rows,
+  cols,
+  check_size,
+  allocate,
+  mz_range,
+  mz_values,
+  tol,
+  tol_unit,
+  bin_width,
+  bin_unit,
+  nan_policy,
+  chunk_spectra,
+  threads,
+  progress,
+):
+  path = index.path
+  if mz_values is not None:
+    plan = _WindowPlan.create(mz_values, tol, tol_unit)
+    out_mz = mz_values
+    binning = {"method": "windows", "tol": float(tol), "tol_unit": tol_unit}
+  else:
+    width = DEFAULT_BIN_WIDTH_PPM if bin_width is None else float(bin_width)
+    unit = "ppm" if bin_width is None else bin_unit
+    lo, hi = mz_range if mz_range is not None else _data_mz_range(index, selected)
+    plan = _BinPlan.create(lo, hi, width, unit)
+    check_size(plan.num_bins)
+    out_mz = plan.centres()
+    binning = {"method": "bins", "bin_width": width, "bin_unit": unit, "mz_range": [lo, hi]}
+  num_bins = plan.num_bins
+  cube = allocate(num_bins)
+  mz_dtype, int_dtype = index.header.mz_dtype, index.header.intensity_dtype
+  lengths_all = index.mz_lengths[selected]
+  chunks = _chunks(lengths_all, chunk_spectra)
+
+  def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
+    ids = selected[start:stop]
+    keep = index.mz_lengths[ids] > 0
+    ids, r, c = ids[keep], rows[start:stop][keep], cols[start:stop][keep]
+    if ids.size == 0:
+      return
+    n = ids.size
+    lengths = index.mz_lengths[ids]
+    byte_offsets = np.concatenate([index.mz_offsets[ids], index.intensity_offsets[ids]])
+    byte_lengths = np.concatenate([lengths * mz_dtype.itemsize, lengths * int_dtype.itemsize])
+    buf, starts = _read_arrays(fh, byte_offsets, byte_lengths, scratch)
+    mz = _typed_arrays(buf, starts[:n], lengths, mz_dtype)
+    intensity = _typed_arrays(buf, starts[n:], lengths, int_dtype)
+    per_spectrum = None if mz.ndim == 2 else lengths
+    _check_finite(mz, index, ids, per_spectrum, "raise", "m/z values")
+    _check_sorted(mz, index, ids, per_spectrum)
+    intensity = _check_finite(intensity, index, ids, per_spectrum, nan_policy, "intensities")
+    # Each pixel gets num_bins + 2 accumulator slots: below the axis, its bins, above the axis.
+    width = num_bins + 2
+    base = np.arange(n, dtype=np.intp) * width
+    base = base[:, None] if mz.ndim == 2 else np.repeat(base, lengths)
+    weights = intensity.reshape(-1)
+    sums = None
+    for slots in plan.slot_layers(mz) if isinstance(plan, _WindowPlan) else [plan.slots(mz, scratch)]:
+      slots += base
+      layer = np.bincount(slots.reshape(-1), weights=weights, minlength=n * width)
+      sums = layer if sums is None else sums + layer
+    cube[r, c, :] = sums.reshape(n, width)[:, 1:-1]
+
+  _run_chunks(chunks, work, index.ibd_path, threads, progress, "binned")
+  if progress and isinstance(plan, _BinPlan):
+    logging.info(
+      "%s: %d bins of %g %s over m/z %.4f-%.4f",
+      path.name,
+      num_bins,
+      plan.bin_width,
+      plan.bin_unit,
+      out_mz[0],
+      out_mz[-1],
+    )
+  return cube, out_mz, binning
+
+
+def read_ion_image(
+  path: str | os.PathLike,
+  mz: float,
+  tol: float = 10.0,
+  tol_unit: str = "ppm",
+  **kwargs,
+) -> MSIImage:
+  """Reads one ion image: the sum of intensities within `mz ± tol` at every pixel.
+
+  Only the bytes of the channels in the window are read from continuous files.
+
+  Args:
+    path: the .imzML file.
+    mz: m/z of the ion.
+    tol: half-width of the window.
+    tol_unit: "ppm" or "da".
+    **kwargs: other `read_imzml` arguments (z, nan_policy, check_uuid, progress, ...).
+
+  Returns:
+    MSIImage with one channel (cube (H, W, 1)); `msi.cube[..., 0]` is the ion image.
+
+  Raises:
+    ImzMLError, ConfigError: as `read_imzml`.
+  """
+  if not np.isscalar(mz):
+    raise errors.ConfigError(f"mz must be one number, got {mz!r}; use read_imzml(mz_values=...) for several")
+  return read_imzml(path, mz_values=[float(mz)], tol=tol, tol_unit=tol_unit, **kwargs)
+
+
+def imzml_info(path: str | os.PathLike, *, check_uuid: bool = True) -> dict[str, Any]:
+  """Describes an imzML file without reading its intensities.
+
+  The m/z range is taken from the first and last value of every m/z array (two small reads per spectrum in
+  processed files, one array in continuous ones): exact when the arrays are sorted, which is not checked here.
+
+  Args:
+    path: the .imzML file.
+    check_uuid: refuse an .ibd whose UUID differs from the one the .imzML names.
+
+  Returns:
+    dict with source, mode, declared_mode, shape (H, W) of the dense image, num_spectra, num_empty_spectra,
+    z_values, coordinate_offset, mz_range (low, high), num_channels (continuous) or peaks_per_spectrum
+    (min/median/max, processed), pixel_size_um (y, x) or None, mz_dtype, intensity_dtype, polarity,
+    spectrum_type, instrument, uuid.
+
+  Raises:
+    ImzMLError: as `read_imzml` for the index (missing/truncated .ibd, malformed XML, ...).
+  """
+  index = _open_index(path, check_uuid=check_uuid)
+  coords = index.coords
+  x0, y0 = int(coords[:, 0].min()), int(coords[:, 1].min())
+  shape = (int(coords[:, 1].max()) - y0 + 1, int(coords[:, 0].max()) - x0 + 1)
+  lengths = index.mz_lengths
+  continuous = index.continuous
+  info = {
+    "source": os.fspath(index.path),
+    "mode": "continuous" if continuous else "processed",
+    "declared_mode": index.header.declared_mode,
+    "shape": shape,
+    "num_spectra": index.num_spectra,
+    "num_empty_spectra": int(np.sum(index.intensity_lengths == 0)),
+    "z_values": np.unique(coords[:, 2]).tolist(),
+    "coordinate_offset": [x0, y0],
+    "mz_range": _data_mz_range(index, np.arange(index.num_spectra)),
+    "pixel_size_um": index.header.pixel_size_um,
+    "mz_dtype": index.header.mz_dtype.name,
+    "intensity_dtype": index.header.intensity_dtype.name,
+    "polarity": index.header.polarity,
+    "spectrum_type": index.header.spectrum_type,
+    "instrument": index.header.instrument,
+    "uuid": index.header.uuid,
+  }
+  if continuous:
+    info["num_channels"] = int(lengths.max())
+  else:
+    info["peaks_per_spectrum"] = {
+      "min": int(lengths.min()),
+      "median": float(np.median(lengths)),
+      "max": int(lengths.max()),
+    }
+  return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pixel_size_params(pixel_size_um: tuple[float, float]) -> str:
+  py, px = pixel_size_um
+  return "".join(
+    f'\n      <cvParam cvRef="IMS" accession="{acc}" name="{name}" value="{value!r}" unitCvRef="UO" '
+    f'unitAccession="UO:0000017" unitName="micrometer"/>'
+    for acc, name, value in ((_PIXEL_SIZE_X, "pixel size x", float(px)), (_PIXEL_SIZE_Y, "pixel size y", float(py)))
+  )
+
+
+def write_imzml(
+  path: str | os.PathLike,
+  msi: MSIImage,
+  mode: str = "continuous",
+  *,
+  overwrite: bool = False,
+  mz_dtype: type = np.float64,
+  intensity_dtype: type = np.float32,
+  polarity: str | None = None,
+  progress: bool = True,
+) -> pathlib.Path:
+  """Writes an MSIImage as an imzML/ibd pair with pyimzml's `ImzMLWriter`.
+
+  Only measured pixels (mask True) are written, at imzML position (x, y) = (column, row) +
+  `msi.metadata["coordinate_offset"]` (default (1, 1)). Continuous mode writes the full m/z axis once and every
+  pixel's intensities; processed mode writes, for each pixel, the m/z and intensity of its non-zero channels (a
+  pixel whose channels are all zero is written as a single zero-intensity peak at the first m/z, because
+  imzML writers cannot store empty spectra). `pixel_size_um`, when set, is written as the "pixel size x/y"
+  parameters. Files are written under temporary names and renamed at the end, so a failed write leaves no
+  partial file behind.
+
+  Reading back: `read_imzml(path)` for continuous files, and `read_imzml(path, mz_values=msi.mz, tol=0,
+  tol_unit="da")` for processed ones, give back the same cube, m/z and mask (within the precision of
+  `intensity_dtype`).
+
+  Args:
+    path: output .imzML path (the .ibd is written beside it).
+    msi: the image to write.
+    mode: "continuous" or "processed".
+    overwrite: replace existing files; otherwise refuse.
+    mz_dtype: numpy type of the stored m/z values (float32 or float64).
+    intensity_dtype: numpy type of the stored intensities (float32 or float64).
+    polarity: "positive", "negative" or None.
+    progress: log progress with absl.logging.
+
+  Returns:
+    The path of the written .imzML file.
+
+  Raises:
+    ConfigError: bad arguments, or the files exist and overwrite is False.
+    DataError: the cube holds NaN/Inf, or no pixel is measured.
+  """
+  from pyimzml.ImzMLWriter import ImzMLWriter
+
+  if not isinstance(msi, MSIImage):
+    raise errors.ConfigError(f"msi must be an MSIImage, got {type(msi).__name__}")
+  if mode not in ("continuous", "processed"):
+    raise errors.ConfigError(f"mode must be 'continuous' or 'processed', got {mode!r}")
+  if np.dtype(mz_dtype) not in (np.float32, np.float64) or np.dtype(intensity_dtype) not in (np.float32, np.float64):
+    raise errors.ConfigError("mz_dtype and intensity_dtype must be float32 or float64")
+  if polarity not in (None, "positive", "negative"):
+    raise errors.ConfigError(f"polarity must be 'positive', 'negative' or None, got {polarity!r}")
+  path = pathlib.Path(path)
+  if path.suffix.lower() != ".imzml":
+    raise errors.ConfigError(f"{path}: the output file must end in .imzML")
+  imzml_path, ibd_path = path.with_suffix(".imzML"), path.with_suffix(".ibd")
+  if not overwrite:
+    for p in (imzml_path, ibd_path):
+      if p.exists():
+        raise errors.ConfigError(f"{p} exists; pass overwrite=True to replace it")
+  if not path.parent.is_dir():
+    raise errors.ConfigError(f"{path.parent}: output directory does not exist")
+  rows, cols = np.nonzero(msi.mask)
+  if rows.size == 0:
+    raise errors.DataError("no pixel is measured (mask is all False); nothing to write", msi.metadata.get("source"))
+  if msi.num_channels == 0:
+    raise errors.DataError("the image has no channels; nothing to write", msi.metadata.get("source"))
+  x0, y0 = (int(v) for v in msi.metadata.get("coordinate_offset", (1, 1)))
+  mz = msi.mz.astype(np.float64)
+  tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+  tmp_imzml, tmp_ibd = tmp_dir / imzml_path.name, tmp_dir / ibd_path.name
+  start_time = time.perf_counter()
+  try:
+    with ImzMLWriter(
+      os.fspath(tmp_imzml), mz_dtype=mz_dtype, intensity_dtype=intensity_dtype, mode=mode, polarity=polarity
+    ) as writer:
+      next_report = 0.1
+      for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        spectrum = msi.cube[r, c, :]
+        if not np.all(np.isfinite(spectrum)):
+          raise errors.DataError(f"pixel (row={r}, column={c}) has NaN/Inf intensities", msi.metadata.get("source"))
+        if mode == "continuous":
+          writer.addSpectrum(mz, spectrum, (c + x0, r + y0))
+        else:
+          nonzero = np.flatnonzero(spectrum)
+          if nonzero.size == 0:
+            writer.addSpectrum(mz[:1], np.zeros(1, spectrum.dtype), (c + x0, r + y0))
+          else:
+            writer.addSpectrum(mz[nonzero], spectrum[nonzero], (c + x0, r + y0))
+        if progress and (i + 1) / rows.size >= next_report:
+          logging.info(
+            "%s: wrote %d/%d spectra in %.1f s", path.name, i + 1, rows.size, time.perf_counter() - start_time
+          )
+          next_report += 0.1
+    # pyimzml names the run after the full output path; use the file's stem, and add the pixel size.
+    text = tmp_imzml.read_text(encoding="ISO-8859-1")
+    run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
+    text = text.replace(f'id="{os.path.splitext(os.fspath(tmp_imzml))[0]}"', f'id="{run_id}"', 1)
+    if msi.pixel_size_um is not None:
+      anchor = re.search(r'<cvParam[^>]*name="max count of pixels y"[^>]*/>', text)
+      if anchor is None:
+        raise errors.DataError("could not place the pixel size in the written XML", tmp_imzml)
+      text = text[: anchor.end()] + _pixel_size_params(msi.pixel_size_um) + text[anchor.end() :]
+    tmp_imzml.write_text(text, encoding="ISO-8859-1")
+    os.replace(tmp_ibd, ibd_path)
+    os.replace(tmp_imzml, imzml_path)
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+  return imzml_path

@@ -1,0 +1,307 @@
+"""Image similarity metrics for evaluating synthetic histology: MI (bits), normalised MI, SSIM and PSNR.
+
+Layout: images are (H, W) or (H, W, C), or a batch (B, H, W, C); a batch gives one value per image. Histology
+RGB is float32 in [0, 1] (see docs/architecture.md), so `max_val` defaults to 1.0. Every metric takes an
+optional `mask`, (H, W) or (B, H, W), True where a pixel counts (for instance the tissue), and is a pure
+function: `jax.typing.ArrayLike` in, `jax.Array` out, usable under `jax.jit` with the keyword options static.
+
+The histogram measures (`mutual_information`, `normalized_mutual_information`) compare grey levels: an RGB
+input is converted to luminance first with the ITU-R BT.709 weights that `skimage.color.rgb2gray` uses,
+Y = 0.2125 R + 0.7154 G + 0.0721 B. These are evaluation metrics on hard-binned histograms; the
+differentiable (Parzen window) MI that drives registration lives in `msisynth.register.similarity`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import chex
+import dm_pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msisynth import errors
+
+# ITU-R BT.709 luma weights, as in skimage.color.rgb2gray.
+LUMINANCE_WEIGHTS = (0.2125, 0.7154, 0.0721)
+
+# SSIM window of Wang et al. (2004): an 11 x 11 Gaussian with sigma 1.5 (what skimage's gaussian_weights=True
+# with sigma=1.5 and the default truncate=3.5 gives).
+SSIM_FILTER_SIZE = 11
+SSIM_FILTER_SIGMA = 1.5
+
+
+def _as_batch(x: jax.typing.ArrayLike, name: str) -> tuple[jax.Array, bool]:
+  """Returns `x` as a float32 (B, H, W, C) batch and whether the input was a batch."""
+  x = jnp.asarray(x)
+  chex.assert_rank(x, {2, 3, 4}, custom_message=f"{name} must be (H, W), (H, W, C) or (B, H, W, C)")
+  batched = x.ndim == 4
+  if x.ndim == 2:
+    x = x[..., None]
+  if x.ndim == 3:
+    x = x[None]
+  return x.astype(jnp.float32), batched
+
+
+def _as_batch_mask(mask: jax.typing.ArrayLike | None, shape: Sequence[int]) -> jax.Array:
+  """Returns `mask` as bool (B, H, W) for images of batch shape `shape` = (B, H, W, C); all True when None."""
+  b, h, w = shape[:3]
+  if mask is None:
+    return jnp.ones((b, h, w), dtype=bool)
+  mask = jnp.asarray(mask)
+  if mask.ndim == 3 and mask.shape[-1] == 1 and mask.shape[:2] == (h, w):
+    mask = mask[..., 0]
+  if mask.shape not in ((h, w), (b, h, w)):
+    raise errors.ConfigError(f"mask shape {mask.shape} fits neither the image (H, W) = {(h, w)} nor {(b, h, w)}")
+  return jnp.broadcast_to(mask.astype(bool), (b, h, w))
+
+
+def _unbatch(values: jax.Array, batched: bool) -> jax.Array:
+  return values if batched else values[0]
+
+
+def _check_pair(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array, bool]:
+  chex.assert_equal_shape([a, b], custom_message="the two images must have the same shape")
+  a, batched = _as_batch(a, "a")
+  b, _ = _as_batch(b, "b")
+  return a, b, batched
+
+
+def to_grey(image: jax.typing.ArrayLike) -> jax.Array:
+  """Converts (..., H, W, C) images to grey levels (..., H, W).
+
+  One channel is returned as it is; three channels (RGB) become their luminance
+  Y = 0.2125 R + 0.7154 G + 0.0721 B (ITU-R BT.709, as `skimage.color.rgb2gray`).
+
+  Args:
+    image: (..., H, W, 1) or (..., H, W, 3) float array.
+
+  Returns:
+    The (..., H, W) grey-level image, float32.
+
+  Raises:
+    ConfigError: when the image has neither 1 nor 3 channels.
+  """
+  image = jnp.asarray(image, dtype=jnp.float32)
+  if image.shape[-1] == 1:
+    return image[..., 0]
+  if image.shape[-1] == 3:
+    return image @ jnp.asarray(LUMINANCE_WEIGHTS, dtype=jnp.float32)
+  raise errors.ConfigError(
+    f"histogram metrics need grey-level (1 channel) or RGB (3 channels) images, got {image.shape[-1]} channels"
+  )
+
+
+def _bin_index(x: jax.Array, mask: jax.Array, bins: int, value_range: tuple[float, float] | None) -> jax.Array:
+  """Bin of each pixel of one (H, W) image, over `value_range` or the min/max of the pixels inside `mask`.
+
+  Bins are equal-width and half-open except the last, which holds its upper edge (as `numpy.histogram`);
+  values outside `value_range` fall into the end bins.
+  """
+  if value_range is None:
+    lo = jnp.min(jnp.where(mask, x, jnp.inf))
+    hi = jnp.max(jnp.where(mask, x, -jnp.inf))
+  else:
+    lo, hi = (jnp.float32(v) for v in value_range)
+  width = hi - lo
+  # A constant image (zero width) puts every pixel in bin 0.
+  scale = jnp.where(width > 0, bins / jnp.where(width > 0, width, 1.0), 0.0)
+  index = jnp.floor((x - lo) * scale)
+  return jnp.clip(index, 0, bins - 1).astype(jnp.int32)
+
+
+def _joint_histogram(
+  a: jax.Array, b: jax.Array, mask: jax.Array, bins: int, value_range: tuple[float, float] | None
+) -> jax.Array:
+  """Joint probability table (bins, bins) of two (H, W) grey images over the pixels inside `mask`."""
+  ia = _bin_index(a, mask, bins, value_range)
+  ib = _bin_index(b, mask, bins, value_range)
+  counts = jnp.bincount((ia * bins + ib).ravel(), weights=mask.ravel().astype(jnp.float32), length=bins * bins)
+  total = jnp.sum(counts)
+  # An empty mask gives a table of NaN, hence NaN metrics, rather than a division error.
+  return (counts / jnp.where(total > 0, total, jnp.nan)).reshape(bins, bins)
+
+
+def _entropy_bits(p: jax.Array) -> jax.Array:
+  """Shannon entropy in bits of the probability table `p` (any shape), with 0 log 0 = 0."""
+  safe = jnp.where(p > 0, p, 1.0)
+  # NaN (from an empty mask) is kept so that it reaches the result.
+  return -jnp.sum(jnp.where(p > 0, p * jnp.log2(safe), jnp.where(jnp.isnan(p), jnp.nan, 0.0)))
+
+
+def _marginal_and_joint_entropies(p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return _entropy_bits(jnp.sum(p, axis=1)), _entropy_bits(jnp.sum(p, axis=0)), _entropy_bits(p)
+
+
+def _check_histogram_options(bins: int, value_range) -> tuple[float, float] | None:
+  if not isinstance(bins, (int, np.integer)) or bins < 2:
+    raise errors.ConfigError(f"bins must be an integer >= 2, got {bins!r}")
+  if value_range is None:
+    return None
+  if len(value_range) != 2 or not float(value_range[1]) > float(value_range[0]):
+    raise errors.ConfigError(f"value_range must be (low, high) with high > low, got {value_range!r}")
+  return float(value_range[0]), float(value_range[1])
+
+
+@functools.partial(jax.jit, static_argnames=("bins", "value_range", "normalized"))
+def _histogram_metric(a, b, mask, *, bins, value_range, normalized):
+  def one(a_i, b_i, m_i):
+    h_a, h_b, h_ab = _marginal_and_joint_entropies(_joint_histogram(a_i, b_i, m_i, bins, value_range))
+    # MI >= 0; the clamp removes float32 rounding below zero (a constant image gives exactly 0).
+    return (h_a + h_b) / h_ab if normalized else jnp.maximum(h_a + h_b - h_ab, 0.0)
+
+  return jax.vmap(one)(to_grey(a), to_grey(b), mask)
+
+
+def mutual_information(
+  a: jax.typing.ArrayLike,
+  b: jax.typing.ArrayLike,
+  *,
+  bins: int = 32,
+  mask: jax.typing.ArrayLike | None = None,
+  value_range: tuple[float, float] | None = None,
+) -> jax.Array:
+  """Mutual information in bits between the grey levels of two images, from their joint histogram.
+
+  MI(A, B) = H(A) + H(B) - H(A, B), with the entropies (base 2) of a `bins` x `bins` joint histogram of equal-
+  width bins. RGB images are compared by luminance (see the module docstring), so MI of an image with itself is
+  the entropy of its grey-level histogram. This is the evaluation metric used to compare synthetic and real
+  H&E; it is not differentiable.
+
+  Args:
+    a: first image, (H, W), (H, W, C) or (B, H, W, C) with C = 1 or 3.
+    b: second image, the same shape as `a`.
+    bins: number of histogram bins per image.
+    mask: optional (H, W) or (B, H, W) boolean mask; only pixels where it is True are counted.
+    value_range: (low, high) of the bins for both images (for instance (0, 1) for histology); values outside
+      fall in the end bins. When None, each image's bins span its own minimum to maximum inside the mask
+      (as `numpy.histogram2d` does).
+
+  Returns:
+    MI in bits: a scalar, or (B,) for a batch. NaN when the mask is empty.
+
+  Raises:
+    ConfigError: for a bad `bins`, `value_range`, channel count or mask shape.
+  """
+  value_range = _check_histogram_options(bins, value_range)
+  a, b, batched = _check_pair(a, b)
+  mask = _as_batch_mask(mask, a.shape)
+  return _unbatch(_histogram_metric(a, b, mask, bins=int(bins), value_range=value_range, normalized=False), batched)
+
+
+def normalized_mutual_information(
+  a: jax.typing.ArrayLike,
+  b: jax.typing.ArrayLike,
+  *,
+  bins: int = 100,
+  mask: jax.typing.ArrayLike | None = None,
+  value_range: tuple[float, float] | None = None,
+) -> jax.Array:
+  """Normalised mutual information (H(A) + H(B)) / H(A, B) of the grey levels of two images (Studholme 1999).
+
+  The definition and the default of 100 bins are those of `skimage.metrics.normalized_mutual_information`: it
+  runs from 1 (independent) to 2 (one image a function of the other) and does not depend on the log base.
+  RGB images are compared by luminance (see the module docstring).
+
+  Args:
+    a: first image, (H, W), (H, W, C) or (B, H, W, C) with C = 1 or 3.
+    b: second image, the same shape as `a`.
+    bins: number of histogram bins per image.
+    mask: optional (H, W) or (B, H, W) boolean mask; only pixels where it is True are counted.
+    value_range: (low, high) of the bins for both images; None spans each image's own minimum to maximum.
+
+  Returns:
+    NMI: a scalar, or (B,) for a batch. NaN when the mask is empty or both images are constant.
+
+  Raises:
+    ConfigError: for a bad `bins`, `value_range`, channel count or mask shape.
+  """
+  value_range = _check_histogram_options(bins, value_range)
+  a, b, batched = _check_pair(a, b)
+  mask = _as_batch_mask(mask, a.shape)
+  return _unbatch(_histogram_metric(a, b, mask, bins=int(bins), value_range=value_range, normalized=True), batched)
+
+
+@functools.partial(jax.jit, static_argnames=("max_val",))
+def _masked_ssim(a, b, mask, *, max_val):
+  ssim_map = dm_pix.ssim(
+    a, b, max_val=max_val, filter_size=SSIM_FILTER_SIZE, filter_sigma=SSIM_FILTER_SIGMA, return_map=True
+  )
+  # dm_pix keeps only windows lying wholly inside the image: the map is (B, H - 10, W - 10, C), indexed by the
+  # window's top-left corner. A window counts when all its pixels are inside the mask, so pixels outside the
+  # mask never change the value.
+  inside = jax.lax.reduce_window(
+    mask.astype(jnp.float32), 1.0, jax.lax.min, (1, SSIM_FILTER_SIZE, SSIM_FILTER_SIZE), (1, 1, 1), "VALID"
+  )
+  weights = inside[..., None] * jnp.ones_like(ssim_map)
+  return jnp.sum(ssim_map * weights, axis=(1, 2, 3)) / jnp.sum(weights, axis=(1, 2, 3))
+
+
+def ssim(
+  a: jax.typing.ArrayLike,
+  b: jax.typing.ArrayLike,
+  *,
+  max_val: float = 1.0,
+  mask: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  """Structural similarity (Wang et al. 2004) with an 11 x 11 Gaussian window of sigma 1.5, via `dm_pix.ssim`.
+
+  The value is the mean of the SSIM map over windows lying wholly inside the image, averaged over channels:
+  the same as `skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=max_val, channel_axis=-1)`. With a mask, only windows whose 121
+  pixels all lie inside the mask are averaged, so pixels outside the mask never affect the result.
+
+  Args:
+    a: first image, (H, W), (H, W, C) or (B, H, W, C), H and W at least 11.
+    b: second image, the same shape as `a`.
+    max_val: the data range (1.0 for images in [0, 1]; 2.0 for network tensors in [-1, 1]).
+    mask: optional (H, W) or (B, H, W) boolean mask.
+
+  Returns:
+    SSIM: a scalar, or (B,) for a batch. NaN when no whole window fits inside the mask.
+
+  Raises:
+    ConfigError: when the image is smaller than the window or the mask shape does not fit.
+  """
+  a, b, batched = _check_pair(a, b)
+  if min(a.shape[1:3]) < SSIM_FILTER_SIZE:
+    raise errors.ConfigError(
+      f"SSIM needs images of at least {SSIM_FILTER_SIZE} x {SSIM_FILTER_SIZE}, got {a.shape[1:3]}"
+    )
+  mask = _as_batch_mask(mask, a.shape)
+  return _unbatch(_masked_ssim(a, b, mask, max_val=float(max_val)), batched)
+
+
+@functools.partial(jax.jit, static_argnames=("max_val",))
+def _masked_psnr(a, b, mask, *, max_val):
+  weights = mask[..., None].astype(jnp.float32) * jnp.ones_like(a)
+  mse = jnp.sum(jnp.square(a - b) * weights, axis=(1, 2, 3)) / jnp.sum(weights, axis=(1, 2, 3))
+  return 10.0 * jnp.log10(max_val**2 / mse)
+
+
+def psnr(
+  a: jax.typing.ArrayLike,
+  b: jax.typing.ArrayLike,
+  *,
+  max_val: float = 1.0,
+  mask: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  """Peak signal-to-noise ratio in dB, 10 log10(max_val**2 / MSE), the MSE over all channels of masked pixels.
+
+  Args:
+    a: first image, (H, W), (H, W, C) or (B, H, W, C).
+    b: second image, the same shape as `a`.
+    max_val: the data range (1.0 for images in [0, 1]).
+    mask: optional (H, W) or (B, H, W) boolean mask.
+
+  Returns:
+    PSNR in dB: a scalar, or (B,) for a batch. +inf for identical images, NaN for an empty mask.
+
+  Raises:
+    ConfigError: when the mask shape does not fit.
+  """
+  a, b, batched = _check_pair(a, b)
+  mask = _as_batch_mask(mask, a.shape)
+  return _unbatch(_masked_psnr(a, b, mask, max_val=float(max_val)), batched)

@@ -1,0 +1,254 @@
+"""Saving and loading registration transforms: a self-describing JSON file and ITK's text `.tfm` format.
+
+Both hold the FIXED → MOVING map in µm (docs/architecture.md). The `.tfm` file is what `SimpleITK.ReadTransform`
+reads; applied by `SimpleITK.Resample` to images whose spacing is their pixel size (x, y) and origin 0, it gives
+the same warp as `msisynth.register.warp_image`. Nothing is overwritten unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from msisynth import errors
+from msisynth.register.transforms import AffineTransform, pixel_size_yx
+
+JSON_FORMAT = "msisynth.affine_transform"
+JSON_VERSION = 1
+_ITK_TYPES = ("AffineTransform_double_2_2", "AffineTransform_float_2_2")
+CONVENTION = (
+    "matrix_fixed_to_moving_um maps a point (x, y, 1) of the fixed image, in µm with the origin at the centre of "
+    "pixel (0, 0), to the moving image; pixel (row, col) is at (col * pixel_size_x, row * pixel_size_y). Resample "
+    "the moving image onto the fixed grid by sampling it there (ITK's convention)."
+)
+
+
+def _target(path, overwrite: bool) -> pathlib.Path:
+  path = pathlib.Path(path)
+  if path.exists() and not overwrite:
+    raise errors.DataError("file exists; pass overwrite=True to replace it", path)
+  if not path.parent.is_dir():
+    raise errors.DataError("the folder to write into does not exist", path.parent)
+  return path
+
+
+def _matrix(transform: AffineTransform) -> np.ndarray:
+  if not isinstance(transform, AffineTransform):
+    raise errors.ConfigError(f"expected an AffineTransform, got {type(transform).__name__}")
+  m = np.asarray(transform.matrix, np.float64)
+  if m.shape != (3, 3) or not np.all(np.isfinite(m)):
+    raise errors.ConfigError(f"the transform must be one finite 3 × 3 matrix, got shape {m.shape}")
+  return m
+
+
+def _side(name, shape, pixel_size):
+  out: dict[str, Any] = {}
+  if name is not None:
+    out["name"] = str(name)
+  if shape is not None:
+    out["shape"] = [int(shape[0]), int(shape[1])]
+  if pixel_size is not None:
+    out["pixel_size_um"] = list(pixel_size_yx(pixel_size))
+  return out
+
+
+def save_transform_json(
+    path: str | os.PathLike,
+    transform: AffineTransform,
+    *,
+    fixed_pixel_size_um=None,
+    moving_pixel_size_um=None,
+    fixed_shape: Sequence[int] | None = None,
+    moving_shape: Sequence[int] | None = None,
+    fixed_name: str | None = None,
+    moving_name: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes a transform and what it relates to as JSON.
+
+  The file holds `matrix_fixed_to_moving_um`, its inverse, and, when both pixel sizes are given,
+  `matrix_fixed_px_to_moving_px` acting on (col, row, 1) pixel indices.
+
+  Args:
+    path: the .json file to write.
+    transform: FIXED → MOVING transform in µm.
+    fixed_pixel_size_um: fixed pixel size, float or (y, x).
+    moving_pixel_size_um: moving pixel size, float or (y, x).
+    fixed_shape: (H, W) of the fixed image.
+    moving_shape: (H, W) of the moving image.
+    fixed_name: what the fixed image is (file name, "histology", ...).
+    moving_name: what the moving image is.
+    metadata: more JSON-serialisable information (registration summary, simulated flag, ...).
+    overwrite: replace an existing file.
+
+  Returns:
+    The path written.
+
+  Raises:
+    DataError: when the file exists and overwrite is False, or its folder does not exist.
+    ConfigError: for a bad transform or pixel size.
+  """
+  m = _matrix(transform)
+  target = _target(path, overwrite)
+  doc: dict[str, Any] = {
+      "format": JSON_FORMAT,
+      "version": JSON_VERSION,
+      "direction": "fixed_to_moving",
+      "units": "um",
+      "convention": CONVENTION,
+      "matrix_fixed_to_moving_um": m.tolist(),
+      "matrix_moving_to_fixed_um": np.linalg.inv(m).tolist(),
+      "determinant": float(np.linalg.det(m[:2, :2])),
+      "fixed": _side(fixed_name, fixed_shape, fixed_pixel_size_um),
+      "moving": _side(moving_name, moving_shape, moving_pixel_size_um),
+  }
+  if fixed_pixel_size_um is not None and moving_pixel_size_um is not None:
+    fy, fx = pixel_size_yx(fixed_pixel_size_um)
+    my, mx = pixel_size_yx(moving_pixel_size_um)
+    doc["matrix_fixed_px_to_moving_px"] = (np.diag([1 / mx, 1 / my, 1.0]) @ m @ np.diag([fx, fy, 1.0])).tolist()
+  if metadata:
+    doc["metadata"] = metadata
+  try:
+    text = json.dumps(doc, indent=2, allow_nan=False, default=_json_default)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"metadata cannot be written as JSON: {e}") from e
+  target.write_text(text + "\n", encoding="utf-8")
+  return target
+
+
+def _json_default(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, os.PathLike):
+    return os.fspath(value)
+  raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def load_transform_json(path: str | os.PathLike, *, with_info: bool = False):
+  """Reads a transform written by `save_transform_json`.
+
+  Args:
+    path: the .json file.
+    with_info: also return the whole document (pixel sizes, shapes, names, metadata).
+
+  Returns:
+    The `AffineTransform`, or (transform, document dict) when `with_info`.
+
+  Raises:
+    DataError: when the file is missing, not JSON, or not such a transform.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise errors.DataError("no such transform file", path)
+  try:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise errors.DataError(f"not a JSON file: {e}", path) from e
+  if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
+    raise errors.DataError(f"not an {JSON_FORMAT} file (no 'format': '{JSON_FORMAT}')", path)
+  if doc.get("version", 0) > JSON_VERSION:
+    raise errors.DataError(f"file version {doc.get('version')} is newer than this reader ({JSON_VERSION})", path)
+  try:
+    m = np.asarray(doc["matrix_fixed_to_moving_um"], np.float64)
+  except (KeyError, ValueError, TypeError) as e:
+    raise errors.DataError(f"missing or malformed matrix_fixed_to_moving_um: {e}", path) from e
+  if m.shape != (3, 3) or not np.all(np.isfinite(m)) or not np.allclose(m[2], [0, 0, 1]):
+    raise errors.DataError(f"matrix_fixed_to_moving_um must be a finite affine 3 × 3 matrix, got {m.tolist()}", path)
+  transform = AffineTransform.from_matrix(m)
+  return (transform, doc) if with_info else transform
+
+
+def save_itk_transform(
+    path: str | os.PathLike,
+    transform: AffineTransform,
+    *,
+    center_um: Sequence[float] = (0.0, 0.0),
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes an ITK text transform file (`AffineTransform_double_2_2`) that `SimpleITK.ReadTransform` reads.
+
+  ITK's affine map is T(x) = A (x - c) + c + t with Parameters = A row by row then t, and FixedParameters = c.
+  Any centre gives the same map; the fixed image's centre makes t readable as a shift.
+
+  Args:
+    path: the .tfm (or .txt) file to write.
+    transform: FIXED → MOVING transform in µm (ITK's physical space with spacing = pixel size, origin 0).
+    center_um: the centre c (x, y) µm written as FixedParameters.
+    overwrite: replace an existing file.
+
+  Returns:
+    The path written.
+
+  Raises:
+    DataError: when the file exists and overwrite is False.
+    ConfigError: for a bad transform.
+  """
+  m = _matrix(transform)
+  target = _target(path, overwrite)
+  a, b = m[:2, :2], m[:2, 2]
+  c = np.asarray(center_um, np.float64).reshape(2)
+  t = b - c + a @ c
+  params = [*a.ravel(), *t]
+  lines = [
+      "#Insight Transform File V1.0",
+      "#Transform 0",
+      "Transform: AffineTransform_double_2_2",
+      "Parameters: " + " ".join(repr(float(v)) for v in params),
+      "FixedParameters: " + " ".join(repr(float(v)) for v in c),
+  ]
+  target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return target
+
+
+def load_itk_transform(path: str | os.PathLike) -> AffineTransform:
+  """Reads a 2-D affine ITK text transform file (as `save_itk_transform` or SimpleITK write them).
+
+  Args:
+    path: the .tfm file.
+
+  Returns:
+    The `AffineTransform` (ITK's physical space, µm).
+
+  Raises:
+    DataError: when the file is missing, holds several transforms, or is not a 2-D affine transform.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise errors.DataError("no such transform file", path)
+  fields: dict[str, list[str]] = {}
+  for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    if ":" in line and not line.startswith("#"):
+      key, value = line.split(":", 1)
+      if key.strip() in fields:
+        raise errors.DataError("holds more than one transform; expected one 2-D affine transform", path)
+      fields[key.strip()] = value.split()
+  kind = (fields.get("Transform") or ["?"])[0]
+  if kind not in _ITK_TYPES:
+    raise errors.DataError(f"transform type {kind!r} is not one of {_ITK_TYPES}", path)
+  try:
+    params = [float(v) for v in fields["Parameters"]]
+    center = [float(v) for v in fields.get("FixedParameters", ["0", "0"])]
+  except (KeyError, ValueError) as e:
+    raise errors.DataError(f"malformed Parameters/FixedParameters: {e}", path) from e
+  if len(params) != 6 or len(center) != 2 or not all(math.isfinite(v) for v in params + center):
+    raise errors.DataError(f"expected 6 parameters and a 2-D centre, got {params} and {center}", path)
+  a = np.asarray(params[:4]).reshape(2, 2)
+  c = np.asarray(center)
+  offset = np.asarray(params[4:]) + c - a @ c
+  return AffineTransform.from_linear(a, offset)
+
+
+# Names used elsewhere in the package.
+write_transform_json = save_transform_json
+write_transform_tfm = save_itk_transform
+read_transform_json = load_transform_json
+read_itk_transform = load_itk_transform

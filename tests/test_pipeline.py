@@ -1,0 +1,242 @@
+"""Tests of msisynth.pipeline: one section from imzML and H&E files to a registered report folder.
+
+The sections are semi-synthetic: a crop of a shipped real H&E scan (downsampled) with MSI simulated from it
+(`msisynth.simulate`) under a known transform and written as imzML. An untrained generator cannot align anything,
+so accuracy is checked with a "perfect synthesizer": a callable that returns the known H&E resampled on the MSI
+grid (the pipeline takes any callable). Registration runs one pyramid level with few steps, so that it compiles
+once for the whole test session (every section has the same shapes).
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from msisynth import errors, pipeline, simulate
+from msisynth import io as msi_io
+from msisynth.register import optimize
+from msisynth.register.transforms import AffineTransform, warp_image, warp_msi
+from msisynth.types import MSIImage
+
+HE_PX, MSI_PX = 15.0, 60.0
+CROP = (84, 112)
+READ = {"bin_width": 1.0, "bin_unit": "da", "progress": False}
+# One level, all 8 starts (4 rotations x mirror) kept: quick to compile and run on a CPU.
+REGISTRATION = optimize.RegistrationConfig(
+  levels=1, max_iterations=40, max_samples=2048, principal_axes=False, num_candidates=8
+)
+SHIFT_UM = (90.0, 70.0)
+REGIONS = {
+  "type": "FeatureCollection",
+  "features": [
+    {
+      "type": "Feature",
+      "geometry": {"type": "Polygon", "coordinates": [[[8, 8], [50, 8], [50, 40], [8, 40], [8, 8]]]},
+      "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+    },
+    {
+      "type": "Feature",
+      "geometry": {"type": "Polygon", "coordinates": [[[58, 40], [104, 40], [104, 78], [58, 78], [58, 40]]]},
+      "properties": {"objectType": "annotation", "classification": {"name": "Normal", "color": [0, 150, 0]}},
+    },
+  ],
+}
+
+
+def _he_crop(shared_data: pathlib.Path, offset: tuple[int, int]) -> np.ndarray:
+  he = msi_io.read_histology(shared_data / "he" / "rcc-UH9905_18.png")
+  he = np.clip(msi_io.resample_to_pixel_size(he, 1.0, 5.0), 0.0, 1.0)
+  return he[offset[0] : offset[0] + CROP[0], offset[1] : offset[1] + CROP[1]]
+
+
+def _write_section(folder: pathlib.Path, he: np.ndarray, mirrored: bool, seed: int) -> simulate.SimulatedMSI:
+  transform = AffineTransform.from_linear(np.eye(2), SHIFT_UM)
+  if mirrored:
+    centre = ((he.shape[1] - 1) * HE_PX / 2, (he.shape[0] - 1) * HE_PX / 2)
+    transform = transform.compose(AffineTransform.mirror("x", centre))
+  sim = simulate.simulate_msi(
+    seed, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform, n_landmarks=12
+  )
+  simulate.save_simulated(sim, folder)
+  return sim
+
+
+def perfect_synthesizer(msi: MSIImage) -> np.ndarray:
+  """The H&E beside the imzML, resampled on the MSI grid through the ground truth (white outside)."""
+  folder = pathlib.Path(msi.metadata["source"]).parent
+  truth = json.loads((folder / "ground_truth.json").read_text())
+  he = msi_io.read_histology(folder / "he.png")
+  transform = AffineTransform.from_matrix(truth["transform_fixed_to_moving"])
+  rgb = warp_image(
+    he,
+    transform.inverse(),
+    msi.shape,
+    fixed_pixel_size_um=truth["msi_pixel_size_um"],
+    moving_pixel_size_um=truth["he_pixel_size_um"],
+    cval=1.0,
+  )
+  return np.clip(np.asarray(rgb), 0.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def sections(shared_data, tmp_path_factory):
+  root = tmp_path_factory.mktemp("sections")
+  sims = {
+    "shifted": _write_section(root / "shifted", _he_crop(shared_data, (0, 0)), mirrored=False, seed=0),
+    "mirrored": _write_section(root / "mirrored", _he_crop(shared_data, (10, 20)), mirrored=True, seed=1),
+  }
+  (root / "regions.geojson").write_text(json.dumps(REGIONS))
+  return root, sims
+
+
+def _inputs(root: pathlib.Path, section: str, **kwargs) -> pipeline.SectionInputs:
+  folder = root / section
+  return pipeline.SectionInputs(
+    msi=folder / "simulated_msi.imzML",
+    histology=folder / "he.png",
+    histology_pixel_size_um=HE_PX,
+    read_options=READ,
+    simulated=True,
+    **kwargs,
+  )
+
+
+def test_process_section_writes_a_complete_report(sections, tmp_path):
+  root, sims = sections
+  sim = sims["shifted"]
+  out = tmp_path / "report"
+  inputs = _inputs(
+    root, "shifted", regions=root / "regions.geojson", landmarks=root / "shifted" / "landmarks.csv", name="shifted"
+  )
+  result = pipeline.process_section(inputs, perfect_synthesizer, registration_config=REGISTRATION, out_dir=out)
+
+  # Every file of the report is there, and nothing else.
+  assert sorted(p.name for p in out.iterdir()) == sorted(pipeline.REPORT_FILES.values())
+  assert set(result.paths) == set(pipeline.REPORT_FILES)
+
+  # The transform: finite, orientation-preserving here, and accurate (the synthesizer is perfect).
+  matrix = np.asarray(result.transform.matrix, np.float64)
+  assert np.all(np.isfinite(matrix)) and np.linalg.det(matrix[:2, :2]) > 0.5
+  assert not result.registration["mirrored"]
+  assert result.tre["n"] == len(sim.landmarks) and result.tre["mean_px"] < 0.5
+  saved = json.loads((out / "transform.json").read_text())
+  np.testing.assert_allclose(saved["matrix_fixed_to_moving_um"], matrix, atol=1e-6)
+  assert (out / "transform.tfm").read_text().startswith("#Insight Transform File")
+
+  # The MSI cube in histology space: the working grid (= the H&E here, MSI pixel / 4 = 15 µm) and every channel.
+  cube = np.load(out / "msi_in_histology_space.npy", mmap_mode="r")
+  mz = np.load(out / "mz.npy")
+  msi = msi_io.read_imzml(root / "shifted" / "simulated_msi.imzML", **READ)
+  assert cube.shape == (*CROP, msi.num_channels) and cube.dtype == np.float32
+  np.testing.assert_array_equal(mz, msi.mz)
+  mask = np.load(out / "msi_mask_in_histology_space.npy")
+  assert mask.dtype == bool and mask.shape == CROP and mask.mean() > 0.9
+  # It is the MSI resampled through the transform (all channels, chunked to disk).
+  expected = warp_msi(msi, result.transform, CROP, HE_PX)
+  np.testing.assert_allclose(cube, expected.cube, rtol=1e-5, atol=1e-4)
+  # Carried through the found transform, some channel follows the H&E tissue closely (as it was simulated to).
+  tissue = msi_io.tissue_mask(sim.he)[mask].astype(np.float64)
+  values = np.asarray(cube)[mask].astype(np.float64)
+  values = values[:, values.std(axis=0) > 0]
+  correlation = [abs(np.corrcoef(tissue, v)[0, 1]) for v in values.T]
+  assert max(correlation) > 0.6
+
+  # Regions: both are on the MSI grid, with statistics and a differential-ion table.
+  assert set(result.region_names.values()) == {"Tumor", "Normal"}
+  table = (out / "region_table.csv").read_text().splitlines()
+  assert table[0].startswith("region,mz,mean,median,std,n_pixels")
+  assert {line.split(",")[0] for line in table[1:]} == {"Tumor", "Normal"}
+  assert len(table) - 1 == 2 * msi.num_channels
+  assert all(n >= pipeline.MIN_REGION_PIXELS for n in result.region_stats.n_pixels)
+  assert result.differential is not None and len(result.differential) == msi.num_channels
+  labels = np.load(out / "region_labels_msi.npy")
+  assert labels.shape == msi.shape and set(np.unique(labels)) == {0, 1, 2}
+
+  # Metrics and the report say the data are simulated and give the key numbers.
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["simulated"] is True and metrics["section"] == "shifted"
+  assert metrics["mi_after"] > metrics["mi_before"]
+  assert metrics["converged"] in (True, False) and metrics["uncertainty_um"] >= 0
+  assert metrics["regions"]["n_regions"] == 2 and metrics["tre"]["mean_um"] < 0.5 * MSI_PX
+  assert set(metrics["timing_s"]) >= {"read MSI", "synthesise H&E", "register", "total"}
+  report = (out / "report.md").read_text()
+  assert report.splitlines()[0] == "# Section shifted: MSI → histology registration (simulated)"
+  for name in pipeline.REPORT_FILES.values():
+    assert f"`{name}`" in report
+
+
+def test_mirrored_section_in_memory_at_another_output_pixel_size(sections, tmp_path):
+  root, sims = sections
+  sim = sims["mirrored"]
+  chunk = CROP[0] // 2 * CROP[1] // 2 * 4 * 100  # 100 channels of the output grid per chunk: several chunks
+  result = pipeline.process_section(
+    _inputs(root, "mirrored"),
+    perfect_synthesizer,
+    registration_config=REGISTRATION,
+    output_pixel_size_um=2 * HE_PX,
+    max_chunk_bytes=chunk,
+  )
+  assert result.paths == {}
+  # Flips are searched by default: the mirror is found.
+  assert result.registration["mirrored"] and np.linalg.det(np.asarray(result.transform.linear)) < 0
+  landmarks = sim.landmarks
+  mapped = np.asarray(result.transform.apply(landmarks[:, :2]))
+  assert np.mean(np.linalg.norm(mapped - landmarks[:, 2:], axis=1)) < 0.5 * MSI_PX
+  # The cube sits on a 30 µm grid over the same field of view, and equals one warp of the whole cube.
+  assert result.output_shape == (CROP[0] // 2, CROP[1] // 2) and result.output_pixel_size_um == (30.0, 30.0)
+  msi = msi_io.read_imzml(root / "mirrored" / "simulated_msi.imzML", **READ)
+  assert result.msi_in_histology.shape == (*result.output_shape, msi.num_channels)
+  whole = warp_msi(msi, result.transform, result.output_shape, 2 * HE_PX)
+  np.testing.assert_allclose(result.msi_in_histology, whole.cube, rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(result.msi_mask_in_histology, whole.mask)
+  assert result.simulated and result.metrics["simulated"]
+  assert result.synthetic_he.shape == (*msi.shape, 3)
+
+  # The report of an in-memory result can be written afterwards.
+  paths = pipeline.write_section_report(result, tmp_path / "later")
+  assert np.load(paths["msi_in_histology_space"]).shape == result.msi_in_histology.shape
+  assert "region_table" not in paths and (tmp_path / "later" / "checkerboard_before.png").is_file()
+
+
+def test_an_existing_output_folder_is_never_overwritten(sections, tmp_path):
+  root, _ = sections
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("my notes")
+  with pytest.raises(errors.DataError, match="not empty"):
+    pipeline.process_section(_inputs(root, "shifted"), perfect_synthesizer, out_dir=out)
+  assert (out / "notes.txt").read_text() == "my notes" and len(list(out.iterdir())) == 1
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(errors.DataError, match="is a file"):
+    pipeline.process_section(_inputs(root, "shifted"), perfect_synthesizer, out_dir=tmp_path / "a_file")
+
+
+def test_pixel_sizes_are_required_or_read(sections):
+  root, _ = sections
+  with pytest.raises(errors.ConfigError, match="histology_pixel_size_um is required"):
+    pipeline.SectionInputs(msi=root / "shifted" / "simulated_msi.imzML", histology=root / "shifted" / "he.png")
+  msi = msi_io.read_imzml(root / "shifted" / "simulated_msi.imzML", **READ)
+  assert msi.pixel_size_um == (MSI_PX, MSI_PX)  # from the imzML metadata
+  unknown = MSIImage(cube=msi.cube, mz=msi.mz, mask=msi.mask, pixel_size_um=None)
+  with pytest.raises(errors.ConfigError, match="pixel size is not in the file's metadata"):
+    pipeline.process_section(
+      pipeline.SectionInputs(msi=unknown, histology=root / "shifted" / "he.png", histology_pixel_size_um=HE_PX),
+      perfect_synthesizer,
+    )
+
+
+def test_a_synthesizer_of_the_wrong_shape_is_refused(sections):
+  root, _ = sections
+  with pytest.raises(errors.ConfigError, match=r"must return \(H, W, 3\) RGB on the MSI grid"):
+    pipeline.process_section(_inputs(root, "shifted"), lambda msi: np.zeros((4, 4, 3), np.float32))
+
+
+def test_working_pixel_size():
+  assert pipeline.working_pixel_size_um(20.0, 0.5) == (5.0, 5.0)  # a quarter of the MSI pixel
+  assert pipeline.working_pixel_size_um(20.0, 8.0) == (8.0, 8.0)  # never finer than the H&E
+  assert pipeline.working_pixel_size_um((20.0, 40.0), 1.0) == (5.0, 10.0)
+  assert pipeline.working_pixel_size_um(20.0, 0.5, registration_pixel_size_um=2.0) == (2.0, 2.0)
+  assert pipeline.working_pixel_size_um(20.0, 4.0, registration_pixel_size_um=2.0) == (4.0, 4.0)
+  with pytest.raises(errors.ConfigError):
+    pipeline.working_pixel_size_um(-1.0, 0.5)

@@ -1,0 +1,142 @@
+"""Tests of the registration launcher (experiments/register.py), run in-process on tiny generated images, and of
+the registration figures."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from experiments import register as launcher
+from msisynth import errors, io
+from msisynth.register import transform_io
+from msisynth.register import transforms as tf
+from msisynth.register.transforms import AffineTransform
+from msisynth.types import MSIImage
+from msisynth.viz import registration as viz
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Same shapes and options as tests/test_register_optimize.py, so compiled registration functions are shared.
+FIXED_SHAPE, MOVING_SHAPE = (128, 128), (64, 64)
+TRUE = AffineTransform.from_params([0, 0, 0, 0, 6.0, -4.0])  # fixed µm → moving µm: a shift of (6, -4) µm
+
+
+def scene(x, y):
+  rng = np.random.default_rng(3)
+  v = np.zeros_like(x)
+  for _ in range(25):
+    cx, cy, s, a = rng.uniform(20, 108), rng.uniform(20, 108), rng.uniform(3, 10), rng.uniform(0.3, 1)
+    v += a * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+  section = 1 / (1 + np.exp(((x - 64) ** 2 / 45**2 + (y - 64) ** 2 / 30**2 - 1) * 8))
+  return (v + section).astype(np.float32) / 4
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("inputs")
+  yy, xx = np.mgrid[: FIXED_SHAPE[0], : FIXED_SHAPE[1]].astype(np.float32)
+  fixed = np.clip(scene(xx, yy), 0, 1)
+  ym, xm = np.mgrid[: MOVING_SHAPE[0], : MOVING_SHAPE[1]].astype(np.float32) * 2.0
+  back = np.asarray(TRUE.inverse().apply(np.stack([xm.ravel(), ym.ravel()], 1)))
+  moving = np.clip(scene(back[:, 0], back[:, 1]).reshape(MOVING_SHAPE), 0, 1)
+  io.write_image(folder / "fixed.tif", fixed)
+  io.write_image(folder / "moving.tif", moving)
+  pts = np.array([[30.0, 40.0], [90.0, 50.0], [60.0, 90.0], [40.0, 70.0]])
+  (folder / "landmarks.csv").write_text(
+      "fixed_x,fixed_y,moving_x,moving_y\n" + "".join(f"{a},{b},{a + 6},{b - 4}\n" for a, b in pts))
+  return folder, fixed, moving
+
+
+def _flags(argv):
+  fv = flags.FlagValues()
+  launcher.define_flags(fv)
+  fv(["register", *argv])
+  return fv
+
+
+SPEED = ["--samples=2048", "--iterations=80,40,30"]
+
+
+def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
+  folder, fixed, _ = images
+  out = tmp_path / "out"
+  argv = [f"--fixed={folder / 'fixed.tif'}", "--fixed_pixel_size_um=1", f"--moving={folder / 'moving.tif'}",
+          "--moving_pixel_size_um=2", f"--landmarks={folder / 'landmarks.csv'}", f"--output_dir={out}", *SPEED]
+  metrics = launcher.run(_flags(argv))
+  for name in ("transform.json", "transform.tfm", "warped_moving.tif", "warped_moving.png", "checkerboard.png",
+               "overlay.png", "landmarks.png", "metrics.json"):  # fmt: skip
+    assert (out / name).is_file(), name
+  saved = json.loads((out / "metrics.json").read_text())
+  assert saved["mi_after"] > saved["mi_before"] + 0.2
+  assert saved["tre_after"]["mean_um"] < 1.0 < saved["tre_before"]["mean_um"]
+  assert isinstance(saved["converged"], bool) and saved["uncertainty_um"] >= 0
+  assert metrics["registration"]["metric_name"] == "mi"
+  transform = transform_io.load_transform_json(out / "transform.json")
+  pts = np.array([[10.0, 10.0], [100.0, 120.0]])
+  np.testing.assert_allclose(transform.apply(pts), TRUE.apply(pts), atol=1.0)
+  np.testing.assert_allclose(transform_io.load_itk_transform(out / "transform.tfm").matrix, transform.matrix,
+                             atol=1e-4)  # fmt: skip
+  warped = io.read_image(out / "warped_moving.tif")
+  assert warped.shape == FIXED_SHAPE
+  inner = (slice(20, -20), slice(20, -20))
+  assert np.abs(warped[inner] - fixed[inner]).mean() < 0.02
+  # A non-empty output folder is refused without --overwrite, and accepted with it.
+  with pytest.raises(errors.ConfigError, match="not empty"):
+    launcher.run(_flags(argv))
+
+
+def test_launcher_msi_route_carries_the_cube(images, tmp_path, monkeypatch):
+  folder, _, moving = images
+  cube = np.stack([moving, 1 - moving, moving**2], axis=-1)
+  msi = MSIImage(cube=cube, mz=np.array([100.0, 200.0, 300.0]), mask=np.ones(MOVING_SHAPE, bool),
+                 pixel_size_um=(2.0, 2.0), metadata={"simulated": True})  # fmt: skip
+  synthetic = np.repeat(1 - moving[..., None], 3, axis=2)  # RGB on the MSI grid, like a synthetic H&E
+  monkeypatch.setattr(launcher, "_synthesize", lambda fv: (synthetic, msi))
+  out = tmp_path / "msi"
+  argv = [f"--fixed={folder / 'fixed.tif'}", "--fixed_pixel_size_um=1", f"--msi={folder / 'x.imzML'}",
+          f"--checkpoint={tmp_path}", f"--output_dir={out}", "--output_pixel_size_um=2", *SPEED]
+  metrics = launcher.run(_flags(argv))
+  assert metrics["simulated"] and metrics["registration"]["start"]  # flips on by default for MSI
+  carried = np.load(out / "msi_in_histology.npy")
+  assert carried.shape == (64, 64, 3)
+  np.testing.assert_allclose(np.load(out / "mz.npy"), msi.mz)
+  assert np.load(out / "msi_mask_in_histology.npy").dtype == bool
+  assert (out / "synthetic_he.png").is_file()
+  transform = transform_io.load_transform_json(out / "transform.json")
+  np.testing.assert_allclose(transform.apply([[60.0, 60.0]]), TRUE.apply([[60.0, 60.0]]), atol=1.0)
+
+
+def test_launcher_flag_errors(tmp_path):
+  with pytest.raises(errors.ConfigError, match="exactly one"):
+    launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", f"--output_dir={tmp_path}"]))
+  with pytest.raises(errors.ConfigError, match="--checkpoint"):
+    launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--msi=b.imzML", f"--output_dir={tmp_path}"]))
+  # As a script (not only as a module): a missing flag is reported and the exit status is 1.
+  proc = subprocess.run([sys.executable, str(REPO / "experiments" / "register.py"), "--fixed=a.png"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+  assert proc.returncode == 1 and "--fixed_pixel_size_um" in proc.stderr
+
+
+def test_figures():
+  rng = np.random.default_rng(0)
+  a, b = rng.random((20, 30)), rng.random((20, 30, 3))
+  board = viz.checkerboard(a, b, tiles=2)
+  assert board.shape == (20, 30, 3)
+  np.testing.assert_allclose(board[0, 0], viz._display(a)[0, 0])
+  np.testing.assert_allclose(board[0, 29], viz._display(b)[0, 29])
+  over = viz.overlay(a, a, invert=False)
+  np.testing.assert_allclose(over[..., 0], over[..., 1])  # aligned → grey
+  fig = viz.plot_checkerboard_before_after(a, b, b, pixel_size_um=2.0, simulated=True)
+  assert all("(simulated)" in ax.get_title() for ax in fig.axes)
+  fig = viz.plot_overlay(a, b, title="t")
+  assert fig.axes[0].get_title() == "t"
+  pts = np.array([[1.0, 2.0], [10.0, 12.0]])
+  fig = viz.plot_landmarks(a, b, pts, pts + 1, transform=AffineTransform.identity(), simulated=True)
+  assert "(simulated)" in fig._suptitle.get_text()
+  assert viz.plot_checkerboard(a, a).axes
+  with pytest.raises(errors.ConfigError):
+    viz.checkerboard(a, a[:10])
+  assert tf.image_center_um((3, 5)).tolist() == [2.0, 1.0]

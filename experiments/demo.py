@@ -115,9 +115,10 @@ def explore_real_msi(out: pathlib.Path, quick: bool) -> dict:
   clipped = preprocess.remove_hotspots(normalized, quantile=0.99, mask=msi.mask)
   result = preprocess.pca(clipped, 3, mask=msi.mask)
   viz_msi.save_figure(viz_msi.plot_pca(result.scores, result.explained_variance_ratio,
-                                       title="Real MSI (msiFlow UPEC_12): PCA"), out / "msi_pca.png")
+                                       title="Real MSI (msiFlow UPEC_12): PCA"), out / "msi_pca.png",
+                      overwrite=True)
   viz_msi.save_figure(viz_msi.plot_ion_images(msi, n=6, title="Real MSI (msiFlow UPEC_12): ion images"),
-                      out / "msi_ion_images.png")
+                      out / "msi_ion_images.png", overwrite=True)
   results["msiflow_pca_explained_variance"] = [float(v) for v in result.explained_variance_ratio]
   print(f"  msiFlow UPEC_12: {msi.shape[0]}×{msi.shape[1]} pixels, {msi.num_channels} ion images; "
         f"PCA explained variance {', '.join(f'{v:.2f}' for v in result.explained_variance_ratio)}")

@@ -61,7 +61,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("flips", None, "Also start from 90° turns and mirror images (default: on with --msi).", **fv)
   flags.DEFINE_integer("levels", 3, "Pyramid levels.", **fv)
   flags.DEFINE_list("iterations", None, "Adam steps per level, coarse to fine (default 150,100,80).", **fv)
-  flags.DEFINE_integer("samples", 32768, "Pixels sampled per level.", **fv)
+  flags.DEFINE_integer("samples", 16384, "Pixels sampled per level.", **fv)
   flags.DEFINE_float("working_pixel_size_um", None, "Finest pixel size registration works at (µm).", **fv)
   flags.DEFINE_bool("simulated", False, "Mark the outputs as simulated data.", **fv)
   flags.DEFINE_string("output_dir", None, "Output folder.", **fv)
@@ -232,16 +232,16 @@ def run(fv: flags.FlagValues) -> dict:
                             title="Fixed (magenta) and registered moving (green)"), "overlay.png")  # fmt: skip
 
   metrics = {
-      "fixed": str(fv.fixed),
-      "moving": moving_name,
-      "simulated": bool(tag),
-      "fixed_pixel_size_um": list(fixed_px),
-      "moving_pixel_size_um": list(moving_px),
-      **quality,
-      "seconds": seconds,
-      "converged": result.converged,
-      "uncertainty_um": result.uncertainty_um,
-      "registration": summary,
+    "fixed": str(fv.fixed),
+    "moving": moving_name,
+    "simulated": bool(tag),
+    "fixed_pixel_size_um": list(fixed_px),
+    "moving_pixel_size_um": list(moving_px),
+    **quality,
+    "seconds": seconds,
+    "converged": result.converged,
+    "uncertainty_um": result.uncertainty_um,
+    "registration": summary,
   }
   if fv.landmarks:
     landmarks = evaluate.load_landmarks_csv(fv.landmarks, fixed_pixel_size_um=fixed_px, moving_pixel_size_um=moving_px)

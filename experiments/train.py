@@ -24,8 +24,9 @@ if __package__ in (None, ""):
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. "
-                                          "experiments/configs/pix2pix.py:tiny.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Training config file, e.g. experiments/configs/pix2pix.py:tiny.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and images (resumed if present).")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -29,6 +29,9 @@ from orbax.checkpoint import checkpoint_managers
 
 from msisynth import errors
 
+# The API used here (args.Composite/StandardSave/JsonSave, preservation policies) is that of orbax-checkpoint
+# 0.12.x, tested with 0.12.8.
+TESTED_ORBAX_VERSION = "0.12.8"
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "val_ssim"
 _TRAIN_FIELDS = ("step", "rng", "d_params", "d_batch_stats", "g_opt_state", "d_opt_state")
@@ -46,8 +49,9 @@ def _best_metric(metrics: Mapping[str, Any]) -> float:
   return float(metrics[BEST_METRIC])
 
 
-def make_manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3, read_only: bool = False
-                 ) -> ocp.CheckpointManager:
+def make_manager(
+  workdir: str | os.PathLike, *, max_to_keep: int | None = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
   """A CheckpointManager over `workdir/checkpoints` keeping the last `max_to_keep` and the best by SSIM.
 
   Args:
@@ -63,16 +67,28 @@ def make_manager(workdir: str | os.PathLike, *, max_to_keep: int | None = 3, rea
     CheckpointError: when `read_only` and the folder does not exist.
   """
   directory = checkpoint_dir(workdir)
+  if not hasattr(checkpoint_managers, "AnyPreservationPolicy"):
+    raise errors.CheckpointError(
+      f"orbax-checkpoint {getattr(ocp, '__version__', '?')} has no preservation policies; msisynth needs the "
+      f"CheckpointManager API of orbax-checkpoint 0.12 (tested with {TESTED_ORBAX_VERSION})"
+    )
   if read_only and not os.path.isdir(directory):
     raise errors.CheckpointError(f"{directory}: no checkpoint folder (was this run trained with msisynth?)")
-  policy = checkpoint_managers.AnyPreservationPolicy([
+  policy = checkpoint_managers.AnyPreservationPolicy(
+    [
       checkpoint_managers.LatestN(n=max_to_keep),
-      checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
-                                keep_checkpoints_without_metrics=False),
-  ])
+      checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=None if read_only else policy, best_fn=_best_metric, best_mode="max",
-      read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only)
+    preservation_policy=None if read_only else policy,
+    best_fn=_best_metric,
+    best_mode="max",
+    read_only=read_only,
+    create=not read_only,
+    cleanup_tmp_directories=not read_only,
+    save_interval_steps=0 if read_only else 1,
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -81,7 +97,7 @@ class _Manager:
 
   def __init__(self, manager_or_workdir, read_only: bool):
     self.owned = not isinstance(manager_or_workdir, ocp.CheckpointManager)
-    self.manager = (make_manager(manager_or_workdir, read_only=read_only) if self.owned else manager_or_workdir)
+    self.manager = make_manager(manager_or_workdir, read_only=read_only) if self.owned else manager_or_workdir
 
   def __enter__(self) -> ocp.CheckpointManager:
     return self.manager
@@ -95,7 +111,8 @@ class _Manager:
 def latest_step(manager_or_workdir) -> int | None:
   """The latest saved step, or None when there is no checkpoint (or no checkpoint folder)."""
   if not isinstance(manager_or_workdir, ocp.CheckpointManager) and not os.path.isdir(
-      checkpoint_dir(manager_or_workdir)):
+    checkpoint_dir(manager_or_workdir)
+  ):
     return None
   with _Manager(manager_or_workdir, read_only=True) as manager:
     return manager.latest_step()
@@ -104,7 +121,8 @@ def latest_step(manager_or_workdir) -> int | None:
 def best_step(manager_or_workdir) -> int | None:
   """The kept step with the highest validation SSIM, or None when no checkpoint has validation metrics."""
   if not isinstance(manager_or_workdir, ocp.CheckpointManager) and not os.path.isdir(
-      checkpoint_dir(manager_or_workdir)):
+    checkpoint_dir(manager_or_workdir)
+  ):
     return None
   with _Manager(manager_or_workdir, read_only=True) as manager:
     with_metrics = [s for s in manager.all_steps() if manager.metrics(s) and BEST_METRIC in manager.metrics(s)]
@@ -119,8 +137,15 @@ def _config_dict(config) -> dict:
   raise errors.ConfigError(f"config must be a ConfigDict or a dict, got {type(config).__name__}")
 
 
-def save(manager_or_workdir, state, *, config, data_state: Mapping[str, Any] | None = None,
-         preprocessor: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None) -> bool:
+def save(
+  manager_or_workdir,
+  state,
+  *,
+  config,
+  data_state: Mapping[str, Any] | None = None,
+  preprocessor: Mapping[str, Any] | None = None,
+  metrics: Mapping[str, float] | None = None,
+) -> bool:
   """Saves a train state with its config, data position and preprocessor at step `state.step`.
 
   Args:
@@ -138,11 +163,11 @@ def save(manager_or_workdir, state, *, config, data_state: Mapping[str, Any] | N
   step = int(jax.device_get(state.step))
   train_item = {name: getattr(state, name) for name in _TRAIN_FIELDS}
   args = ocp.args.Composite(
-      generator=ocp.args.StandardSave({"params": state.g_params, "batch_stats": state.g_batch_stats}),
-      train=ocp.args.StandardSave(train_item),
-      config=ocp.args.JsonSave(_config_dict(config)),
-      data_state=ocp.args.JsonSave(dict(data_state or {})),
-      preprocessor=ocp.args.JsonSave({"preprocessor": None if preprocessor is None else dict(preprocessor)}),
+    generator=ocp.args.StandardSave({"params": state.g_params, "batch_stats": state.g_batch_stats}),
+    train=ocp.args.StandardSave(train_item),
+    config=ocp.args.JsonSave(_config_dict(config)),
+    data_state=ocp.args.JsonSave(dict(data_state or {})),
+    preprocessor=ocp.args.JsonSave({"preprocessor": None if preprocessor is None else dict(preprocessor)}),
   )
   ranked = None
   if metrics is not None and BEST_METRIC in metrics and math.isfinite(float(metrics[BEST_METRIC])):
@@ -174,8 +199,11 @@ def _pick_step(manager: ocp.CheckpointManager, step: int | None, which: str) -> 
 
 
 def _extras(restored) -> dict[str, Any]:
-  return {"config": ml_collections.ConfigDict(restored["config"]), "data_state": dict(restored["data_state"]),
-          "preprocessor": restored["preprocessor"]["preprocessor"]}
+  return {
+    "config": ml_collections.ConfigDict(restored["config"]),
+    "data_state": dict(restored["data_state"]),
+    "preprocessor": restored["preprocessor"]["preprocessor"],
+  }
 
 
 def restore_latest(manager_or_workdir, target_state=None, step: int | None = None):
@@ -198,33 +226,66 @@ def restore_latest(manager_or_workdir, target_state=None, step: int | None = Non
   """
   with _Manager(manager_or_workdir, read_only=True) as manager:
     step = _pick_step(manager, step, "latest")
-    json_args = dict(config=ocp.args.JsonRestore(), data_state=ocp.args.JsonRestore(),
-                     preprocessor=ocp.args.JsonRestore())
+    json_args = dict(
+      config=ocp.args.JsonRestore(), data_state=ocp.args.JsonRestore(), preprocessor=ocp.args.JsonRestore()
+    )
     if target_state is None:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          generator=ocp.args.StandardRestore(), train=ocp.args.StandardRestore(), **json_args))
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(generator=ocp.args.StandardRestore(), train=ocp.args.StandardRestore(), **json_args),
+      )
       extras = _extras(restored)
       extras["step"] = step
       return {"generator": restored["generator"], "train": restored["train"]}, extras
     g_target = {"params": target_state.g_params, "batch_stats": target_state.g_batch_stats}
     t_target = {name: getattr(target_state, name) for name in _TRAIN_FIELDS}
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          generator=ocp.args.StandardRestore(g_target), train=ocp.args.StandardRestore(t_target), **json_args))
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          generator=ocp.args.StandardRestore(g_target), train=ocp.args.StandardRestore(t_target), **json_args
+        ),
+      )
     except (ValueError, KeyError, TypeError) as e:
       raise errors.TrainingError(
-          f"{manager.directory}/{step}: the checkpoint does not match the configured model and optimiser "
-          f"({type(e).__name__}: {str(e)[:500]}); use a new workdir or the configuration it was trained with"
+        f"{manager.directory}/{step}: the checkpoint does not match the configured model and optimiser "
+        f"({type(e).__name__}: {str(e)[:500]}); use a new workdir or the configuration it was trained with"
       ) from e
   g, t = restored["generator"], restored["train"]
+  _check_matches(
+    f"{manager.directory}/{step}", {"generator": g, "train": t}, {"generator": g_target, "train": t_target}
+  )
   state = target_state.replace(g_params=g["params"], g_batch_stats=g["batch_stats"], **t)
   extras = _extras(restored)
   extras["step"] = step
   return state, extras
 
 
-def restore_for_inference(workdir: str | os.PathLike, step: int | None = None, which: str = "latest"
-                          ) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict | None]:
+def _check_matches(where: str, restored, target) -> None:
+  """TrainingError unless `restored` has the structure, shapes and dtypes of `target`."""
+  got = jax.tree_util.tree_flatten_with_path(restored)[0]
+  want = jax.tree_util.tree_flatten_with_path(target)[0]
+  got_paths = [jax.tree_util.keystr(p) for p, _ in got]
+  want_paths = [jax.tree_util.keystr(p) for p, _ in want]
+  if got_paths != want_paths:
+    missing = sorted(set(want_paths) - set(got_paths))[:5]
+    extra = sorted(set(got_paths) - set(want_paths))[:5]
+    raise errors.TrainingError(
+      f"{where}: the checkpoint does not match the configured model and optimiser (missing {missing}, "
+      f"unexpected {extra}); use a new workdir or the configuration it was trained with"
+    )
+  for path, (_, a), (_, b) in zip(got_paths, got, want):
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+      raise errors.TrainingError(
+        f"{where}: the checkpoint does not match the configured model and optimiser: {path} is "
+        f"{a.dtype}{list(a.shape)} in the checkpoint and {b.dtype}{list(b.shape)} in the configured state; use a "
+        "new workdir or the configuration it was trained with"
+      )
+
+
+def restore_for_inference(
+  workdir: str | os.PathLike, step: int | None = None, which: str = "latest"
+) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict | None]:
   """The generator of a run, without building the optimiser or the discriminator.
 
   Args:
@@ -242,9 +303,12 @@ def restore_for_inference(workdir: str | os.PathLike, step: int | None = None, w
   """
   with _Manager(workdir, read_only=True) as manager:
     step = _pick_step(manager, step, which)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        generator=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
-        preprocessor=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        generator=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(), preprocessor=ocp.args.JsonRestore()
+      ),
+    )
   g = restored["generator"]
   variables = {"params": g["params"], "batch_stats": g.get("batch_stats") or {}}
   return ml_collections.ConfigDict(restored["config"]), variables, restored["preprocessor"]["preprocessor"]

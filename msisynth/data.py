@@ -243,11 +243,11 @@ def make_pair(
   sigma = [0.4 * ratio[1] if ratio[1] > 1 else 0.0, 0.4 * ratio[0] if ratio[0] > 1 else 0.0, 0.0]
   smoothed = ndimage.gaussian_filter(histology, sigma, mode="nearest") if max(sigma) > 0 else histology
   kwargs = dict(fixed_pixel_size_um=target_px, moving_pixel_size_um=hist_px)
-  resampled = np.asarray(warp_image(smoothed, to_histology, target_shape, order=1, cval=fill_value, **kwargs))
-  resampled = np.clip(resampled, 0, 1).astype(np.float32)
-  inside = np.asarray(
-    warp_image(np.ones(histology.shape[:2], np.uint8), to_histology, target_shape, order=0, **kwargs)
-  ).astype(bool)
+  # A fourth channel of ones comes out 1 exactly where the sample lies inside the histology and 0 outside.
+  stacked = np.concatenate([smoothed, np.ones(histology.shape[:2] + (1,), np.float32)], axis=-1)
+  warped = np.asarray(warp_image(stacked, to_histology, target_shape, order=1, cval=0.0, **kwargs))
+  inside = warped[..., 3] > 0.5
+  resampled = np.where(inside[..., None], np.clip(warped[..., :3], 0, 1), np.float32(fill_value)).astype(np.float32)
 
   if tissue_mask is not None:
     tissue = upsample_grid(np.asarray(tissue_mask, bool), upsample, "nearest")
@@ -757,7 +757,9 @@ def _section_seed(seed: int, index: int) -> int:
   return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _pooled_section(sections: Sequence[MSIImage], masks: Sequence[np.ndarray]) -> tuple[MSIImage, np.ndarray]:
+def _pooled_section(
+  sections: Sequence[MSIImage], masks: Sequence[np.ndarray], source: str
+) -> tuple[MSIImage, np.ndarray]:
   """Several sections with one m/z axis side by side in one MSIImage, to fit one preprocessor on all of them."""
   height = max(s.shape[0] for s in sections)
   cubes, measured, fit = [], [], []
@@ -773,7 +775,7 @@ def _pooled_section(sections: Sequence[MSIImage], masks: Sequence[np.ndarray]) -
     pixel_size_um=sections[0].pixel_size_um,
     metadata={
       "simulated": all(s.metadata.get("simulated", False) for s in sections),
-      "source": f"{len(sections)} pooled sections",
+      "source": source,
     },
   )
   return pooled, np.concatenate(fit, axis=1)
@@ -904,7 +906,8 @@ def semi_synthetic_pairs(
     (sim.tissue_classes_msi > 0) & (np.ones(sim.msi.shape, bool) if train is None else train)
     for sim, (train, _) in zip(sims, splits)
   ]
-  pooled, pooled_mask = _pooled_section([s.msi for s in sims], fit_masks)
+  names = ", ".join(os.path.basename(p) for p in he_paths)
+  pooled, pooled_mask = _pooled_section([s.msi for s in sims], fit_masks, f"MSI simulated from {names}")
   preprocessor = MSIPreprocessor(config=config).fit(pooled, mask=pooled_mask)
 
   def paired(sim, path):

@@ -98,9 +98,16 @@ def l1_loss(prediction: ArrayLike, target: ArrayLike, mask: ArrayLike | None = N
   return total / jnp.maximum(count, 1.0)
 
 
-def pix2pix_generator_loss(fake_logits: ArrayLike | None, fake: ArrayLike, real: ArrayLike, *,
-                           gan_weight: float = 1.0, l1_weight: float = 100.0, mode: str = "vanilla",
-                           mask: ArrayLike | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def pix2pix_generator_loss(
+  fake_logits: ArrayLike | None,
+  fake: ArrayLike,
+  real: ArrayLike,
+  *,
+  gan_weight: float = 1.0,
+  l1_weight: float = 100.0,
+  mode: str = "vanilla",
+  mask: ArrayLike | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """pix2pix generator objective: gan_weight · GAN + l1_weight · L1 (λ = 100 in the paper).
 
   Args:

@@ -68,7 +68,8 @@ def _norm_layer(norm: str, train: bool, dtype: Any) -> Callable[..., nn.Module] 
   if norm == "batch":
     # momentum 0.9 and eps 1e-5 are torch.nn.BatchNorm2d's defaults (its momentum 0.1 weights the new batch).
     return partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=_scale_init, dtype=dtype)
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=_scale_init, dtype=dtype
+    )
   if norm == "instance":
     # pix2pix's instance norm has no affine parameters and keeps no running statistics.
     return partial(nn.InstanceNorm, use_scale=False, use_bias=False, epsilon=1e-5, dtype=dtype)
@@ -130,12 +131,25 @@ class UNetGenerator(nn.Module):
     check_divisible(x.shape[1:3], self.depth)
     norm = _norm_layer(self.norm, train, self.dtype)
     use_bias = norm is None or self.norm != "batch"
-    conv = partial(nn.Conv, kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                   use_bias=use_bias, dtype=self.dtype)
+    conv = partial(
+      nn.Conv,
+      kernel_size=(4, 4),
+      strides=(2, 2),
+      padding=((1, 1), (1, 1)),
+      kernel_init=conv_init,
+      use_bias=use_bias,
+      dtype=self.dtype,
+    )
     # torch's ConvTranspose2d(k=4, s=2, p=1) is a stride-2 transposed convolution with k - 1 - p = 2 pixels of
     # padding on each side of the dilated input; that doubles the size exactly.
-    upconv = partial(nn.ConvTranspose, kernel_size=(4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                     kernel_init=conv_init, dtype=self.dtype)
+    upconv = partial(
+      nn.ConvTranspose,
+      kernel_size=(4, 4),
+      strides=(2, 2),
+      padding=((2, 2), (2, 2)),
+      kernel_init=conv_init,
+      dtype=self.dtype,
+    )
     widths = unet_widths(self.depth, self.ngf, self.max_mult)
     last = self.depth - 1
 
@@ -219,8 +233,9 @@ class PatchDiscriminator(nn.Module):
     out = size // 2**self.n_layers - 2
     if out < 1:
       raise errors.ConfigError(
-          f"a {self.n_layers}-layer PatchGAN needs inputs of at least {3 * 2**self.n_layers} pixels, got "
-          f"{tuple(x.shape[1:3])}")
+        f"a {self.n_layers}-layer PatchGAN needs inputs of at least {3 * 2**self.n_layers} pixels, got "
+        f"{tuple(x.shape[1:3])}"
+      )
     conv = partial(nn.Conv, kernel_size=(4, 4), padding=((1, 1), (1, 1)), kernel_init=conv_init, dtype=self.dtype)
     h = nn.leaky_relu(conv(self.ndf, strides=(2, 2), use_bias=True, name="conv0")(h), 0.2)
     for n in range(1, self.n_layers + 1):
@@ -237,8 +252,9 @@ def check_divisible(size: tuple[int, ...], depth: int) -> None:
   factor = 2**depth
   if any(int(s) % factor for s in size) or any(int(s) < factor for s in size):
     raise errors.ConfigError(
-        f"input size {tuple(int(s) for s in size)} is not a positive multiple of 2**depth = {factor} "
-        f"(U-Net depth {depth}); crop or pad the input, or lower model.depth")
+      f"input size {tuple(int(s) for s in size)} is not a positive multiple of 2**depth = {factor} "
+      f"(U-Net depth {depth}); crop or pad the input, or lower model.depth"
+    )
 
 
 def _compute_dtype(config) -> Any:
@@ -266,9 +282,15 @@ def generator_from_config(config) -> UNetGenerator:
   m = config.model
   if m.norm not in NORMS:
     raise errors.ConfigError(f"model.norm must be one of {NORMS}, got {m.norm!r}")
-  return UNetGenerator(depth=int(m.depth), ngf=int(m.ngf), max_mult=int(m.max_mult),
-                       out_channels=int(m.get("out_channels", 3)), dropout_rate=float(m.dropout_rate), norm=m.norm,
-                       dtype=_compute_dtype(config))
+  return UNetGenerator(
+    depth=int(m.depth),
+    ngf=int(m.ngf),
+    max_mult=int(m.max_mult),
+    out_channels=int(m.get("out_channels", 3)),
+    dropout_rate=float(m.dropout_rate),
+    norm=m.norm,
+    dtype=_compute_dtype(config),
+  )
 
 
 def discriminator_from_config(config) -> PatchDiscriminator:
@@ -282,8 +304,9 @@ def discriminator_from_config(config) -> PatchDiscriminator:
     raise errors.ConfigError(f"model.d_kind must be one of {DISCRIMINATORS}, got {m.d_kind!r}")
   if m.norm not in NORMS:
     raise errors.ConfigError(f"model.norm must be one of {NORMS}, got {m.norm!r}")
-  return PatchDiscriminator(n_layers=int(m.d_layers), ndf=int(m.ndf), norm=m.norm, kind=m.d_kind,
-                            dtype=_compute_dtype(config))
+  return PatchDiscriminator(
+    n_layers=int(m.d_layers), ndf=int(m.ndf), norm=m.norm, kind=m.d_kind, dtype=_compute_dtype(config)
+  )
 
 
 def init_variables(module: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -315,7 +338,7 @@ def init_variables(module: nn.Module, key: jax.Array, input_shape: tuple[int, ..
   out, offset = [], 0
   for (path, leaf), (collection, name), r in zip(leaves, names, random):
     if r:
-      value = 0.02 * draw[offset:offset + leaf.size].reshape(leaf.shape)
+      value = 0.02 * draw[offset : offset + leaf.size].reshape(leaf.shape)
       offset += leaf.size
       value = value + 1.0 if name == "scale" else value
     elif (collection, name) in (("params", "bias"), ("batch_stats", "mean")):

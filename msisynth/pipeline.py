@@ -106,6 +106,17 @@ _DESCRIPTIONS = {
 }
 
 
+# Report entries that are figures (their titles say "simulated" for simulated data).
+_FIGURES = (
+  "checkerboard_before",
+  "checkerboard_after",
+  "overlay",
+  "landmarks",
+  "regions_on_ion_image",
+  "region_spectra",
+)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs and results.
 
@@ -440,6 +451,7 @@ def process_section(
   overwrite: bool = False,
   registration_config: optimize.RegistrationConfig | None = None,
   max_chunk_bytes: int = MAX_CHUNK_BYTES,
+  figures: bool = True,
 ) -> SectionResult:
   """Synthesises H&E from a section's MSI, registers it to the section's H&E and carries the MSI across.
 
@@ -456,11 +468,13 @@ def process_section(
     output_pixel_size_um: pixel size of the MSI cube in histology space, µm; None for the working pixel size.
     mz_for_figures: m/z of the ion image under the region outlines; None for the most differential ion (or the
       channel with the highest mean intensity).
-    out_dir: report folder (see `write_section_report`); None keeps everything in memory and writes nothing.
+    out_dir: report folder (see `write_section_report`); None keeps everything in memory and writes nothing. A
+      failure part-way leaves the files written so far (the batch launcher works in a temporary folder instead).
     overwrite: write into an existing non-empty `out_dir`, replacing files of the same names.
     registration_config: registration options; None for the defaults (MI, affine, 3 levels). `flips` sets its
       `flips_and_rot90`.
     max_chunk_bytes: warped output held in memory at once while carrying the MSI cube, bytes.
+    figures: draw the report's figures (the slowest part of the report for small sections).
 
   Returns:
     A `SectionResult`.
@@ -688,7 +702,7 @@ def process_section(
   )
   if out is not None:
     with stage("write report"):
-      _write_report(section, out, overwrite=overwrite, before=before)
+      _write_report(section, out, overwrite=overwrite, before=before, figures=figures)
   section.timings_s = dict(stage.timings)
   section.timings_s["total"] = round(time.perf_counter() - t_start, 3)
   if out is not None:
@@ -719,21 +733,24 @@ def _save_fig(fig, path: pathlib.Path, overwrite: bool) -> None:
   viz_msi.save_figure(fig, path, overwrite=overwrite)
 
 
-def write_section_report(result: SectionResult, out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
+def write_section_report(
+  result: SectionResult, out_dir: str | os.PathLike, overwrite: bool = False, figures: bool = True
+) -> dict:
   """Writes a section's report folder (what `process_section` does when given `out_dir`).
 
   Files (those that apply): `transform.json` + `transform.tfm` (histology µm → MSI µm), `synthetic_he.png` (MSI
   grid), `histology_working.png` and `registered_synthetic_he.png` (working grid), `checkerboard_before.png`
-  (identity) and `checkerboard_after.png`, `overlay.png`, `msi_in_histology_space.npy` (float32 (H, W, C)) +
-  `msi_mask_in_histology_space.npy` + `mz.npy`, `metrics.json`, with regions `region_labels_msi.npy`,
-  `region_table.csv`, `region_mean_spectra.csv`, `differential_ions.csv`, `regions_on_ion_image.png`,
-  `region_spectra.png`, and `report.md` listing them with the key numbers. Titles of simulated data say
-  "simulated".
+  (identity) and `checkerboard_after.png`, `overlay.png`, with landmarks `landmarks.png`,
+  `msi_in_histology_space.npy` (float32 (H, W, C)) + `msi_mask_in_histology_space.npy` + `mz.npy`, `metrics.json`,
+  with regions `region_labels_msi.npy`, `region_table.csv`, `region_mean_spectra.csv`, `differential_ions.csv`,
+  `regions_on_ion_image.png`, `region_spectra.png`, and `report.md` listing them with the key numbers. Titles of
+  simulated data say "simulated".
 
   Args:
     result: from `process_section` run without `out_dir` (the MSI cube is then in memory).
     out_dir: the folder; created when missing.
     overwrite: write into an existing non-empty folder, replacing files of the same names.
+    figures: draw the figures (PNG plots); the images, arrays, tables and texts are always written.
 
   Returns:
     {name: path} of the files written (also stored in `result.paths`).
@@ -756,14 +773,15 @@ def write_section_report(result: SectionResult, out_dir: str | os.PathLike, over
     result.msi_pixel_size_um,
     cval=1.0,
   )
-  _write_report(result, out, overwrite=overwrite, before=before)
+  _write_report(result, out, overwrite=overwrite, before=before, figures=figures)
   return dict(result.paths)
 
 
-def _write_report(result: SectionResult, out: pathlib.Path, *, overwrite: bool, before: np.ndarray | None) -> None:
+def _write_report(
+  result: SectionResult, out: pathlib.Path, *, overwrite: bool, before: np.ndarray | None, figures: bool = True
+) -> None:
   """Writes every report file but the MSI cube (written while it is computed) into `out`."""
   from msisynth.register import transform_io
-  from msisynth.viz import registration as viz_registration
 
   paths = result.paths
   files = {key: out / name for key, name in REPORT_FILES.items()}
@@ -794,6 +812,42 @@ def _write_report(result: SectionResult, out: pathlib.Path, *, overwrite: bool, 
   ):
     _save_png(files[key], image, overwrite)
     paths[key] = files[key]
+
+  if figures:
+    _write_registration_figures(result, files, paths, overwrite, before)
+
+  if result.msi_in_histology is None and "msi_in_histology_space" not in paths:
+    raise errors.ConfigError("the result holds no MSI cube in histology space to write")
+  for key, array in (("msi_mask_in_histology_space", result.msi_mask_in_histology), ("mz", result.mz)):
+    if files[key].exists() and not overwrite:
+      raise errors.DataError("file exists; pass overwrite=True to replace it", files[key])
+    np.save(files[key], np.asarray(array))
+    paths[key] = files[key]
+
+  if result.region_stats is not None:
+    np.save(files["region_labels_msi"], result.labels_msi)
+    paths["region_labels_msi"] = files["region_labels_msi"]
+    msi_regions.write_region_table_csv(result.region_stats, files["region_table"], overwrite=overwrite)
+    paths["region_table"] = files["region_table"]
+    msi_regions.write_mean_spectra_csv(result.region_stats, files["region_mean_spectra"], overwrite=overwrite)
+    paths["region_mean_spectra"] = files["region_mean_spectra"]
+    if result.differential is not None:
+      msi_regions.write_differential_ions_csv(result.differential, files["differential_ions"], overwrite=overwrite)
+      paths["differential_ions"] = files["differential_ions"]
+    if figures:
+      _write_region_figures(result, files, paths, overwrite)
+
+  paths["metrics"] = files["metrics"]
+  paths["report"] = files["report"]
+  _write_json(files["metrics"], result.metrics, overwrite=overwrite)
+  text = _report_markdown(result)
+  if files["report"].exists() and not overwrite:
+    raise errors.DataError("file exists; pass overwrite=True to replace it", files["report"])
+  files["report"].write_text(text, encoding="utf-8")
+
+
+def _write_registration_figures(result: SectionResult, files, paths, overwrite: bool, before) -> None:
+  from msisynth.viz import registration as viz_registration
 
   common = {"pixel_size_um": result.working_pixel_size_um, "simulated": result.simulated}
   if before is not None:
@@ -830,43 +884,19 @@ def _write_report(result: SectionResult, out: pathlib.Path, *, overwrite: bool, 
     _save_fig(fig, files["landmarks"], overwrite)
     paths["landmarks"] = files["landmarks"]
 
-  if result.msi_in_histology is None and "msi_in_histology_space" not in paths:
-    raise errors.ConfigError("the result holds no MSI cube in histology space to write")
-  for key, array in (("msi_mask_in_histology_space", result.msi_mask_in_histology), ("mz", result.mz)):
-    if files[key].exists() and not overwrite:
-      raise errors.DataError("file exists; pass overwrite=True to replace it", files[key])
-    np.save(files[key], np.asarray(array))
-    paths[key] = files[key]
 
-  if result.region_stats is not None:
-    np.save(files["region_labels_msi"], result.labels_msi)
-    paths["region_labels_msi"] = files["region_labels_msi"]
-    msi_regions.write_region_table_csv(result.region_stats, files["region_table"], overwrite=overwrite)
-    paths["region_table"] = files["region_table"]
-    msi_regions.write_mean_spectra_csv(result.region_stats, files["region_mean_spectra"], overwrite=overwrite)
-    paths["region_mean_spectra"] = files["region_mean_spectra"]
-    if result.differential is not None:
-      msi_regions.write_differential_ions_csv(result.differential, files["differential_ions"], overwrite=overwrite)
-      paths["differential_ions"] = files["differential_ions"]
-    from msisynth.viz import regions as viz_regions
+def _write_region_figures(result: SectionResult, files, paths, overwrite: bool) -> None:
+  from msisynth.viz import regions as viz_regions
 
-    if result._msi is not None and result._mz_for_figures is not None:
-      fig = viz_regions.plot_regions_on_ion_image(
-        result._msi, result.labels_msi, result.region_names, result._mz_for_figures, colors=result.region_colors
-      )
-      _save_fig(fig, files["regions_on_ion_image"], overwrite)
-      paths["regions_on_ion_image"] = files["regions_on_ion_image"]
-    fig = viz_regions.plot_region_spectra(result.region_stats, colors=result.region_colors)
-    _save_fig(fig, files["region_spectra"], overwrite)
-    paths["region_spectra"] = files["region_spectra"]
-
-  paths["metrics"] = files["metrics"]
-  paths["report"] = files["report"]
-  _write_json(files["metrics"], result.metrics, overwrite=overwrite)
-  text = _report_markdown(result)
-  if files["report"].exists() and not overwrite:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", files["report"])
-  files["report"].write_text(text, encoding="utf-8")
+  if result._msi is not None and result._mz_for_figures is not None:
+    fig = viz_regions.plot_regions_on_ion_image(
+      result._msi, result.labels_msi, result.region_names, result._mz_for_figures, colors=result.region_colors
+    )
+    _save_fig(fig, files["regions_on_ion_image"], overwrite)
+    paths["regions_on_ion_image"] = files["regions_on_ion_image"]
+  fig = viz_regions.plot_region_spectra(result.region_stats, colors=result.region_colors)
+  _save_fig(fig, files["region_spectra"], overwrite)
+  paths["region_spectra"] = files["region_spectra"]
 
 
 def _fmt(value, spec: str = ".4f", unit: str = "") -> str:
@@ -932,5 +962,5 @@ def _report_markdown(result: SectionResult) -> str:
   lines += ["", "## Files", ""]
   for key, name in REPORT_FILES.items():
     if key in result.paths:
-      lines.append(f"- `{name}`: {_DESCRIPTIONS[key]}{tag if name.endswith('.png') else ''}")
+      lines.append(f"- `{name}`: {_DESCRIPTIONS[key]}{tag if key in _FIGURES else ''}")
   return "\n".join(lines) + "\n"

@@ -16,9 +16,10 @@ Let I be the H&E image (H, W, 3) in [0, 1] with pixel size `he_pixel_size_um` = 
    deconvolution (`msisynth.io.he_deconvolve`) gives hematoxylin and eosin optical densities; each is divided by
    its 99th percentile inside the tissue, clipped to [0, 1.5] and set to 0 off tissue: h(x), e(x).
 2. **Tissue classes.** The stain densities, smoothed (σ = 1.5 H&E pixels), are clustered by k-means into
-   `n_classes` tissue classes (or assigned to the nearest of given `class_centroids`, which keeps classes
-   consistent across slides), numbered 1..K by increasing hematoxylin; class 0 is the background (off tissue).
-   Soft memberships m_0..m_K are the one-hot class maps smoothed by σ = 1 H&E pixel.
+   `n_classes` tissue classes (or assigned to the nearest of given `class_centroids`, e.g. from
+   `fit_class_centroids` on several slides, which keeps classes consistent across slides), numbered 1..K by
+   increasing hematoxylin; class 0 is the background (off tissue). Soft memberships m_0..m_K are the one-hot
+   class maps smoothed by σ = 1 H&E pixel.
 3. **Latent chemistry.** `n_latent` smooth random fields z_l in [0, 1] (white noise low-pass filtered at
    `latent_length_um`), multiplied by the tissue membership 1 − m_0: chemistry that the H&E does not show, so that
    the MSI holds information beyond the stains (as real MSI does).
@@ -33,7 +34,7 @@ Let I be the H&E image (H, W, 3) in [0, 1] with pixel size `he_pixel_size_um` = 
    and strictly increasing; no isotope patterns). The weights, thresholds, exponents, amplitudes and m/z (the
    "chemistry") are drawn from `chemistry_seed`, so that slides simulated with the same `chemistry_seed` share one
    chemistry (what training across slides needs).
-5. **Instrument.** The MSI frame has its own µm coordinates; MSI pixel (r, c) is centred at p = (c·a, r·a). The
+5. **Instrument.** The MSI frame has its own µm coordinates; MSI pixel (r, c) is centred at p = (c·a_x, r·a_y). The
    ground truth maps the H&E (fixed) frame to the MSI (moving) frame:
        the MSI at p shows the H&E tissue at  q = T⁻¹(p − u(p)),
    with T the affine ground truth (`SimulatedMSI.transform`, fixed → moving as in ITK) and u a smooth displacement

@@ -51,6 +51,11 @@ from msisynth import checkpoint, errors, losses, metrics, models
 Batch = Mapping[str, Any]
 MODEL_KINDS = ("pix2pix", "unet")
 
+try:
+  _tree_norm = optax.tree.norm  # optax >= 0.2.5
+except AttributeError:
+  _tree_norm = optax.global_norm
+
 
 @dataclasses.dataclass(frozen=True)
 class StepHParams:
@@ -122,8 +127,9 @@ def step_hparams(config) -> StepHParams:
   gan_weight = 0.0 if kind == "unet" else float(m.gan_weight)
   if gan_weight < 0 or float(m.l1_weight) < 0:
     raise errors.ConfigError(f"loss weights must be >= 0, got gan_weight={gan_weight}, l1_weight={m.l1_weight}")
-  return StepHParams(gan_mode=m.gan_mode, gan_weight=gan_weight, l1_weight=float(m.l1_weight),
-                     mask_l1=bool(m.get("mask_l1", False)))
+  return StepHParams(
+    gan_mode=m.gan_mode, gan_weight=gan_weight, l1_weight=float(m.l1_weight), mask_l1=bool(m.get("mask_l1", False))
+  )
 
 
 @functools.cache
@@ -131,8 +137,9 @@ def _optimizer(learning_rate: float, b1: float, b2: float, constant_steps: int, 
   # Cached so that equal settings give the same (hashable) objects and the compiled step is reused.
   if decay_steps > 0:
     schedule = optax.join_schedules(
-        [optax.constant_schedule(learning_rate), optax.linear_schedule(learning_rate, 0.0, decay_steps)],
-        boundaries=[constant_steps])
+      [optax.constant_schedule(learning_rate), optax.linear_schedule(learning_rate, 0.0, decay_steps)],
+      boundaries=[constant_steps],
+    )
   else:
     schedule = optax.constant_schedule(learning_rate)
   return optax.adam(schedule, b1=b1, b2=b2), schedule
@@ -153,8 +160,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   o = config.optim
   if o.learning_rate <= 0 or o.constant_steps < 0 or o.decay_steps < 0:
     raise errors.ConfigError(
-        f"optim needs learning_rate > 0 and step counts >= 0, got {o.learning_rate}, {o.constant_steps}, "
-        f"{o.decay_steps}")
+      f"optim needs learning_rate > 0 and step counts >= 0, got {o.learning_rate}, {o.constant_steps}, {o.decay_steps}"
+    )
   return _optimizer(float(o.learning_rate), float(o.b1), float(o.b2), int(o.constant_steps), int(o.decay_steps))
 
 
@@ -188,8 +195,9 @@ def data_mesh(batch_size: int, num_devices: int | None = None) -> jax.sharding.M
   available = jax.local_device_count() if num_devices is None else min(num_devices, jax.local_device_count())
   n = num_data_devices(batch_size, available)
   if n < available:
-    logging.log_first_n(logging.WARNING, "global batch %d does not split over %d devices: using %d of them", 4,
-                        batch_size, available, n)
+    logging.log_first_n(
+      logging.WARNING, "global batch %d does not split over %d devices: using %d of them", 4, batch_size, available, n
+    )
   return _mesh(n)
 
 
@@ -228,9 +236,16 @@ def _init_fn(generator, discriminator, size: tuple[int, int], channels: int, g_t
       d_vars = models.init_variables(discriminator, d_key, (1, *size, channels + 3))
       d_params, d_stats = d_vars["params"], d_vars.get("batch_stats", {})
       d_opt = d_tx.init(d_params)
-    return dict(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(state_key), g_params=g_params,
-                g_batch_stats=g_vars.get("batch_stats", {}), d_params=d_params, d_batch_stats=d_stats,
-                g_opt_state=g_tx.init(g_params), d_opt_state=d_opt)
+    return dict(
+      step=jnp.zeros((), jnp.int32),
+      rng=jax.random.key_data(state_key),
+      g_params=g_params,
+      g_batch_stats=g_vars.get("batch_stats", {}),
+      d_params=d_params,
+      d_batch_stats=d_stats,
+      g_opt_state=g_tx.init(g_params),
+      d_opt_state=d_opt,
+    )
 
   return jax.jit(init, out_shardings=replicated(mesh))
 
@@ -263,8 +278,9 @@ def create_train_state(rng, config, input_shape, mesh: jax.sharding.Mesh | None 
   if mesh is None:
     mesh = data_mesh(int(config.train.batch_size))
   fields = _init_fn(generator, discriminator, size, channels, tx, d_tx, mesh)(_as_key(rng))
-  return TrainState(**fields, generator=generator, discriminator=discriminator, g_tx=tx, d_tx=d_tx,
-                    lr_schedule=schedule, hparams=hp)
+  return TrainState(
+    **fields, generator=generator, discriminator=discriminator, g_tx=tx, d_tx=d_tx, lr_schedule=schedule, hparams=hp
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,8 +293,8 @@ def _check_batch(batch: Batch) -> None:
   msi, he = batch["msi"], batch["histology"]
   if msi.ndim != 4 or he.ndim != 4 or msi.shape[:3] != he.shape[:3] or he.shape[-1] != 3:
     raise errors.ConfigError(
-        f"batch 'msi' must be (B, P, P, k) and 'histology' (B, P, P, 3) on the same grid, got {msi.shape} and "
-        f"{he.shape}")
+      f"batch 'msi' must be (B, P, P, k) and 'histology' (B, P, P, 3) on the same grid, got {msi.shape} and {he.shape}"
+    )
 
 
 def _concat(msi: jax.Array, image: jax.Array) -> jax.Array:
@@ -294,8 +310,12 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
 
   def generate(g_params):
     fake, updates = state.generator.apply(
-        {"params": g_params, "batch_stats": state.g_batch_stats}, msi, train=True, rngs={"dropout": key},
-        mutable=["batch_stats"])
+      {"params": g_params, "batch_stats": state.g_batch_stats},
+      msi,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
     return fake.astype(jnp.float32), updates.get("batch_stats", {})
 
   fake, generator_vjp, g_batch_stats = jax.vjp(generate, state.g_params, has_aux=True)
@@ -306,8 +326,9 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
     discriminator = state.discriminator
 
     def score(params, stats, image):
-      logits, updates = discriminator.apply({"params": params, "batch_stats": stats}, _concat(msi, image),
-                                            train=True, mutable=["batch_stats"])
+      logits, updates = discriminator.apply(
+        {"params": params, "batch_stats": stats}, _concat(msi, image), train=True, mutable=["batch_stats"]
+      )
       return logits.astype(jnp.float32), updates.get("batch_stats", {})
 
     def d_loss_fn(params):
@@ -316,20 +337,24 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
       loss = losses.discriminator_loss(real_logits, fake_logits, hp.gan_mode)
       return loss, (stats, real_logits, fake_logits)
 
-    (d_loss, (d_batch_stats, real_logits, fake_logits)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-        d_params)
+    (d_loss, (d_batch_stats, real_logits, fake_logits)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_params)
     d_updates, d_opt_state = state.d_tx.update(d_grads, d_opt_state, d_params)
     d_params = optax.apply_updates(d_params, d_updates)
     to_score = jax.nn.sigmoid if hp.gan_mode == "vanilla" else (lambda x: x)
-    out.update(d_loss=d_loss, d_real=jnp.mean(to_score(real_logits)), d_fake=jnp.mean(to_score(fake_logits)),
-               d_grad_norm=optax.global_norm(d_grads))
+    out.update(
+      d_loss=d_loss,
+      d_real=jnp.mean(to_score(real_logits)),
+      d_fake=jnp.mean(to_score(fake_logits)),
+      d_grad_norm=_tree_norm(d_grads),
+    )
 
   def g_loss_fn(fake_image):
     fake_logits, stats = None, d_batch_stats
     if hp.use_gan:
       fake_logits, stats = score(d_params, d_batch_stats, fake_image)
-    total, parts = losses.pix2pix_generator_loss(fake_logits, fake_image, real, gan_weight=hp.gan_weight,
-                                                 l1_weight=hp.l1_weight, mode=hp.gan_mode, mask=mask)
+    total, parts = losses.pix2pix_generator_loss(
+      fake_logits, fake_image, real, gan_weight=hp.gan_weight, l1_weight=hp.l1_weight, mode=hp.gan_mode, mask=mask
+    )
     return total, (parts, stats)
 
   (g_loss, (parts, d_batch_stats)), fake_grad = jax.value_and_grad(g_loss_fn, has_aux=True)(fake)
@@ -337,25 +362,41 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
   g_updates, g_opt_state = state.g_tx.update(g_grads, state.g_opt_state, state.g_params)
   g_params = optax.apply_updates(state.g_params, g_updates)
 
-  out.update(g_loss=g_loss, g_l1=parts["g_l1"], g_grad_norm=optax.global_norm(g_grads),
-             g_param_norm=optax.global_norm(g_params), learning_rate=jnp.asarray(state.lr_schedule(state.step)))
+  out.update(
+    g_loss=g_loss,
+    g_l1=parts["g_l1"],
+    g_grad_norm=_tree_norm(g_grads),
+    g_param_norm=_tree_norm(g_params),
+    learning_rate=jnp.asarray(state.lr_schedule(state.step)),
+  )
   if hp.use_gan:
-    out.update(g_gan=parts["g_gan"], d_param_norm=optax.global_norm(d_params))
-  new_state = state.replace(step=state.step + 1, g_params=g_params, g_batch_stats=g_batch_stats,
-                            g_opt_state=g_opt_state, d_params=d_params, d_batch_stats=d_batch_stats,
-                            d_opt_state=d_opt_state)
+    out.update(g_gan=parts["g_gan"], d_param_norm=_tree_norm(d_params))
+  new_state = state.replace(
+    step=state.step + 1,
+    g_params=g_params,
+    g_batch_stats=g_batch_stats,
+    g_opt_state=g_opt_state,
+    d_params=d_params,
+    d_batch_stats=d_batch_stats,
+    d_opt_state=d_opt_state,
+  )
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
 
 
 @functools.cache
 def compiled_train_step(mesh: jax.sharding.Mesh) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """`train_step` jitted for `mesh`: state replicated and donated, batch sharded on "data"."""
-  return jax.jit(_train_step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
+  return jax.jit(
+    _train_step,
+    in_shardings=(replicated(mesh), batch_sharding(mesh)),
+    out_shardings=(replicated(mesh), replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
 
-def train_step(state: TrainState, batch: Batch, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState, batch: Batch, mesh: jax.sharding.Mesh | None = None
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One pix2pix update (D then G), or one L1 update of the U-Net baseline.
 
   The state's buffers are donated: use the returned state, not the argument, afterwards.
@@ -373,7 +414,8 @@ def train_step(state: TrainState, batch: Batch, mesh: jax.sharding.Mesh | None =
   _check_batch(batch)
   if mesh is None:
     mesh = data_mesh(int(batch["msi"].shape[0]))
-  return compiled_train_step(mesh)(state, batch)
+  # Placing the batch here (a no-op when it is already placed) gives one compiled step for host and device input.
+  return compiled_train_step(mesh)(state, jax.device_put(dict(batch), batch_sharding(mesh)))
 
 
 @jax.jit
@@ -459,29 +501,47 @@ def _validation_batch(val_data) -> Batch | None:
   raise errors.ConfigError(f"val_data must be a batch dict or have validation_set(), got {val_data!r}")
 
 
-def evaluate(state: TrainState, val_batch: Batch, batch_size: int = 16, mi_bins: int = 32
-             ) -> tuple[dict[str, float], np.ndarray]:
-  """Validation SSIM, MI (bits) and L1 of synthetic against real H&E, both mapped to [0, 1].
+def evaluate(
+  state: TrainState, val_batch: Batch, batch_size: int = 16, mi_bins: int = 32, mesh: jax.sharding.Mesh | None = None
+) -> tuple[dict[str, float], np.ndarray]:
+  """Validation SSIM, MI (bits) and L1 of synthetic against real images.
+
+  SSIM and MI compare the images mapped to [0, 1] (`msisynth.metrics`; MI on luminance, 32 bins over [0, 1]);
+  `val_l1` is the mean absolute error in network units ([-1, 1]), the training L1.
 
   Args:
     state: the train state.
     val_batch: {"msi", "histology"[, "mask"]} holding the whole validation set.
-    batch_size: images per generator call.
+    batch_size: images per generator call (rounded up to a multiple of the mesh size); the last call is padded,
+      so one compiled generator serves every call.
     mi_bins: histogram bins of the MI.
+    mesh: the data mesh the calls are split over (default: the state's devices, one when None given).
 
   Returns:
     ({"val_ssim", "val_mi", "val_l1"} means over the images, synthetic images (N, P, P, 3) in [-1, 1]).
   """
   msi = np.asarray(val_batch["msi"], np.float32)
-  fakes = [np.asarray(eval_step(state, msi[i:i + batch_size])) for i in range(0, len(msi), batch_size)]
+  n = len(msi)
+  if mesh is not None:
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+  fakes = []
+  for i in range(0, n, batch_size):
+    chunk = msi[i : i + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    if mesh is not None:
+      chunk = jax.device_put(chunk, batch_sharding(mesh))
+    fakes.append(np.asarray(eval_step(state, chunk))[: batch_size - pad])
   fake = np.concatenate(fakes)
-  real01 = (np.asarray(val_batch["histology"], np.float32) + 1) / 2
-  fake01 = (fake + 1) / 2
+  real = np.asarray(val_batch["histology"], np.float32)
+  real01, fake01 = (real + 1) / 2, (fake + 1) / 2
   scores = {
-      "val_ssim": float(np.nanmean(np.asarray(metrics.ssim(fake01, real01)))),
-      "val_mi": float(np.nanmean(np.asarray(
-          metrics.mutual_information(fake01, real01, bins=mi_bins, value_range=(0.0, 1.0))))),
-      "val_l1": float(np.mean(np.abs(fake01 - real01)) * 2),
+    "val_ssim": float(np.nanmean(np.asarray(metrics.ssim(fake01, real01)))),
+    "val_mi": float(
+      np.nanmean(np.asarray(metrics.mutual_information(fake01, real01, bins=mi_bins, value_range=(0.0, 1.0))))
+    ),
+    "val_l1": float(np.mean(np.abs(fake - real))),
   }
   return scores, fake
 
@@ -494,8 +554,9 @@ def _check_finite(pending: list[tuple[int, dict]], workdir: str, last_saved: int
     if bad:
       where = f"step {last_saved} in {workdir}" if last_saved else f"none in {workdir}"
       raise errors.TrainingError(
-          f"non-finite loss at step {step} (the update on data batch {step - 1}): {bad}. Training stopped; "
-          f"the last good checkpoint is {where}. Check the input data for NaN/Inf or lower the learning rate.")
+        f"non-finite loss at step {step} (the update on data batch {step - 1}): {bad}. Training stopped; "
+        f"the last good checkpoint is {where}. Check the input data for NaN/Inf or lower the learning rate."
+      )
   return host
 
 
@@ -527,8 +588,14 @@ def data_from_config(config) -> tuple[Any, dict[str, np.ndarray] | None, Any]:
   d = config.data
   seed = int(config.seed)
   if d.source == "msiflow":
-    paired = data_lib.msiflow_pairs(d.get("data_dir"), val_fraction=float(d.val_fraction), split_axis=d.split_axis,
-                                    gap_px=int(d.gap_px), seed=seed, upsample=int(d.upsample))
+    paired = data_lib.msiflow_pairs(
+      d.get("data_dir"),
+      val_fraction=float(d.val_fraction),
+      split_axis=d.split_axis,
+      gap_px=int(d.gap_px),
+      seed=seed,
+      upsample=int(d.upsample),
+    )
   elif d.source == "simulated":
     from msisynth import datasets
 
@@ -541,14 +608,25 @@ def data_from_config(config) -> tuple[Any, dict[str, np.ndarray] | None, Any]:
     val_slides = resolve(d.get("val_he_slides") or ())
     slides = resolve(d.get("he_slides") or [p for p in map(os.fspath, shipped.values()) if p not in val_slides])
     paired = data_lib.semi_synthetic_pairs(
-        list(slides), seed=seed, he_pixel_size_um=float(d.he_pixel_size_um),
-        msi_pixel_size_um=float(d.msi_pixel_size_um), n_channels=int(d.n_channels),
-        n_components=int(d.n_components), upsample=int(d.upsample), val_he_paths=val_slides,
-        val_fraction=float(d.val_fraction), split_axis=d.split_axis, gap_px=int(d.gap_px))
+      list(slides),
+      seed=seed,
+      he_pixel_size_um=float(d.he_pixel_size_um),
+      msi_pixel_size_um=float(d.msi_pixel_size_um),
+      n_channels=int(d.n_channels),
+      n_components=int(d.n_components),
+      upsample=int(d.upsample),
+      val_he_paths=val_slides,
+      val_fraction=float(d.val_fraction),
+      split_axis=d.split_axis,
+      gap_px=int(d.gap_px),
+    )
   else:
     raise errors.ConfigError(f"data.source must be 'msiflow' or 'simulated', got {d.source!r}")
-  kwargs = dict(patch_size=int(d.patch_size), batch_size=int(config.train.batch_size),
-                min_tissue_fraction=float(d.min_tissue_fraction))
+  kwargs = dict(
+    patch_size=int(d.patch_size),
+    batch_size=int(config.train.batch_size),
+    min_tissue_fraction=float(d.min_tissue_fraction),
+  )
   train_data = paired.train_dataset(seed=seed, augment=bool(d.augment), **kwargs)
   val_dataset = paired.val_dataset(**kwargs)
   val_set = None
@@ -566,8 +644,7 @@ def _preprocessor_dict(preprocessor) -> dict | None:
   raise errors.ConfigError(f"preprocessor must be a dict or have to_dict(), got {type(preprocessor).__name__}")
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=None, preprocessor=None
-                       ) -> TrainState:
+def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=None, preprocessor=None) -> TrainState:
   """Trains pix2pix (or the U-Net baseline) and evaluates it, resuming from `workdir` when it holds a checkpoint.
 
   Writes `workdir/metrics.jsonl` (and TensorBoard when installed), image grids to `workdir/images/` and
@@ -598,24 +675,36 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
   get_batch = _batch_fn(train_data)
   val_batch = _validation_batch(val_data)
   preprocessor = _preprocessor_dict(preprocessor)
-  simulated = config.data.get("source", "") == "simulated"
+  data_config = config.get("data") or {}
+  # Figures of simulated data say so (docs/architecture.md).
+  simulated = data_config.get("source", "") == "simulated" or any(
+    getattr(pair, "metadata", {}).get("simulated", False) for pair in getattr(train_data, "pairs", ())
+  )
 
   mesh = data_mesh(batch_size)
   manager = checkpoint.make_manager(workdir, max_to_keep=int(tc.max_to_keep))
+  writer = None
   try:
     start = checkpoint.latest_step(manager) or 0
     first = get_batch(start)
     _check_batch(first)
     if first["msi"].shape[0] != batch_size:
-      raise errors.ConfigError(f"train_data gives batches of {first['msi'].shape[0]}, config.train.batch_size is "
-                               f"{batch_size}")
+      raise errors.ConfigError(
+        f"train_data gives batches of {first['msi'].shape[0]}, config.train.batch_size is {batch_size}"
+      )
     state = create_train_state(jax.random.key(int(config.seed)), config, first["msi"].shape, mesh)
     if start:
       state, _ = checkpoint.restore_latest(manager, target_state=state)
       logging.info("resumed from step %d in %s", int(state.step), workdir)
     start = int(state.step)
-    logging.info("training %s: %d steps of batch %d on %d device(s), generator %d parameters", config.model.kind,
-                 num_steps, batch_size, mesh.size, models.count_params(state.g_params))
+    logging.info(
+      "training %s: %d steps of batch %d on %d device(s), generator %d parameters",
+      config.model.kind,
+      num_steps,
+      batch_size,
+      mesh.size,
+      models.count_params(state.g_params),
+    )
     writer = MetricWriter(workdir, resume_step=start)
     step_fn = compiled_train_step(mesh)
     shard = batch_sharding(mesh)
@@ -651,32 +740,41 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
         pending.append((done, step_metrics))
         is_last = done == num_steps
         save_now = done % int(tc.checkpoint_every) == 0 or is_last
-        eval_now = val_batch is not None and (done % int(tc.eval_every) == 0 or save_now)
-        image_now = val_batch is not None and int(tc.image_every) > 0 and (done % int(tc.image_every) == 0 or
-                                                                           is_last)
-        if done % log_every == 0 or save_now or eval_now or is_last:
+        image_now = val_batch is not None and int(tc.image_every) > 0 and (done % int(tc.image_every) == 0 or is_last)
+        # Every checkpoint carries its validation SSIM, which ranks it for "best".
+        eval_now = val_batch is not None and (done % int(tc.eval_every) == 0 or save_now or image_now)
+        if done % log_every == 0 or save_now or eval_now:
           flush()
         val_scores, fake = None, None
         if eval_now:
-          val_scores, fake = evaluate(state, val_batch, batch_size=max(batch_size, 8))
+          val_scores, fake = evaluate(state, val_batch, batch_size=max(batch_size, 8), mesh=mesh)
           writer.write(done, val_scores)
           logging.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in val_scores.items()))
         if image_now:
           from msisynth.viz import training as viz_training
 
-          if fake is None:
-            fake = np.asarray(eval_step(state, np.asarray(val_batch["msi"][:4])))
           viz_training.save_image_grid(
-              os.path.join(workdir, "images", f"step_{done:06d}.png"), val_batch["msi"], val_batch["histology"],
-              fake, title=f"step {done}" + (" (simulated data)" if simulated else ""),
-              target_name="microscopy" if config.data.get("source") == "msiflow" else "H&E")
+            os.path.join(workdir, "images", f"step_{done:06d}.png"),
+            val_batch["msi"],
+            val_batch["histology"],
+            fake,
+            title=f"step {done}" + (" (simulated data)" if simulated else ""),
+            target_name="microscopy" if data_config.get("source") == "msiflow" else "H&E",
+          )
         if save_now:
-          checkpoint.save(manager, state, config=config, data_state={"seed": int(config.seed), "step": done},
-                          preprocessor=preprocessor, metrics=val_scores)
+          checkpoint.save(
+            manager,
+            state,
+            config=config,
+            data_state={"seed": int(config.seed), "step": done},
+            preprocessor=preprocessor,
+            metrics=val_scores,
+          )
           last_saved = done
     flush()
-    writer.close()
     return state
   finally:
+    if writer is not None:
+      writer.close()
     manager.wait_until_finished()
     manager.close()

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from msisynth import data, errors, simulate
+from msisynth import data, datasets, errors, simulate
+from msisynth.preprocess import MSIPreprocessor
 from msisynth.register.transforms import AffineTransform
 
 
@@ -112,6 +113,8 @@ def test_split_regions_balances_tissue_and_depends_on_seed():
   assert abs((val & tissue).sum() / tissue.sum() - 0.5) < 0.03
   bands = {tuple(np.flatnonzero(data.split_regions((40, 100), val_fraction=0.2, seed=s)[1][0])) for s in range(5)}
   assert len(bands) > 1
+  thick = data.split_regions(tissue.shape, val_fraction=0.05, axis="x", seed=0, tissue_mask=tissue, min_band_px=12)[1]
+  assert np.flatnonzero(thick[0]).size == 12
   with pytest.raises(errors.ConfigError):
     data.split_regions((10, 10), val_fraction=1.0)
   with pytest.raises(errors.ConfigError):
@@ -273,7 +276,7 @@ def test_semi_synthetic_pairs_split_by_section(he_crops):
   )
   assert paired.split == "section" and paired.train_regions == [None] and paired.val_regions == [None]
   assert [p.name for p in paired.val_pairs] == ["rcc-UH9812_03"]
-  assert paired.preprocessor.fitted_on == "1 pooled sections"
+  assert paired.preprocessor.fitted_on == "MSI simulated from rcc-UH0505_12.png"
   # One chemistry: the same m/z in both slides' simulations.
   sims = [p.metadata["simulation"] for p in paired.train_pairs + paired.val_pairs]
   assert sims[0]["chemistry_seed"] == sims[1]["chemistry_seed"] == 1
@@ -292,6 +295,11 @@ def test_msiflow_pairs_real_pair_with_a_spatial_split(shared_data):
   # The preprocessor was fitted on the training region only: its channel ranges come from there.
   prep = paired.preprocessor
   assert prep.num_output_channels == 10 and prep.config.normalization == "none"
+  section = datasets.load_msiflow(shared_data)
+  on_train = MSIPreprocessor(config=prep.config).fit(section.msi, mask=section.tissue_mask & train)
+  on_all = MSIPreprocessor(config=prep.config).fit(section.msi, mask=section.tissue_mask)
+  np.testing.assert_array_equal(on_train.scale_hi, prep.scale_hi)
+  assert not np.array_equal(on_all.scale_hi, prep.scale_hi)
   train_ds = paired.train_dataset(patch_size=16, batch_size=2, seed=0)
   batch = train_ds.batch(0)
   assert batch["msi"].shape == (2, 16, 16, 10) and batch["histology"].shape == (2, 16, 16, 3)

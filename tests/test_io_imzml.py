@@ -1,8 +1,11 @@
 """imzML reading and writing, checked against pyimzml's own reader on the shipped files and on generated ones."""
 
+import json
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -51,9 +54,14 @@ def _pixel(msi, x, y):
 
 
 def _reference_bins(msi, mz, intensity):
+  """np.histogram over the regular bin axis, restricted to the bins the reader kept (the non-empty ones)."""
   binning = msi.metadata["binning"]
   edges = imzml.mz_bin_edges(*binning["mz_range"], binning["bin_width"], binning["bin_unit"])
-  return np.histogram(mz, edges, weights=intensity)[0]
+  full = np.histogram(mz, edges, weights=intensity)[0]
+  kept = np.isin(np.round(0.5 * (edges[:-1] + edges[1:]), 6), np.round(msi.mz, 6))
+  assert kept.sum() == msi.num_channels
+  assert not full[~kept].any(), "a dropped bin held intensity"
+  return full[kept]
 
 
 def _write(path, spectra, mode="processed", mz_dtype=np.float64):
@@ -98,6 +106,7 @@ def test_shipped_files_match_pyimzml(shared_data, name):
   assert msi.metadata["mode"] == msi.metadata["declared_mode"] == DECLARED_MODE[name]
   assert msi.cube.dtype == np.float32
   assert not msi.cube[~msi.mask].any()
+  json.dumps(msi.metadata)  # metadata must stay JSON-serialisable
   for x, y, mz, intensity in spectra:
     assert _pixel(msi, x, y).shape == (msi.num_channels,)
     if msi.metadata["mode"] == "continuous":
@@ -120,7 +129,7 @@ def test_fast_index_equals_pyimzml_index(shared_data, name):
 
 def test_processed_binning_in_da_matches_add_at(shared_data):
   path = shared_data / "imzml" / "metaspace" / "Untreated_3_434_tiny.imzML"
-  msi = imzml.read_imzml(path, bin_width=0.25, bin_unit="da", mz_range=(300, 900), progress=False)
+  msi = imzml.read_imzml(path, bin_width=0.25, bin_unit="da", mz_range=(300, 900), keep_empty_bins=True, progress=False)
   assert np.allclose(np.diff(msi.mz), 0.25)
   assert msi.mz[0] == pytest.approx(300.125)
   for x, y, mz, intensity in _spectra(path):
@@ -430,3 +439,25 @@ def test_bin_edges():
   assert edges[0] == 100.0 and edges[-2] <= 200.0 < edges[-1]
   da = imzml.mz_bin_edges(100.0, 101.0, 0.5, "da")
   np.testing.assert_allclose(da, [100.0, 100.5, 101.0, 101.5])
+
+
+def test_io_does_not_import_jax_or_matplotlib():
+  code = (
+    "import sys, msisynth.io, msisynth.datasets; print(sorted(m for m in ('jax', 'matplotlib') if m in sys.modules))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_processed_binning_drops_only_empty_bins(tmp_path):
+  """Centroided processed data: only bins some spectrum reaches become channels, unless keep_empty_bins."""
+  spectra = [(1, 1, [100.0, 150.0, 200.0], [1.0, 2.0, 3.0]), (2, 1, [150.0, 250.0], [4.0, 5.0])]
+  path = _write(tmp_path / "centroided.imzML", spectra)
+  compact = imzml.read_imzml(path, progress=False)
+  full = imzml.read_imzml(path, keep_empty_bins=True, progress=False)
+  assert compact.num_channels == 4
+  assert full.num_channels > 1000
+  assert compact.metadata["binning"]["empty_bins_dropped"] == full.num_channels - 4
+  occupied = full.cube.any(axis=(0, 1))
+  np.testing.assert_array_equal(compact.mz, full.mz[occupied])
+  np.testing.assert_array_equal(compact.cube, full.cube[..., occupied])

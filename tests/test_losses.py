@@ -30,8 +30,9 @@ def test_lsgan_loss():
 def test_discriminator_and_generator_losses():
   real, fake = np.array([1.0, 2.0]), np.array([-1.0, 0.5])
   d = losses.discriminator_loss(real, fake)
-  np.testing.assert_allclose(d, 0.5 * (np.mean(-np.log(_sigmoid(real))) + np.mean(-np.log(1 - _sigmoid(fake)))),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    d, 0.5 * (np.mean(-np.log(_sigmoid(real))) + np.mean(-np.log(1 - _sigmoid(fake)))), rtol=1e-6
+  )
   np.testing.assert_allclose(losses.generator_gan_loss(fake), np.mean(-np.log(_sigmoid(fake))), rtol=1e-6)
   # At D's chance level (logits 0) both losses are log 2.
   np.testing.assert_allclose(losses.discriminator_loss(np.zeros(4), np.zeros(4)), np.log(2), rtol=1e-6)

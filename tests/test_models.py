@@ -65,14 +65,23 @@ def torch_reference_counts(cin, cout=3, ngf=64, ndf=64):
   b = block(ngf, ngf * 2, b)
   g = block(cout, ngf, b, cin_=cin, outermost=True)
   d_in = cin + cout
-  d = (conv(d_in, ndf, True) + conv(ndf, ndf * 2, False) + bn(ndf * 2) + conv(ndf * 2, ndf * 4, False) + bn(ndf * 4)
-       + conv(ndf * 4, ndf * 8, False) + bn(ndf * 8) + conv(ndf * 8, 1, True))
+  d = (
+    conv(d_in, ndf, True)
+    + conv(ndf, ndf * 2, False)
+    + bn(ndf * 2)
+    + conv(ndf * 2, ndf * 4, False)
+    + bn(ndf * 4)
+    + conv(ndf * 4, ndf * 8, False)
+    + bn(ndf * 8)
+    + conv(ndf * 8, 1, True)
+  )
   return g, d
 
 
 def _config(**model):
-  base = dict(depth=8, ngf=64, max_mult=8, out_channels=3, dropout_rate=0.5, norm="batch", d_kind="patch",
-              d_layers=3, ndf=64)
+  base = dict(
+    depth=8, ngf=64, max_mult=8, out_channels=3, dropout_rate=0.5, norm="batch", d_kind="patch", d_layers=3, ndf=64
+  )
   base.update(model)
   return ml_collections.ConfigDict({"model": base, "precision": "float32"})
 
@@ -105,15 +114,16 @@ def test_patch_discriminator_param_count_and_output(norm, n_layers):
   size = 64
   v = _init_shapes(d, (2, size, size, 6))
   assert models.count_params(v["params"]) == patch_param_count(6, 4, n_layers, norm)
-  out = jax.eval_shape(lambda x: d.init_with_output(jax.random.key(0), x, train=False)[0], jnp.zeros((2, size, size, 6)))
+  out = jax.eval_shape(
+    lambda x: d.init_with_output(jax.random.key(0), x, train=False)[0], jnp.zeros((2, size, size, 6))
+  )
   side = size // 2**n_layers - 2  # n_layers stride-2 convolutions, then two 4x4 stride-1 ones with padding 1
   assert out.shape == (2, side, side, 1)
 
 
 def test_patchgan_70_gives_30x30_at_256():
   d = models.PatchDiscriminator()
-  out = jax.eval_shape(lambda x: d.init_with_output(jax.random.key(0), x, train=False)[0],
-                       jnp.zeros((1, 256, 256, 19)))
+  out = jax.eval_shape(lambda x: d.init_with_output(jax.random.key(0), x, train=False)[0], jnp.zeros((1, 256, 256, 19)))
   assert out.shape == (1, 30, 30, 1)
 
 
@@ -141,15 +151,28 @@ def test_bad_options_raise():
     _init_shapes(models.PatchDiscriminator(n_layers=3, ndf=4), (1, 16, 16, 4))
 
 
+def test_initialisers_follow_pix2pix():
+  kernel = np.asarray(models.conv_init(jax.random.key(0), (4, 4, 32, 64)))
+  assert abs(kernel.std() - 0.02) < 0.001 and abs(kernel.mean()) < 0.001  # N(0, 0.02)
+  scale = np.asarray(models._scale_init(jax.random.key(1), (4096,)))
+  assert abs(scale.mean() - 1) < 0.002 and abs(scale.std() - 0.02) < 0.002  # batch-norm scales N(1, 0.02)
+
+
 def test_generator_forward_init_and_dropout():
   g = models.UNetGenerator(depth=3, ngf=16, max_mult=1)  # widths 16, 16, 16: dropout in decoder level 1
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 5), minval=-1, maxval=1)
-  v = jax.jit(functools.partial(g.init, train=False))(jax.random.key(0), x)
+  v = jax.jit(models.init_variables, static_argnums=(0, 2))(g, jax.random.key(0), (2, 16, 16, 5))
+  # The one-draw initialisation has module.init's structure, shapes and distributions.
+  abstract = _init_shapes(g, (2, 16, 16, 5))
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(abstract)
+  assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(abstract)))
   assert set(v["params"]) == {"down0", "down1", "down2", "down_norm1", "up0", "up1", "up2", "up_norm1", "up_norm2"}
   kernels = np.concatenate([np.ravel(p["kernel"]) for p in v["params"].values() if "kernel" in p])
-  assert abs(kernels.std() - 0.02) < 0.002 and abs(kernels.mean()) < 0.002  # N(0, 0.02) as pix2pix
+  assert abs(kernels.std() - 0.02) < 0.002 and abs(kernels.mean()) < 0.002
   scale = np.concatenate([np.ravel(p["scale"]) for p in v["params"].values() if "scale" in p])
-  assert abs(scale.mean() - 1) < 0.01 and 0.005 < scale.std() < 0.04  # batch-norm scales N(1, 0.02)
+  assert abs(scale.mean() - 1) < 0.01 and 0.005 < scale.std() < 0.04
+  assert all(np.all(np.asarray(p["bias"]) == 0) for p in v["params"].values() if "bias" in p)
+  assert all(np.all(np.asarray(s["var"]) == 1) for s in v["batch_stats"].values())
 
   @jax.jit
   def run(v, x, key):

@@ -103,14 +103,14 @@ def test_landmarks_csv_in_um_and_pixels(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text,match",
-    [
-        ("a,b\n1,2\n", "needs columns"),
-        ("fixed_x,fixed_y,moving_x,moving_y\n1,2,x,4\n", "not a number"),
-        ("fixed_x,fixed_y,moving_x,moving_y\n1,2,3\n", "not a number"),
-        ("fixed_x,fixed_y,moving_x,moving_y\n", "no landmarks"),
-        ("fixed_x,fixed_y,moving_x,moving_y\n1,2,3,nan\n", "non-finite"),
-    ],
+  "text,match",
+  [
+    ("a,b\n1,2\n", "needs columns"),
+    ("fixed_x,fixed_y,moving_x,moving_y\n1,2,x,4\n", "not a number"),
+    ("fixed_x,fixed_y,moving_x,moving_y\n1,2,3\n", "not a number"),
+    ("fixed_x,fixed_y,moving_x,moving_y\n", "no landmarks"),
+    ("fixed_x,fixed_y,moving_x,moving_y\n1,2,3,nan\n", "non-finite"),
+  ],
 )
 def test_malformed_landmarks_raise_data_error_naming_the_file(tmp_path, text, match):
   path = tmp_path / "bad.csv"

@@ -46,7 +46,8 @@ def images(tmp_path_factory):
   io.write_image(folder / "moving.tif", moving)
   pts = np.array([[30.0, 40.0], [90.0, 50.0], [60.0, 90.0], [40.0, 70.0]])
   (folder / "landmarks.csv").write_text(
-      "fixed_x,fixed_y,moving_x,moving_y\n" + "".join(f"{a},{b},{a + 6},{b - 4}\n" for a, b in pts))
+    "fixed_x,fixed_y,moving_x,moving_y\n" + "".join(f"{a},{b},{a + 6},{b - 4}\n" for a, b in pts)
+  )
   return folder, fixed, moving
 
 
@@ -63,8 +64,15 @@ SPEED = ["--samples=2048", "--iterations=80,40,30"]
 def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
   folder, fixed, _ = images
   out = tmp_path / "out"
-  argv = [f"--fixed={folder / 'fixed.tif'}", "--fixed_pixel_size_um=1", f"--moving={folder / 'moving.tif'}",
-          "--moving_pixel_size_um=2", f"--landmarks={folder / 'landmarks.csv'}", f"--output_dir={out}", *SPEED]
+  argv = [
+    f"--fixed={folder / 'fixed.tif'}",
+    "--fixed_pixel_size_um=1",
+    f"--moving={folder / 'moving.tif'}",
+    "--moving_pixel_size_um=2",
+    f"--landmarks={folder / 'landmarks.csv'}",
+    f"--output_dir={out}",
+    *SPEED,
+  ]
   metrics = launcher.run(_flags(argv))
   for name in ("transform.json", "transform.tfm", "warped_moving.tif", "warped_moving.png", "checkerboard.png",
                "overlay.png", "landmarks.png", "metrics.json"):  # fmt: skip
@@ -96,8 +104,15 @@ def test_launcher_msi_route_carries_the_cube(images, tmp_path, monkeypatch):
   synthetic = np.repeat(1 - moving[..., None], 3, axis=2)  # RGB on the MSI grid, like a synthetic H&E
   monkeypatch.setattr(launcher, "_synthesize", lambda fv: (synthetic, msi))
   out = tmp_path / "msi"
-  argv = [f"--fixed={folder / 'fixed.tif'}", "--fixed_pixel_size_um=1", f"--msi={folder / 'x.imzML'}",
-          f"--checkpoint={tmp_path}", f"--output_dir={out}", "--output_pixel_size_um=2", *SPEED]
+  argv = [
+    f"--fixed={folder / 'fixed.tif'}",
+    "--fixed_pixel_size_um=1",
+    f"--msi={folder / 'x.imzML'}",
+    f"--checkpoint={tmp_path}",
+    f"--output_dir={out}",
+    "--output_pixel_size_um=2",
+    *SPEED,
+  ]
   metrics = launcher.run(_flags(argv))
   assert metrics["simulated"] and metrics["registration"]["start"]  # flips on by default for MSI
   carried = np.load(out / "msi_in_histology.npy")

@@ -81,11 +81,14 @@ def test_recovers_known_affine_across_pixel_sizes(affine_case):
 
 
 @pytest.mark.parametrize(
-    "name,true",
-    [
-        ("rot90", AffineTransform.from_params([np.pi / 2, 0, 0, 0, 3.0, -2.0], CENTER)),
-        ("flip", AffineTransform.from_params([0.05, 0, 0, 0, -2.0, 3.0], CENTER).compose(AffineTransform.mirror("y", CENTER))),
-    ],
+  "name,true",
+  [
+    ("rot90", AffineTransform.from_params([np.pi / 2, 0, 0, 0, 3.0, -2.0], CENTER)),
+    (
+      "flip",
+      AffineTransform.from_params([0.05, 0, 0, 0, -2.0, 3.0], CENTER).compose(AffineTransform.mirror("y", CENTER)),
+    ),
+  ],
 )
 def test_recovers_rot90_and_flip_with_flip_starts(name, true):
   fixed, moving = make_pair(true)
@@ -160,3 +163,29 @@ def test_ncc_rigid_from_initial_transform_with_masks():
   assert result.metric > 0.95 and result.start == "initial transform"
   params = np.asarray(result.transform.to_params(CENTER))
   np.testing.assert_allclose(params[1:4], 0.0, atol=1e-6)  # rigid: no scale, no shear
+
+
+def test_msi_to_histology_defaults_turn_on_flips(monkeypatch):
+  seen = {}
+  monkeypatch.setattr(opt, "register", lambda fixed, moving, **kw: seen.update(kw))
+  opt.register_msi_to_histology(np.zeros((8, 8, 3)), np.zeros((4, 4, 3)), histology_pixel_size_um=0.5,
+                                msi_pixel_size_um=20.0)  # fmt: skip
+  config = seen["config"]
+  assert config.flips_and_rot90 and config.similarity == "mi"
+  assert config.working_pixel_size_um == pytest.approx(10.0)  # half the MSI pixel size
+  assert seen["fixed_pixel_size_um"] == 0.5 and seen["moving_pixel_size_um"] == 20.0
+
+
+def test_single_level_with_more_starts_than_candidates_reports_consistent_candidates():
+  """One pyramid level with flip/90° starts pruned to fewer candidates: the result must follow the kept starts."""
+  from scipy import ndimage
+
+  rng = np.random.default_rng(3)
+  fixed = ndimage.gaussian_filter(rng.random((48, 48)), 3).astype(np.float32)
+  fixed[8:20, 6:30] += 1.0  # an asymmetric block, so the mirror start is clearly best
+  moving = np.ascontiguousarray(fixed[:, ::-1])
+  config = opt.RegistrationConfig(levels=1, flips_and_rot90=True, num_candidates=2, max_iterations=30)
+  result = opt.register(fixed, moving, config=config)
+  assert len(result.candidates) == 2
+  assert result.metric == pytest.approx(result.candidates[0].metric)
+  assert result.candidates[0].mirrored

@@ -21,9 +21,9 @@ def _pairs():
   rng = np.random.default_rng(1)
   a = _field(0)
   return a, {
-      "monotone": np.sqrt(a) + 0.05 * rng.standard_normal(a.shape),
-      "shifted": ndi.shift(a, (3, 2)) * 0.7 + 0.1 * rng.standard_normal(a.shape),
-      "inverted": 1 - a + 0.02 * rng.standard_normal(a.shape),
+    "monotone": np.sqrt(a) + 0.05 * rng.standard_normal(a.shape),
+    "shifted": ndi.shift(a, (3, 2)) * 0.7 + 0.1 * rng.standard_normal(a.shape),
+    "inverted": 1 - a + 0.02 * rng.standard_normal(a.shape),
   }
 
 
@@ -66,7 +66,7 @@ def test_parzen_mi_matches_plain_numpy_estimator_with_mask():
   b = np.cos(3 * a) + 0.1 * np.random.default_rng(0).standard_normal(a.shape)
   mask = np.zeros(a.shape, bool)
   mask[5:40, 3:30] = True
-  for bins in (16, 32):
+  for bins in (32,):
     ours = float(sim.mutual_information(a, b, bins=bins, mask=mask))
     ref = _numpy_parzen_mi_bits(a, b, bins, mask)
     assert ours == pytest.approx(ref, rel=1e-4)
@@ -119,9 +119,8 @@ def test_ncc_and_mse_against_numpy():
   assert float(sim.ncc(a, 1 - a)) == pytest.approx(-1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("measure", ["mi", "nmi", "ncc", "neg_mse"])
-def test_gradient_points_back_to_alignment(measure):
-  """Moving = fixed shifted by (+2.5, -1.5) px; at zero the gradient of similarity in the shift points to it."""
+def test_gradients_point_back_to_alignment():
+  """Moving = fixed shifted by (+2.5, -1.5) px; at zero every measure's gradient in the shift points to it."""
   fixed = _field(7, (72, 72), sigma=3.0)
   true_shift = np.array([2.5, -1.5], np.float32)  # (x, y) pixels
   rows, cols = np.mgrid[:72, :72].astype(np.float32)
@@ -130,18 +129,24 @@ def test_gradient_points_back_to_alignment(measure):
   inner[8:-8, 8:-8] = 1
   frange, mrange = sim.intensity_range(fixed), sim.intensity_range(moving)
 
-  def similarity(shift):
+  def similarities(shift):
     warped, _ = sample_linear(moving, rows + shift[1], cols + shift[0])
-    if measure == "mi":
-      return sim.mutual_information(fixed, warped, bins=32, mask=inner, fixed_range=frange, moving_range=mrange)
-    if measure == "nmi":
-      return sim.normalized_mutual_information(fixed, warped, mask=inner, fixed_range=frange, moving_range=mrange)
-    if measure == "ncc":
-      return sim.ncc(fixed, warped, mask=inner)
-    return -sim.mse(fixed, warped, mask=inner)
+    ranges = {"fixed_range": frange, "moving_range": mrange, "mask": inner}
+    return jnp.stack(
+      [
+        sim.mutual_information(fixed, warped, bins=32, **ranges),
+        sim.mutual_information(fixed, warped, bins=32, kernel="gaussian", **ranges),
+        sim.normalized_mutual_information(fixed, warped, **ranges),
+        sim.ncc(fixed, warped, mask=inner),
+        -sim.mse(fixed, warped, mask=inner),
+      ]
+    )
 
-  grad = np.asarray(jax.jit(jax.grad(similarity))(jnp.zeros(2)))
-  assert np.all(np.isfinite(grad))
-  assert np.sign(grad[0]) == 1 and np.sign(grad[1]) == -1
-  values = jax.jit(jax.vmap(similarity))(jnp.stack([jnp.zeros(2), jnp.asarray(true_shift)]))
-  assert float(values[1]) > float(values[0])
+  @jax.jit  # one compilation for every measure
+  def check(shift):
+    return jax.jacobian(similarities)(jnp.zeros(2)), jax.vmap(similarities)(jnp.stack([jnp.zeros(2), shift]))
+
+  jac, values = (np.asarray(v) for v in check(jnp.asarray(true_shift)))
+  assert np.all(np.isfinite(jac))
+  np.testing.assert_array_equal(np.sign(jac), np.tile([1, -1], (5, 1)))
+  assert np.all(values[1] > values[0])

@@ -63,6 +63,9 @@ def test_shapes_mz_and_metadata(he, msi_px, shape):
   assert sim.tissue_classes.shape == he.shape[:2] and sim.tissue_classes_msi.shape == shape
   assert set(np.unique(sim.tissue_classes)) == set(range(5))
   np.testing.assert_array_equal(sim.tissue_classes > 0, simulate.he_tissue_mask(he))
+  classes, centroids = simulate.tissue_classes(1, he)
+  np.testing.assert_array_equal(classes, sim.tissue_classes)
+  assert np.all(np.diff(centroids[:, 0]) >= 0)  # numbered by increasing hematoxylin
   assert np.all(sim.msi.cube >= 0)
 
 

@@ -43,8 +43,19 @@ def test_pix2pix_step_updates_discriminator_then_generator(config):
   batch = make_batch(0)
   state, m = train.train_step(state, batch)
   assert int(state.step) == 1
-  assert set(m) == {"d_loss", "d_real", "d_fake", "d_grad_norm", "d_param_norm", "g_loss", "g_gan", "g_l1",
-                    "g_grad_norm", "g_param_norm", "learning_rate"}
+  assert set(m) == {
+    "d_loss",
+    "d_real",
+    "d_fake",
+    "d_grad_norm",
+    "d_param_norm",
+    "g_loss",
+    "g_gan",
+    "g_l1",
+    "g_grad_norm",
+    "g_param_norm",
+    "learning_rate",
+  }
   assert all(np.isfinite(float(v)) for v in m.values())
   for name in ("g_params", "g_batch_stats", "d_params", "d_batch_stats"):
     assert not leaves_equal(getattr(before, name), getattr(state, name)), name
@@ -58,16 +69,25 @@ def test_pix2pix_step_updates_discriminator_then_generator(config):
   @jax.jit
   def reference(g_vars, d_old, d_new, batch):
     fake, _ = g.apply(g_vars, batch["msi"], train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-    score = lambda p, stats, image: d.apply({"params": p, "batch_stats": stats},
-                                            jnp.concatenate([batch["msi"], image], -1), train=True,
-                                            mutable=["batch_stats"])[0]
-    d_loss = losses.discriminator_loss(score(d_old, before.d_batch_stats, batch["histology"]),
-                                       score(d_old, before.d_batch_stats, fake))
-    return (d_loss, losses.generator_gan_loss(score(d_new, before.d_batch_stats, fake)),
-            losses.generator_gan_loss(score(d_old, before.d_batch_stats, fake)), losses.l1_loss(fake, batch["histology"]))
+    score = lambda p, stats, image: d.apply(
+      {"params": p, "batch_stats": stats},
+      jnp.concatenate([batch["msi"], image], -1),
+      train=True,
+      mutable=["batch_stats"],
+    )[0]
+    d_loss = losses.discriminator_loss(
+      score(d_old, before.d_batch_stats, batch["histology"]), score(d_old, before.d_batch_stats, fake)
+    )
+    return (
+      d_loss,
+      losses.generator_gan_loss(score(d_new, before.d_batch_stats, fake)),
+      losses.generator_gan_loss(score(d_old, before.d_batch_stats, fake)),
+      losses.l1_loss(fake, batch["histology"]),
+    )
 
   d_loss, g_gan_new, g_gan_old, l1 = reference(
-      {"params": before.g_params, "batch_stats": before.g_batch_stats}, before.d_params, state.d_params, batch)
+    {"params": before.g_params, "batch_stats": before.g_batch_stats}, before.d_params, state.d_params, batch
+  )
   np.testing.assert_allclose(m["d_loss"], d_loss, rtol=1e-5)
   np.testing.assert_allclose(m["g_l1"], l1, rtol=1e-5)
   np.testing.assert_allclose(m["g_gan"], g_gan_new, rtol=1e-5)
@@ -83,6 +103,7 @@ def test_pix2pix_step_updates_discriminator_then_generator(config):
 
 def test_unet_baseline_bf16_learns_with_l1_only():
   config = unet.get_config("tiny,bf16")
+  config.optim.learning_rate = 5e-3  # a visible change in a few steps
   state = train.create_train_state(1, config, (P, P, K))
   assert state.discriminator is None and state.d_params == {}
   assert state.generator.dtype == jnp.bfloat16

@@ -9,10 +9,12 @@ Variants (comma-separated after the colon):
   (none)     the full settings: UNet-256 (depth 8, ngf 64) + 70×70 PatchGAN, 256-pixel patches of the
              semi-synthetic pairs (the shipped real H&E slides with MSI simulated from them; results are on
              simulated data), batch 1, 200k steps (100k constant, 100k linear decay), Adam(2e-4, b1=0.5).
-             Expected runtime: a few hours on one recent GPU (estimated from the step benchmark in
-             benchmarks/bench_train.py, not measured end to end); impractical on a CPU.
-  msiflow    the real msiFlow UPEC_12 pair (MSI ↔ registered microscopy, 140×128 pixels): 64-pixel patches and a
-             depth-6 U-Net; same schedule.
+             Expected runtime: simulating the MSI of the 8 training slides takes minutes of CPU time; the
+             200k steps take roughly 1-3 hours on one H100-class GPU (an estimate from the cost of one step,
+             92 GFLOP at batch 1; not measured end to end). Impractical on a CPU (about 20 s per step on 2 cores).
+  msiflow    the real msiFlow UPEC_12 pair (MSI ↔ registered microscopy, 140×128 pixels, upsampled 2×):
+             32-pixel patches and a depth-5 U-Net, a validation band along y; same schedule. The target is
+             immunofluorescence microscopy, not H&E.
   tiny       CPU smoke/test size: depth 4, ngf 8, 32-pixel patches of the msiFlow pair, 6 steps (about half a
              minute on a laptop CPU, most of it compilation).
   bf16       bfloat16 compute (parameters and losses stay float32).

@@ -18,7 +18,7 @@ lengths) is scanned with a fast byte-level tokenizer, checked for consistency, a
 `ImzMLParser` instead when the file's layout is one the tokenizer does not recognise. The binary file is read in
 chunks of spectra with vectorised NumPy code, so memory stays near the size of the output cube.
 
-This module imports NumPy only at import time (no JAX, no matplotlib).
+Imports at import time: NumPy and absl only (pyimzml when a file is opened; never JAX or matplotlib).
 """
 
 from __future__ import annotations
@@ -508,7 +508,7 @@ class _Scratch:
 
 
 def _read_arrays(
-    fh, byte_offsets: np.ndarray, byte_lengths: np.ndarray, scratch: _Scratch
+  fh, byte_offsets: np.ndarray, byte_lengths: np.ndarray, scratch: _Scratch
 ) -> tuple[np.ndarray, np.ndarray]:
   """Reads byte ranges of the .ibd into one (reused) buffer.
 
@@ -619,13 +619,14 @@ class _BinPlan:
   geometric: bool
   bin_width: float
   bin_unit: str
+  data_range: bool = False  # lo and hi are the data's own extremes: no value lies outside the bins
 
   @classmethod
-  def create(cls, lo: float, hi: float, bin_width: float, unit: str) -> _BinPlan:
+  def create(cls, lo: float, hi: float, bin_width: float, unit: str, data_range: bool = False) -> _BinPlan:
     geometric = unit == "ppm"
     scale = 1.0 / math.log1p(bin_width * 1e-6) if geometric else 1.0 / bin_width
     top = (math.log(hi) - math.log(lo)) * scale if geometric else (hi - lo) * scale
-    return cls(lo, scale, int(math.floor(top)) + 1, geometric, bin_width, unit)
+    return cls(lo, scale, int(math.floor(top)) + 1, geometric, bin_width, unit, data_range)
 
   def edges(self) -> np.ndarray:
     k = np.arange(self.num_bins + 1, dtype=np.float64)
@@ -641,15 +642,23 @@ class _BinPlan:
     """Slot of each value: 1 + its bin, 0 below the first bin, num_bins + 1 above the last (intp)."""
     scratch = scratch or _Scratch()
     t = scratch.get("t", mz.shape, np.float64)
-    # float64 throughout: float32 arithmetic would misplace values near bin edges.
+    # float64 loops even for float32 m/z: float32 arithmetic would misplace values near bin edges.
+    # t = (log(mz) - log(lo)) * scale + 1, evaluated exactly as `create` places the top bin, so the lowest and
+    # highest m/z of the data land in the first and last bin.
     if self.geometric:
-      np.log(mz, out=t)
-      t *= self.scale
-      t += 1.0 - math.log(self.lo) * self.scale
+      np.log(mz, out=t, dtype=np.float64)
+      t -= math.log(self.lo)
     else:
-      np.multiply(mz, self.scale, out=t)
-      t += 1.0 - self.lo * self.scale
-    np.clip(t, 0, self.num_bins + 1, out=t)  # also keeps the integer conversion below in range
+      np.subtract(mz, self.lo, out=t, dtype=np.float64)
+    t *= self.scale
+    t += 1.0
+    # Slots 0 and num_bins + 1 collect values outside the bins. With the data's own range every value is inside,
+    # and clipping to the bins keeps the extremes there whatever the last-bit rounding of the logarithms.
+    # Clipping also keeps the integer conversion below in range.
+    if self.data_range:
+      np.clip(t, 1, self.num_bins, out=t)
+    else:
+      np.clip(t, 0, self.num_bins + 1, out=t)
     slots = scratch.get("slots", mz.shape, np.intp)
     np.copyto(slots, t, casting="unsafe")
     return slots
@@ -770,18 +779,18 @@ def _grid(index: _Index, z: int | None) -> tuple[np.ndarray, np.ndarray, np.ndar
   return selected, rows, cols, shape, offset
 
 
-def _chunks(lengths: np.ndarray, chunk_spectra: int | None) -> list[tuple[int, int]]:
-  n = lengths.size
+def _chunks(costs: np.ndarray, chunk_spectra: int | None) -> list[tuple[int, int]]:
+  """Splits spectra into consecutive chunks of about `_CHUNK_VALUES` values.
+
+  Args:
+    costs: values each spectrum brings into memory (its stored values plus its row of the output).
+    chunk_spectra: a fixed number of spectra per chunk instead, or None.
+  """
+  n = costs.size
   if chunk_spectra is not None:
     return [(s, min(s + chunk_spectra, n)) for s in range(0, n, chunk_spectra)]
-  bounds = [0]
-  total = 0
-  for i, length in enumerate(np.maximum(lengths, 1).tolist()):
-    if total and total + length > _CHUNK_VALUES:
-      bounds.append(i)
-      total = 0
-    total += length
-  bounds.append(n)
+  group = (np.cumsum(np.maximum(costs, 1)) - 1) // _CHUNK_VALUES
+  bounds = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), n]
   return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -911,6 +920,7 @@ def read_imzml(
   tol_unit: str = "ppm",
   bin_width: float | None = None,
   bin_unit: str = "ppm",
+  keep_empty_bins: bool = False,
   z: int | None = None,
   nan_policy: str = "raise",
   check_uuid: bool = True,
@@ -929,8 +939,10 @@ def read_imzml(
     (inclusive).
   - processed file (or continuous with `bin_width`): intensities summed into bins of `bin_width` (ppm:
     geometric bins; Da: fixed width; default 10 ppm) from the lowest m/z of `mz_range` or of the data, up to
-    its highest; see `mz_bin_edges`. Channel m/z values are bin midpoints; bins no pixel reaches stay as
-    zero channels.
+    its highest; see `mz_bin_edges` (bin membership is computed in float64, so a value within rounding
+    error of an edge may fall on either side). Channel m/z values are bin midpoints. Bins that no spectrum
+    reaches are dropped (a first pass over the m/z arrays finds them), unless `keep_empty_bins`: centroided
+    data with a few thousand peaks would otherwise give a cube of ~10^5 mostly empty channels.
 
   Pixels: row = y - min(y), column = x - min(x) over the file's spectra; positions without a spectrum are 0
   with mask False. A listed spectrum with no values (length 0) counts as measured: mask True, all channels 0.
@@ -945,6 +957,7 @@ def read_imzml(
     tol_unit: "ppm" or "da".
     bin_width: bin width for processed data (or to re-bin continuous data); None: 10 ppm for processed data.
     bin_unit: "ppm" or "da".
+    keep_empty_bins: with binning, keep channels for bins that no spectrum reaches (a regular axis).
     z: the z position to read from a 3D file; None for 2D files.
     nan_policy: "raise" (default) on NaN/Inf intensities, naming the pixel; "zero" reads them as 0.
     check_uuid: refuse an .ibd whose UUID differs from the one the .imzML names.
@@ -1038,6 +1051,7 @@ def read_imzml(
       chunk_spectra,
       threads,
       progress,
+      keep_empty_bins,
     )
     metadata["mode"] = "processed"
   metadata["binning"] = binning
@@ -1147,7 +1161,7 @@ def _read_continuous(
   else:
     lo, hi = mz_range if mz_range is not None else (float(axis[0]), float(axis[-1]))
     if bin_width is not None:
-      plan = _BinPlan.create(lo, hi, bin_width, bin_unit)
+      plan = _BinPlan.create(lo, hi, bin_width, bin_unit, data_range=mz_range is None)
       check_size(plan.num_bins)
       windows = _column_windows(axis, plan)
       out_mz = plan.centres()
@@ -1171,7 +1185,7 @@ def _read_continuous(
   cube = allocate(out_mz.size)
   itemsize = index.header.intensity_dtype.itemsize
   lengths = index.intensity_lengths[selected]
-  chunks = _chunks(np.where(lengths > 0, max(c1 - c0, 1), 1), chunk_spectra)
+  chunks = _chunks(np.where(lengths > 0, c1 - c0, 0) + out_mz.size, chunk_spectra)
 
   def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
     ids = selected[start:stop]
@@ -1195,6 +1209,29 @@ def _read_continuous(
   return cube, out_mz, binning
 
 
+def _occupied_bins(index, selected, plan: _BinPlan, chunk_spectra, threads, progress) -> np.ndarray:
+  """Which bins of `plan` hold at least one m/z value of the selected spectra (reads the m/z arrays only)."""
+  occupied = np.zeros(plan.num_bins, bool)
+  lock = threading.Lock()
+  mz_dtype = index.header.mz_dtype
+  chunks = _chunks(index.mz_lengths[selected], chunk_spectra)
+
+  def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
+    ids = selected[start:stop]
+    ids = ids[index.mz_lengths[ids] > 0]
+    if ids.size == 0:
+      return
+    lengths = index.mz_lengths[ids]
+    buf, starts = _read_arrays(fh, index.mz_offsets[ids], lengths * mz_dtype.itemsize, scratch)
+    mz = _typed_arrays(buf, starts, lengths, mz_dtype)
+    hits = np.bincount(plan.slots(mz, scratch).reshape(-1), minlength=plan.num_bins + 2)[1:-1] > 0
+    with lock:
+      occupied[hits] = True
+
+  _run_chunks(chunks, work, index.ibd_path, threads, progress, "scanned m/z of")
+  return occupied
+
+
 def _read_processed(
   index,
   selected,
@@ -1212,8 +1249,10 @@ def _read_processed(
   chunk_spectra,
   threads,
   progress,
+  keep_empty_bins=False,
 ):
   path = index.path
+  remap = None  # slot -> output slot, when empty bins are dropped
   if mz_values is not None:
     plan = _WindowPlan.create(mz_values, tol, tol_unit)
     out_mz = mz_values
@@ -1222,15 +1261,23 @@ def _read_processed(
     width = DEFAULT_BIN_WIDTH_PPM if bin_width is None else float(bin_width)
     unit = "ppm" if bin_width is None else bin_unit
     lo, hi = mz_range if mz_range is not None else _data_mz_range(index, selected)
-    plan = _BinPlan.create(lo, hi, width, unit)
-    check_size(plan.num_bins)
+    plan = _BinPlan.create(lo, hi, width, unit, data_range=mz_range is None)
     out_mz = plan.centres()
     binning = {"method": "bins", "bin_width": width, "bin_unit": unit, "mz_range": [lo, hi]}
-  num_bins = plan.num_bins
+    if keep_empty_bins:
+      check_size(plan.num_bins)
+    else:
+      occupied = _occupied_bins(index, selected, plan, chunk_spectra, threads, progress)
+      remap = np.zeros(plan.num_bins + 2, np.intp)
+      remap[1:-1][occupied] = np.arange(1, int(occupied.sum()) + 1)
+      remap[-1] = int(occupied.sum()) + 1
+      out_mz = out_mz[occupied]
+      binning["empty_bins_dropped"] = int(plan.num_bins - occupied.sum())
+  num_bins = plan.num_bins if remap is None else out_mz.size
   cube = allocate(num_bins)
   mz_dtype, int_dtype = index.header.mz_dtype, index.header.intensity_dtype
   lengths_all = index.mz_lengths[selected]
-  chunks = _chunks(lengths_all, chunk_spectra)
+  chunks = _chunks(lengths_all + num_bins + 2, chunk_spectra)
 
   def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
     ids = selected[start:stop]
@@ -1256,6 +1303,8 @@ def _read_processed(
     weights = intensity.reshape(-1)
     sums = None
     for slots in plan.slot_layers(mz) if isinstance(plan, _WindowPlan) else [plan.slots(mz, scratch)]:
+      if remap is not None:
+        slots = remap[slots]
       slots += base
       layer = np.bincount(slots.reshape(-1), weights=weights, minlength=n * width)
       sums = layer if sums is None else sums + layer
@@ -1264,7 +1313,7 @@ def _read_processed(
   _run_chunks(chunks, work, index.ibd_path, threads, progress, "binned")
   if progress and isinstance(plan, _BinPlan):
     logging.info(
-      "%s: %d bins of %g %s over m/z %.4f-%.4f",
+      "%s: %d non-empty bins of %g %s over m/z %.4f-%.4f",
       path.name,
       num_bins,
       plan.bin_width,

@@ -22,10 +22,10 @@ _PX_COLUMNS = ("fixed_x_px", "fixed_y_px", "moving_x_px", "moving_y_px")
 
 
 def load_landmarks_csv(
-    path: str | os.PathLike,
-    *,
-    fixed_pixel_size_um=None,
-    moving_pixel_size_um=None,
+  path: str | os.PathLike,
+  *,
+  fixed_pixel_size_um=None,
+  moving_pixel_size_um=None,
 ) -> np.ndarray:
   """Reads matched landmarks from a CSV file with a header.
 
@@ -107,10 +107,10 @@ def save_landmarks_csv(path: str | os.PathLike, landmarks_um: np.ndarray, *, ove
 
 
 def target_registration_error(
-    transform: AffineTransform,
-    fixed_points_um: np.ndarray,
-    moving_points_um: np.ndarray,
-    pixel_size_um=1.0,
+  transform: AffineTransform,
+  fixed_points_um: np.ndarray,
+  moving_points_um: np.ndarray,
+  pixel_size_um=1.0,
 ) -> dict:
   """Distances between the transformed fixed landmarks and the moving landmarks.
 
@@ -137,14 +137,14 @@ def target_registration_error(
   py, px = pixel_size_yx(pixel_size_um)
   p = float(np.sqrt(py * px))
   return {
-      "mean_um": float(d.mean()),
-      "median_um": float(np.median(d)),
-      "max_um": float(d.max()),
-      "rms_um": float(np.sqrt(np.mean(d**2))),
-      "mean_px": float(d.mean() / p),
-      "median_px": float(np.median(d) / p),
-      "n": int(len(d)),
-      "per_point": d,
+    "mean_um": float(d.mean()),
+    "median_um": float(np.median(d)),
+    "max_um": float(d.max()),
+    "rms_um": float(np.sqrt(np.mean(d**2))),
+    "mean_px": float(d.mean() / p),
+    "median_px": float(np.median(d) / p),
+    "n": int(len(d)),
+    "per_point": d,
   }
 
 
@@ -158,12 +158,12 @@ def grid_points_um(shape: Sequence[int], pixel_size_um=1.0, num: int = 10, margi
 
 
 def transform_error(
-    found: AffineTransform,
-    true: AffineTransform,
-    fixed_shape: Sequence[int],
-    fixed_pixel_size_um=1.0,
-    *,
-    num: int = 10,
+  found: AffineTransform,
+  true: AffineTransform,
+  fixed_shape: Sequence[int],
+  fixed_pixel_size_um=1.0,
+  *,
+  num: int = 10,
 ) -> dict:
   """TRE of a found transform against a known one over a grid of fixed points (semi-synthetic tests).
 

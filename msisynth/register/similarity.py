@@ -69,18 +69,18 @@ def _cubic_bspline(x):
 
 
 def parzen_weights(
-    values: jax.typing.ArrayLike, value_range: jax.typing.ArrayLike, *, bins: int = 32, kernel: str = "bspline"
+  values: jax.typing.ArrayLike, value_range: jax.typing.ArrayLike, *, bins: int = 32, kernel: str = "bspline"
 ) -> jax.Array:
   """Each value's Parzen-window contribution to each histogram bin.
 
   Args:
-    values: (N,) intensities.
+    values: intensities, any shape S (usually (N,)).
     value_range: (2,) (low, high): low maps to bin coordinate 1 and high to B - 2; values outside are clipped.
     bins: number of bins B (at least 4).
     kernel: "bspline" (cubic B-spline, Mattes) or "gaussian" (σ = 0.577 bin, normalised to sum 1 per value).
 
   Returns:
-    (N, B) float32 weights; each row sums to 1.
+    S + (B,) float32 weights; each value's weights sum to 1.
 
   Raises:
     ConfigError: for an unknown kernel or fewer than 4 bins.
@@ -92,15 +92,15 @@ def parzen_weights(
   v = jnp.asarray(values, jnp.float32)
   lo, hi = value_range[0], value_range[1]
   u = 1.0 + (jnp.clip(v, lo, hi) - lo) / (hi - lo) * (bins - 3)
-  d = u[:, None] - jnp.arange(bins, dtype=jnp.float32)[None, :]
+  d = u[..., None] - jnp.arange(bins, dtype=jnp.float32)
   if kernel == "bspline":
     return _cubic_bspline(d)
   w = jnp.exp(-0.5 * (d / _GAUSSIAN_SIGMA) ** 2)
-  return w / jnp.sum(w, axis=1, keepdims=True)
+  return w / jnp.sum(w, axis=-1, keepdims=True)
 
 
 def histogram_from_weights(
-    fixed_weights: jax.Array, moving_weights: jax.Array, sample_weights: jax.Array | None = None
+  fixed_weights: jax.Array, moving_weights: jax.Array, sample_weights: jax.Array | None = None
 ) -> jax.Array:
   """The normalised joint histogram P[i, j] from Parzen weights (N, B) and (N, B') and per-sample weights (N,).
 
@@ -143,16 +143,16 @@ def nmi_from_histogram(joint: jax.typing.ArrayLike) -> jax.Array:
 
 
 def joint_histogram(
-    fixed: jax.typing.ArrayLike,
-    moving: jax.typing.ArrayLike,
-    *,
-    bins: int = 32,
-    mask: jax.typing.ArrayLike | None = None,
-    kernel: str = "bspline",
-    fixed_range: jax.typing.ArrayLike | None = None,
-    moving_range: jax.typing.ArrayLike | None = None,
-    sample: int | None = None,
-    key: jax.Array | None = None,
+  fixed: jax.typing.ArrayLike,
+  moving: jax.typing.ArrayLike,
+  *,
+  bins: int = 32,
+  mask: jax.typing.ArrayLike | None = None,
+  kernel: str = "bspline",
+  fixed_range: jax.typing.ArrayLike | None = None,
+  moving_range: jax.typing.ArrayLike | None = None,
+  sample: int | None = None,
+  key: jax.Array | None = None,
 ) -> jax.Array:
   """The Parzen-window joint histogram of two images, normalised to sum 1.
 
@@ -194,16 +194,16 @@ def _joint_histogram(a, b, w, fixed_range, moving_range, key, *, bins, kernel, s
 
 
 def mutual_information(
-    fixed: jax.typing.ArrayLike,
-    moving: jax.typing.ArrayLike,
-    *,
-    bins: int = 32,
-    mask: jax.typing.ArrayLike | None = None,
-    kernel: str = "bspline",
-    fixed_range: jax.typing.ArrayLike | None = None,
-    moving_range: jax.typing.ArrayLike | None = None,
-    sample: int | None = None,
-    key: jax.Array | None = None,
+  fixed: jax.typing.ArrayLike,
+  moving: jax.typing.ArrayLike,
+  *,
+  bins: int = 32,
+  mask: jax.typing.ArrayLike | None = None,
+  kernel: str = "bspline",
+  fixed_range: jax.typing.ArrayLike | None = None,
+  moving_range: jax.typing.ArrayLike | None = None,
+  sample: int | None = None,
+  key: jax.Array | None = None,
 ) -> jax.Array:
   """Parzen-window (Mattes) mutual information in bits; differentiable in `moving`.
 
@@ -237,16 +237,16 @@ def mutual_information(
 
 
 def normalized_mutual_information(
-    fixed: jax.typing.ArrayLike,
-    moving: jax.typing.ArrayLike,
-    *,
-    bins: int = 32,
-    mask: jax.typing.ArrayLike | None = None,
-    kernel: str = "bspline",
-    fixed_range: jax.typing.ArrayLike | None = None,
-    moving_range: jax.typing.ArrayLike | None = None,
-    sample: int | None = None,
-    key: jax.Array | None = None,
+  fixed: jax.typing.ArrayLike,
+  moving: jax.typing.ArrayLike,
+  *,
+  bins: int = 32,
+  mask: jax.typing.ArrayLike | None = None,
+  kernel: str = "bspline",
+  fixed_range: jax.typing.ArrayLike | None = None,
+  moving_range: jax.typing.ArrayLike | None = None,
+  sample: int | None = None,
+  key: jax.Array | None = None,
 ) -> jax.Array:
   """Normalised MI (H(A) + H(B)) / H(A, B), as `skimage.metrics.normalized_mutual_information` defines it.
 
@@ -299,12 +299,12 @@ def _sampled(measure, a, b, w, key, *, sample):
 
 
 def ncc(
-    fixed: jax.typing.ArrayLike,
-    moving: jax.typing.ArrayLike,
-    *,
-    mask: jax.typing.ArrayLike | None = None,
-    sample: int | None = None,
-    key: jax.Array | None = None,
+  fixed: jax.typing.ArrayLike,
+  moving: jax.typing.ArrayLike,
+  *,
+  mask: jax.typing.ArrayLike | None = None,
+  sample: int | None = None,
+  key: jax.Array | None = None,
 ) -> jax.Array:
   """Normalised cross-correlation (weighted Pearson correlation, -1 to 1) for single-modality pairs.
 
@@ -328,12 +328,12 @@ def ncc(
 
 
 def mse(
-    fixed: jax.typing.ArrayLike,
-    moving: jax.typing.ArrayLike,
-    *,
-    mask: jax.typing.ArrayLike | None = None,
-    sample: int | None = None,
-    key: jax.Array | None = None,
+  fixed: jax.typing.ArrayLike,
+  moving: jax.typing.ArrayLike,
+  *,
+  mask: jax.typing.ArrayLike | None = None,
+  sample: int | None = None,
+  key: jax.Array | None = None,
 ) -> jax.Array:
   """Mean squared difference (weighted by the mask) for single-modality pairs; lower is better.
 

@@ -23,9 +23,9 @@ JSON_FORMAT = "msisynth.affine_transform"
 JSON_VERSION = 1
 _ITK_TYPES = ("AffineTransform_double_2_2", "AffineTransform_float_2_2")
 CONVENTION = (
-    "matrix_fixed_to_moving_um maps a point (x, y, 1) of the fixed image, in µm with the origin at the centre of "
-    "pixel (0, 0), to the moving image; pixel (row, col) is at (col * pixel_size_x, row * pixel_size_y). Resample "
-    "the moving image onto the fixed grid by sampling it there (ITK's convention)."
+  "matrix_fixed_to_moving_um maps a point (x, y, 1) of the fixed image, in µm with the origin at the centre of "
+  "pixel (0, 0), to the moving image; pixel (row, col) is at (col * pixel_size_x, row * pixel_size_y). Resample "
+  "the moving image onto the fixed grid by sampling it there (ITK's convention)."
 )
 
 
@@ -59,17 +59,17 @@ def _side(name, shape, pixel_size):
 
 
 def save_transform_json(
-    path: str | os.PathLike,
-    transform: AffineTransform,
-    *,
-    fixed_pixel_size_um=None,
-    moving_pixel_size_um=None,
-    fixed_shape: Sequence[int] | None = None,
-    moving_shape: Sequence[int] | None = None,
-    fixed_name: str | None = None,
-    moving_name: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    overwrite: bool = False,
+  path: str | os.PathLike,
+  transform: AffineTransform,
+  *,
+  fixed_pixel_size_um=None,
+  moving_pixel_size_um=None,
+  fixed_shape: Sequence[int] | None = None,
+  moving_shape: Sequence[int] | None = None,
+  fixed_name: str | None = None,
+  moving_name: str | None = None,
+  metadata: dict[str, Any] | None = None,
+  overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes a transform and what it relates to as JSON.
 
@@ -98,16 +98,16 @@ def save_transform_json(
   m = _matrix(transform)
   target = _target(path, overwrite)
   doc: dict[str, Any] = {
-      "format": JSON_FORMAT,
-      "version": JSON_VERSION,
-      "direction": "fixed_to_moving",
-      "units": "um",
-      "convention": CONVENTION,
-      "matrix_fixed_to_moving_um": m.tolist(),
-      "matrix_moving_to_fixed_um": np.linalg.inv(m).tolist(),
-      "determinant": float(np.linalg.det(m[:2, :2])),
-      "fixed": _side(fixed_name, fixed_shape, fixed_pixel_size_um),
-      "moving": _side(moving_name, moving_shape, moving_pixel_size_um),
+    "format": JSON_FORMAT,
+    "version": JSON_VERSION,
+    "direction": "fixed_to_moving",
+    "units": "um",
+    "convention": CONVENTION,
+    "matrix_fixed_to_moving_um": m.tolist(),
+    "matrix_moving_to_fixed_um": np.linalg.inv(m).tolist(),
+    "determinant": float(np.linalg.det(m[:2, :2])),
+    "fixed": _side(fixed_name, fixed_shape, fixed_pixel_size_um),
+    "moving": _side(moving_name, moving_shape, moving_pixel_size_um),
   }
   if fixed_pixel_size_um is not None and moving_pixel_size_um is not None:
     fy, fx = pixel_size_yx(fixed_pixel_size_um)
@@ -168,11 +168,11 @@ def load_transform_json(path: str | os.PathLike, *, with_info: bool = False):
 
 
 def save_itk_transform(
-    path: str | os.PathLike,
-    transform: AffineTransform,
-    *,
-    center_um: Sequence[float] = (0.0, 0.0),
-    overwrite: bool = False,
+  path: str | os.PathLike,
+  transform: AffineTransform,
+  *,
+  center_um: Sequence[float] = (0.0, 0.0),
+  overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes an ITK text transform file (`AffineTransform_double_2_2`) that `SimpleITK.ReadTransform` reads.
 
@@ -199,11 +199,11 @@ def save_itk_transform(
   t = b - c + a @ c
   params = [*a.ravel(), *t]
   lines = [
-      "#Insight Transform File V1.0",
-      "#Transform 0",
-      "Transform: AffineTransform_double_2_2",
-      "Parameters: " + " ".join(repr(float(v)) for v in params),
-      "FixedParameters: " + " ".join(repr(float(v)) for v in c),
+    "#Insight Transform File V1.0",
+    "#Transform 0",
+    "Transform: AffineTransform_double_2_2",
+    "Parameters: " + " ".join(repr(float(v)) for v in params),
+    "FixedParameters: " + " ".join(repr(float(v)) for v in c),
   ]
   target.write_text("\n".join(lines) + "\n", encoding="utf-8")
   return target

@@ -249,7 +249,7 @@ def fixed_grid_um(fixed_shape: Sequence[int], fixed_pixel_size_um=1.0) -> jax.Ar
 
 
 def sample_linear(
-    image: jax.Array, rows: jax.Array, cols: jax.Array, valid_shape: jax.Array | None = None
+  image: jax.Array, rows: jax.Array, cols: jax.Array, valid_shape: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """Bilinear samples of an image at continuous indices, ITK style; differentiable in `rows` and `cols`.
 

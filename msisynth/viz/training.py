@@ -46,13 +46,23 @@ def image_grid(msi: np.ndarray, real: np.ndarray, fake: np.ndarray, max_items: i
   if not (msi.shape[1:3] == real.shape[1:3] == fake.shape[1:3]):
     raise errors.ConfigError(f"image grid needs one patch size, got {msi.shape}, {real.shape}, {fake.shape}")
   n = min(len(msi), len(real), len(fake), max_items)
-  rows = [np.concatenate([msi_preview(msi[i]), np.clip((real[i] + 1) / 2, 0, 1), np.clip((fake[i] + 1) / 2, 0, 1)],
-                         axis=1) for i in range(n)]
+  rows = [
+    np.concatenate([msi_preview(msi[i]), np.clip((real[i] + 1) / 2, 0, 1), np.clip((fake[i] + 1) / 2, 0, 1)], axis=1)
+    for i in range(n)
+  ]
   return np.concatenate(rows, axis=0)
 
 
-def save_image_grid(path: str | os.PathLike, msi: np.ndarray, real: np.ndarray, fake: np.ndarray, *,
-                    max_items: int = 4, title: str | None = None, target_name: str = "H&E") -> None:
+def save_image_grid(
+  path: str | os.PathLike,
+  msi: np.ndarray,
+  real: np.ndarray,
+  fake: np.ndarray,
+  *,
+  max_items: int = 4,
+  title: str | None = None,
+  target_name: str = "H&E",
+) -> None:
   """Saves `image_grid` as a PNG with column titles (MSI, real and synthetic target).
 
   Args:

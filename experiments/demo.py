@@ -222,7 +222,7 @@ def main(argv):
     shutil.rmtree(section_out)
   result = pipeline.process_section(
       pipeline.SectionInputs(msi=paths["imzml"], histology=paths["he"], msi_pixel_size_um=MSI_PIXEL_SIZE_UM,
-                             histology_pixel_size_um=he_px, landmarks=paths["landmarks"]),
+                             histology_pixel_size_um=he_px, landmarks=paths["landmarks"], simulated=True),
       synthesizer, out_dir=section_out)
   summary["synthetic_to_real"] = json.loads((section_out / "metrics.json").read_text())
   summary["direct_multimodal"] = direct_multimodal(sim, he_px)

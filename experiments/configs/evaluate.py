@@ -156,6 +156,10 @@ def _make_tiny(config: ml_collections.ConfigDict) -> None:
   t.data.patch_size = 16
   t.data.max_val_patches = 4
   set_steps(t, 2)
+  # One validation and one checkpoint at the end, no image grids: less to compile and write.
+  t.train.eval_every = 2
+  t.train.checkpoint_every = 2
+  t.train.image_every = 0
   config.eval.tile_size = 16
   config.eval.overlap = 8
   config.eval.case_min_tissue_fraction = 0.2

@@ -34,7 +34,7 @@ SETUP_MD = """\
 
 - **On Colab** the next cell installs msisynth from the project's repository (`REPO_URL`) with pip. Pick a GPU
   runtime first for notebooks 2 and 3 (*Runtime → Change runtime type → GPU*); JAX uses the GPU by itself. If pip
-  upgraded JAX, restart the runtime once (*Runtime → Restart session*) and run the cells again.
+  upgraded JAX, restart the runtime once (*Runtime* menu) and run the cells again.
 - **Locally**, nothing is installed: the cell uses msisynth as installed (`pip install -e ".[dev]"`), or else the
   checkout this notebook sits in.
 - **Data.** The notebooks read the data shipped beside the repository: a folder laid out as `../shared/data`, with
@@ -327,7 +327,7 @@ The method of Bird, Ye, Race & Brown (MIUA 2025) turns the hard multimodal regis
 single-modality one by first **synthesising H&E from the MSI**. This notebook trains the two generators the paper
 compares, with msisynth's shipped training configurations (`experiments/configs/pix2pix.py`, `unet.py`):
 
-- **pix2pix**: a U-Net generator trained against a PatchGAN discriminator (adversarial loss + 100 × L1)
+- **pix2pix**: a U-Net generator trained against a PatchGAN discriminator (adversarial loss + 100 × L1);
 - **U-Net**: the same generator trained with the L1 loss only.
 
 Both see the same data, then each synthesises the held-out slide and is scored by mutual information (MI, bits) and
@@ -342,10 +342,11 @@ microscopy, not H&E).
 
 **Runtime.** Use a GPU runtime; JAX finds the GPU without any setting. With the full settings (the shipped
 configs: UNet-256 and a 70 × 70 PatchGAN on 256-pixel patches, batch 1) each model trains for `NUM_STEPS` steps.
-The configs estimate a few hours for their full 200,000-step schedule on one recent GPU, so the 20,000 steps set
-here should take in the order of 10-30 minutes per model on a Colab GPU (an estimate, not measured on Colab; the
-training log prints steps per second, so the first log lines tell). Simulating the 200-channel MSI of the slides
-takes a few minutes of CPU first. On a CPU, use the small settings.
+The configs estimate a few hours for their full 200,000-step schedule on one recent GPU; the 20,000 steps set here
+are a tenth of that, so expect tens of minutes per model (an estimate scaled from the configs', not measured on
+Colab; a T4 is slower than the newest GPUs). Each model's `metrics.jsonl` records its steps per second as it
+trains. Simulating the 200-channel MSI of the slides takes a few minutes of CPU first. On a CPU, use the small
+settings.
 """,
   ),
   ("md", SETUP_MD),
@@ -380,7 +381,7 @@ if IN_COLAB and jax.default_backend() == "cpu":
     """\
 ## 1. Settings
 
-`DATA_SOURCE` picks the data; three H&E slides are set aside: `VAL_SLIDE` for validation during training and
+`DATA_SOURCE` picks the data; two H&E slides are set aside: `VAL_SLIDE` for validation during training and
 for the comparison below, and `TEST_SLIDE`, which neither model sees, for notebook 3's registration. The configs
 are the shipped ones; the small settings shrink them (the configs' `tiny` variant with an even smaller U-Net,
 three steps, H&E at a quarter of its resolution and 16 simulated m/z channels), the full settings only shorten
@@ -397,7 +398,8 @@ NUM_STEPS = 20_000  # steps per model with the full settings; None keeps the con
 SMALL_TRAIN_SLIDES = ("rcc-UH0505_12",)  # the small settings train on one slide
 HE_PIXEL_SIZE_UM = 5.0  # assumed for the shipped H&E scans, which record none (as in the configs)
 MODE = "small" if SMALL else "full"
-WORK = OUT / MODE  # the two training workdirs, and what notebook 3 reads
+# The two training workdirs; notebook 3 reads OUT / MODE (the semi-synthetic run).
+WORK = OUT / (MODE if DATA_SOURCE == "simulated" else f"{MODE}_{DATA_SOURCE}")
 WORK.mkdir(parents=True, exist_ok=True)
 
 
@@ -547,9 +549,10 @@ show(fig, "training_losses")
 ## 4. Held-out comparison: MI and SSIM
 
 Each generator, restored from its checkpoint, synthesises the whole validation slide (tiled with blended
-overlaps) from its MSI. The synthetic image is compared with the real one inside the tissue: **MI** (bits, 32
-grey-level bins; higher means the synthetic image predicts the real one's intensities better, which is what
-MI-driven registration relies on) and **SSIM** (structural similarity, 1 = identical).
+overlaps) from its MSI. The synthetic image is compared with the real one inside the tissue (with the msiFlow
+pair, inside the validation band): **MI** (bits, 32 grey-level bins; higher means the synthetic image predicts the
+real one's intensities better, which is what MI-driven registration relies on) and **SSIM** (structural
+similarity, 1 = identical).
 """,
   ),
   (
@@ -578,7 +581,7 @@ for name, s in scores.items():
   print(f"  {name:8s} {s['mi_bits']:10.3f} {s['ssim']:8.3f}")
 results = {"data": DATA_SOURCE, "simulated": paired.simulated, "held_out": held_out.name, "mode": MODE,
            "scores": scores, "train_seconds": train_seconds}
-(OUT / f"scores_{MODE}.json").write_text(json.dumps(results, indent=2))
+(OUT / f"scores_{WORK.name}.json").write_text(json.dumps(results, indent=2))
 """,
   ),
   (
@@ -719,7 +722,8 @@ else:
   GENERATOR = OUT / MODE / "pix2pix"
   start = time.perf_counter()
   SIM = train_here(GENERATOR)
-  print(f"no generator from notebook 2 in {TRAINED}: trained a tiny one here in {time.perf_counter() - start:.0f} s")
+  print(f"no generator trained on simulated MSI by notebook 2 in {TRAINED}: trained a tiny one here in "
+        f"{time.perf_counter() - start:.0f} s")
 print("simulation settings:", {key: value for key, value in SIM.items() if key != "class_centroids"})
 """,
   ),
@@ -787,8 +791,8 @@ print(f"synthetic H&E {synthetic.shape} at {synthetic_px:g} µm on the MSI frame
 
 Both routes use the same optimiser: an affine transform (µm, histology → MSI, ITK's convention) found by gradient
 descent on Parzen-window MI, coarse to fine over a Gaussian pyramid, from several starts (centres of mass,
-principal axes). The registration works at half the MSI pixel size. The direct route registers the MSI's total
-ion count (TIC) image, the usual single image of an MSI acquisition, to the same H&E.
+principal axes). The registration works at half the MSI pixel size (never finer than the H&E). The direct route
+registers the MSI's total ion count (TIC) image, the usual single image of an MSI acquisition, to the same H&E.
 `FLIPS = True` also tries 90° turns and mirror images, as needed for real sections that may be mounted turned
 or face down (the simulated misalignment has neither).
 """,
@@ -876,8 +880,8 @@ show(viz_registration.plot_landmarks(he, synthetic, fixed_points, moving_points,
 
 The MSI cube is resampled at T(x) for every H&E pixel x (all channels, with the measured-pixel mask), so each
 ion image now lies on the H&E. The transform is saved as msisynth JSON (with pixel sizes, shapes and the
-registration summary) and as an ITK text transform that SimpleITK, 3D Slicer or elastix read; both are read back
-to check them.
+registration summary) and as an ITK text transform that SimpleITK and 3D Slicer read; both are read back to check
+them.
 """,
   ),
   (
@@ -935,8 +939,9 @@ result = pipeline.process_section(
   synthesizer, out_dir="section_report")
 ```
 
-The generator must have been trained on MSI like yours (same instrument and m/z channels): train it with notebook 2
-or `experiments/train.py` on your own registered pairs.
+The generator must have been trained on MSI like yours (same instrument and m/z channels), with
+`config.data.upsample = 1`: `process_section` feeds it the MSI on its own grid. Train it with notebook 2 or
+`experiments/train.py` on your own registered pairs.
 """,
   ),
 ]

@@ -22,7 +22,6 @@ What it does, on data that are labelled as they are:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -34,7 +33,8 @@ if __package__ in (None, ""):  # `python experiments/demo.py` as well as `python
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", "reports/demo", "Report folder (created; an existing non-empty one needs --overwrite).")
+flags.DEFINE_string("output_dir", "reports/demo",
+                    "Report folder (created; an existing non-empty one needs --overwrite).")
 flags.DEFINE_string("workdir", None, "Generator training folder (default: <output_dir>/generator). A finished run "
                     "there is reused instead of training again.")
 flags.DEFINE_bool("overwrite", False, "Replace the report files in an existing --output_dir (the generator "
@@ -127,7 +127,8 @@ def explore_real_msi(out: pathlib.Path, quick: bool) -> dict:
 
 def train_generator(config, workdir: pathlib.Path, slides: dict[str, pathlib.Path], train: list[str], val: str):
   """Stage 2: semi-synthetic pairs (simulated MSI from real H&E) and a small pix2pix generator."""
-  from msisynth import checkpoint, data, train as train_lib
+  from msisynth import checkpoint, data
+  from msisynth import train as train_lib
 
   latest = checkpoint.latest_step(workdir) if (workdir / "checkpoints").exists() else None
   if latest is not None and latest >= int(config.train.num_steps):

@@ -39,21 +39,23 @@ _EXPORTS = {
     "data": ["Pair", "make_pair", "upsample_grid", "split_regions", "PatchDataset", "PairedData", "msiflow_pairs",
              "semi_synthetic_pairs"],
     "models": ["UNetGenerator", "PatchDiscriminator", "generator_from_config", "discriminator_from_config",
-               "count_params"],
+               "count_params", "init_variables", "unet_widths"],
     "losses": ["gan_loss", "discriminator_loss", "generator_gan_loss", "l1_loss", "pix2pix_generator_loss"],
-    "train": ["TrainState", "create_train_state", "train_step", "eval_step", "train_and_evaluate", "data_mesh"],
+    "train": ["TrainState", "create_train_state", "train_step", "eval_step", "train_and_evaluate", "data_mesh",
+              "data_from_config", "make_optimizer", "compiled_train_step"],
     "checkpoint": ["restore_latest", "restore_for_inference", "latest_step", "best_step"],
     "synthesize": ["load_synthesizer", "Synthesizer", "synthesize_tiled", "save_synthesis"],
     "metrics": ["mutual_information", "normalized_mutual_information", "ssim", "psnr"],
     # `register` itself is the subpackage; its function is `msisynth.register.register`.
     "register": ["AffineTransform", "RegistrationConfig", "RegistrationResult", "register_batch",
-                 "register_msi_to_histology", "warp_image", "warp_msi", "save_transform_json", "load_transform_json",
+                 "register_msi_to_histology", "result_summary", "warp_image", "warp_msi", "save_transform_json", "load_transform_json",
                  "save_itk_transform", "load_itk_transform", "load_landmarks_csv", "target_registration_error",
                  "ncc", "mse"],
     "regions": ["read_geojson_regions", "rasterize_regions", "regions_to_msi", "region_statistics",
                 "differential_ions", "write_region_table_csv", "write_mean_spectra_csv",
                 "write_differential_ions_csv", "Region", "RegionStats"],
-    "pipeline": ["SectionInputs", "SectionResult", "process_section", "write_section_report"],
+    "pipeline": ["SectionInputs", "SectionResult", "process_section", "write_section_report",
+                 "working_pixel_size_um"],
 }
 
 _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}

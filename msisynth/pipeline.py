@@ -516,11 +516,14 @@ def process_section(
       working = np.clip(msi_io.resample_to_pixel_size(histology, he_px, working_px, order=1), 0.0, 1.0)
     working_shape = tuple(int(v) for v in working.shape[:2])
     tissue = np.asarray(msi_io.tissue_mask(working), bool)
-    # The tissue boundary is what aligns best; keep about one MSI pixel of background around the tissue.
+    # The mask restricts the reported MI to the tissue (plus about one MSI pixel). Registration itself sees the
+    # whole field: the synthetic H&E reproduces the background too, and the tissue/background contrast is the
+    # strongest signal MI has (masking the fixed image to tissue lost it: 33 MSI px TRE against 0.7 px on the
+    # demo's simulated section).
     radius = max(1, int(round(max(msi_px) / max(working_px))))
     fixed_mask = ndimage.binary_dilation(tissue, iterations=radius) if tissue.any() else None
     if fixed_mask is None:
-      logging.warning("[%s] no tissue found in the H&E; registering on the whole image", name)
+      logging.warning("[%s] no tissue found in the H&E; reporting MI over the whole image", name)
   logging.info(
     "[%s] H&E %dx%d px at %s µm; registration copy %dx%d px at %s µm",
     name,
@@ -541,7 +544,7 @@ def process_section(
       synthetic,
       fixed_pixel_size_um=working_px,
       moving_pixel_size_um=msi_px,
-      fixed_mask=fixed_mask,
+      fixed_mask=None,
       moving_mask=moving_mask,
       config=config,
     )

@@ -77,8 +77,8 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, the number of completed updates.
-    rng: uint32 raw key data (`jax.random.key_data`) of the training key; step keys are
-      `fold_in(rng, step)`.
+    rng: (2,) uint32, the raw data of the threefry training key (whatever kind of key created the state, so
+      that it is sharding-invariant and checkpoints as a plain array); step keys are `fold_in(rng, step)`.
     g_params, g_batch_stats: generator variables.
     d_params, d_batch_stats: discriminator variables ({} for the U-Net baseline).
     g_opt_state, d_opt_state: optax states (d_opt_state is () without a discriminator).
@@ -238,7 +238,7 @@ def _init_fn(generator, discriminator, size: tuple[int, int], channels: int, g_t
       d_opt = d_tx.init(d_params)
     return dict(
       step=jnp.zeros((), jnp.int32),
-      rng=jax.random.key_data(state_key),
+      rng=jax.random.bits(state_key, (2,), jnp.uint32),
       g_params=g_params,
       g_batch_stats=g_vars.get("batch_stats", {}),
       d_params=d_params,

@@ -82,6 +82,6 @@ class MSIImage:
           self.metadata.get("source"))
     return self.cube[..., sel].sum(axis=-1)
 
-  def select_mz(self, indices) -> "MSIImage":
+  def select_mz(self, indices) -> MSIImage:
     """A new MSIImage with only the given channels (indices or boolean mask)."""
     return dataclasses.replace(self, cube=self.cube[..., indices], mz=self.mz[indices])

@@ -48,7 +48,8 @@ _EXPORTS = {
     "metrics": ["mutual_information", "normalized_mutual_information", "ssim", "psnr"],
     # `register` itself is the subpackage; its function is `msisynth.register.register`.
     "register": ["AffineTransform", "RegistrationConfig", "RegistrationResult", "register_batch",
-                 "register_msi_to_histology", "result_summary", "warp_image", "warp_msi", "save_transform_json", "load_transform_json",
+                 "register_msi_to_histology", "result_summary", "warp_image", "warp_msi", "save_transform_json",
+                 "load_transform_json",
                  "save_itk_transform", "load_itk_transform", "load_landmarks_csv", "target_registration_error",
                  "ncc", "mse"],
     "regions": ["read_geojson_regions", "rasterize_regions", "regions_to_msi", "region_statistics",

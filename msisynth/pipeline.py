@@ -181,7 +181,7 @@ class SectionResult:
     transform: FIXED (histology µm) → MOVING (MSI µm) `AffineTransform`.
     registration: `msisynth.register.optimize.result_summary` of the registration (metric, converged,
       iterations, uncertainty_um, start, mirrored, rotation_deg, candidates, warnings).
-    synthetic_he: (h, w, 3) float32 synthetic H&E on the MSI grid.
+    synthetic_he: (h, w, 3) float32 synthetic H&E on the MSI grid (or on it upsampled by the generator's factor).
     registered_synthetic_he: (H_w, W_w, 3) synthetic H&E warped onto the working grid (white outside the MSI).
     histology_working: (H_w, W_w, 3) the H&E registration copy.
     tissue_mask_working: (H_w, W_w) bool tissue mask of the working copy.
@@ -204,6 +204,7 @@ class SectionResult:
     metrics: every number of the report (what `metrics.json` holds).
     timings_s: seconds per stage.
     paths: {name: path} of the files written (empty without an output folder).
+    synthetic_pixel_size_um: (y, x) pixel size (µm) of `synthetic_he`: the MSI pixel size / the upsampling factor.
   """
 
   name: str
@@ -232,6 +233,7 @@ class SectionResult:
   metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
   timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
   paths: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)
+  synthetic_pixel_size_um: tuple[float, float] | None = None
   # Kept for the figures of the report; not part of the public attributes.
   _msi: MSIImage | None = dataclasses.field(default=None, repr=False)
   _mz_for_figures: float | None = dataclasses.field(default=None, repr=False)
@@ -326,17 +328,29 @@ def _read_histology(inputs: SectionInputs) -> tuple[np.ndarray, str]:
   return rgb, "array"
 
 
-def _check_synthetic(synthetic, msi: MSIImage, name: str) -> np.ndarray:
+def _check_synthetic(synthetic, msi: MSIImage, name: str) -> tuple[np.ndarray, int]:
+  """The synthetic H&E clipped to [0, 1] and its upsampling factor u over the MSI grid (1 on the MSI grid).
+
+  A generator trained on upsampled pairs returns ((H - 1)·u + 1, (W - 1)·u + 1) pixels (see
+  `msisynth.synthesize.Synthesizer`); pixel (0, 0) stays at the MSI's pixel (0, 0).
+  """
   synthetic = np.asarray(synthetic)
-  if synthetic.shape != (*msi.shape, 3):
+  h, w = msi.shape
+  factor = None
+  if synthetic.ndim == 3 and synthetic.shape[2] == 3:
+    for u in range(1, 17):
+      if synthetic.shape[:2] == ((h - 1) * u + 1, (w - 1) * u + 1):
+        factor = u
+        break
+  if factor is None:
     raise errors.ConfigError(
       f"section {name!r}: the synthesizer returned shape {synthetic.shape}; it must return (H, W, 3) RGB on the "
-      f"MSI grid {msi.shape}"
+      f"MSI grid ({h}x{w}) or on that grid upsampled by an integer factor"
     )
   synthetic = synthetic.astype(np.float32)
   if not np.all(np.isfinite(synthetic)):
     raise errors.DataError(f"section {name!r}: the synthetic H&E has NaN or infinite values")
-  return np.clip(synthetic, 0.0, 1.0)
+  return np.clip(synthetic, 0.0, 1.0), factor
 
 
 def _check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> pathlib.Path:
@@ -504,7 +518,14 @@ def process_section(
   )
 
   with stage("synthesise H&E"):
-    synthetic = _check_synthetic(synthesizer(msi), msi, name)
+    synthetic, factor = _check_synthetic(synthesizer(msi), msi, name)
+    # Pixel size of the synthetic H&E, and the measured-pixel mask on its grid.
+    syn_px = (msi_px[0] / factor, msi_px[1] / factor)
+    syn_mask = msi.mask
+    if factor > 1:
+      from msisynth.data import upsample_grid
+
+      syn_mask = upsample_grid(msi.mask.astype(np.float32), factor, "nearest") > 0.5
 
   with stage("read H&E"):
     histology, histology_source = _read_histology(inputs)
@@ -538,12 +559,12 @@ def process_section(
   with stage("register"):
     config = registration_config or optimize.RegistrationConfig(similarity="mi")
     config = dataclasses.replace(config, flips_and_rot90=bool(flips))
-    moving_mask = None if msi.mask.all() else msi.mask
+    moving_mask = None if syn_mask.all() else syn_mask
     result = optimize.register(
       working,
       synthetic,
       fixed_pixel_size_um=working_px,
-      moving_pixel_size_um=msi_px,
+      moving_pixel_size_um=syn_px,
       fixed_mask=None,
       moving_mask=moving_mask,
       config=config,
@@ -562,8 +583,8 @@ def process_section(
 
   with stage("evaluate registration"):
     identity = AffineTransform.identity()
-    registered = _warp_to_working(synthetic, transform, working_shape, working_px, msi_px, cval=1.0)
-    before = _warp_to_working(synthetic, identity, working_shape, working_px, msi_px, cval=1.0)
+    registered = _warp_to_working(synthetic, transform, working_shape, working_px, syn_px, cval=1.0)
+    before = _warp_to_working(synthetic, identity, working_shape, working_px, syn_px, cval=1.0)
     inside_after = _warp_to_working(msi.mask, transform, working_shape, working_px, msi_px, order=0, cval=False)
     inside_before = _warp_to_working(msi.mask, identity, working_shape, working_px, msi_px, order=0, cval=False)
     region = np.ones(working_shape, bool) if fixed_mask is None else fixed_mask
@@ -683,6 +704,7 @@ def process_section(
     histology_working=working,
     tissue_mask_working=tissue,
     msi_pixel_size_um=msi_px,
+    synthetic_pixel_size_um=syn_px,
     histology_pixel_size_um=he_px,
     working_pixel_size_um=working_px,
     output_pixel_size_um=out_px,
@@ -880,7 +902,7 @@ def _write_registration_figures(result: SectionResult, files, paths, overwrite: 
       result.landmarks[:, 2:],
       transform=result.transform,
       fixed_pixel_size_um=result.working_pixel_size_um,
-      moving_pixel_size_um=result.msi_pixel_size_um,
+      moving_pixel_size_um=result.synthetic_pixel_size_um or result.msi_pixel_size_um,
       title="Landmarks: H&E (left), synthetic H&E on the MSI grid",
       simulated=result.simulated,
     )

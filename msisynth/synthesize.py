@@ -217,7 +217,10 @@ class Synthesizer:
   """A restored generator that turns MSI into synthetic H&E at full size.
 
   Call it on an `MSIImage` (the stored preprocessor is applied first, never refitted) or on an (H, W, k)
-  array already in [-1, 1]; it returns (H, W, 3) float32 RGB in [0, 1].
+  array already in [-1, 1]; it returns (H, W, 3) float32 RGB in [0, 1]. A generator trained on pairs whose MSI
+  grid was upsampled (`config.data.upsample` = u > 1) sees an MSIImage upsampled the same way (bilinear, pixel
+  (0, 0) kept in place): the output then has ((H - 1)·u + 1, (W - 1)·u + 1) pixels of `pixel size / u`. An array
+  input is taken as the network input on the network's own grid and is never resampled.
 
   Attributes:
     apply_fn: jitted generator in inference mode, (B, th, tw, k) in [-1, 1] -> (B, th, tw, 3) in [-1, 1].
@@ -241,6 +244,17 @@ class Synthesizer:
   batch_size: int = 8
   workdir: str | None = None
 
+  @property
+  def upsample(self) -> int:
+    """Factor u from the MSI pixel to the generator's pixel (the training pairs' `config.data.upsample`)."""
+    data = self.config.get("data") if hasattr(self.config, "get") else None
+    return max(int(data.get("upsample", 1) or 1), 1) if data is not None else 1
+
+  def output_pixel_size_um(self, msi_pixel_size_um) -> tuple[float, float]:
+    """(y, x) pixel size (µm) of the synthetic H&E made from an MSIImage of the given pixel size."""
+    py, px = (msi_pixel_size_um, msi_pixel_size_um) if np.isscalar(msi_pixel_size_um) else msi_pixel_size_um
+    return float(py) / self.upsample, float(px) / self.upsample
+
   def network_input(self, msi: MSIImage | np.ndarray) -> np.ndarray:
     """The (H, W, k) float32 generator input for `msi`.
 
@@ -255,6 +269,10 @@ class Synthesizer:
           "network inputs; pass an (H, W, k) array in [-1, 1] instead"
         )
       x = np.asarray(self.preprocessor.transform(msi), dtype=np.float32)
+      if self.upsample > 1:
+        from msisynth.data import upsample_grid
+
+        x = np.clip(upsample_grid(x, self.upsample, "bilinear"), -1.0, 1.0)
       source = msi.metadata.get("source")
     else:
       x = np.asarray(msi, dtype=np.float32)

@@ -240,3 +240,26 @@ def test_working_pixel_size():
   assert pipeline.working_pixel_size_um(20.0, 4.0, registration_pixel_size_um=2.0) == (4.0, 4.0)
   with pytest.raises(errors.ConfigError):
     pipeline.working_pixel_size_um(-1.0, 0.5)
+
+
+def test_a_synthesizer_on_an_upsampled_grid_registers_at_its_own_pixel_size(sections):
+  """Generators trained on upsampled pairs return ((H-1)·u+1, (W-1)·u+1) pixels; the pipeline registers those."""
+  root, sims = sections
+  sim = sims["shifted"]
+
+  def upsampled_synthesizer(msi: MSIImage) -> np.ndarray:
+    folder = pathlib.Path(msi.metadata["source"]).parent
+    truth = json.loads((folder / "ground_truth.json").read_text())
+    he = msi_io.read_histology(folder / "he.png")
+    shape = ((msi.shape[0] - 1) * 2 + 1, (msi.shape[1] - 1) * 2 + 1)
+    rgb = warp_image(he, AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse(), shape,
+                     fixed_pixel_size_um=np.asarray(truth["msi_pixel_size_um"]) / 2, moving_pixel_size_um=truth["he_pixel_size_um"],
+                     cval=1.0)
+    return np.clip(np.asarray(rgb), 0.0, 1.0)
+
+  inputs = _inputs(root, "shifted", landmarks=root / "shifted" / "landmarks.csv")
+  result = pipeline.process_section(inputs, upsampled_synthesizer, registration_config=REGISTRATION)
+  msi_px = result.msi_pixel_size_um
+  assert result.synthetic_pixel_size_um == pytest.approx((msi_px[0] / 2, msi_px[1] / 2))
+  assert result.synthetic_he.shape[:2] == ((sim.msi.shape[0] - 1) * 2 + 1, (sim.msi.shape[1] - 1) * 2 + 1)
+  assert result.tre["mean_px"] < 0.5

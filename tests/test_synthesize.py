@@ -277,3 +277,36 @@ def test_synthesizer_input_checks(trained_workdir):
     synthesize.load_synthesizer(workdir, tile_size=30)
   with pytest.raises(errors.CheckpointError):
     synthesize.load_synthesizer(workdir, step=7)
+
+
+def test_upsampling_generator_sees_the_msi_upsampled_like_its_training_pairs():
+  """A checkpoint trained on pairs upsampled by u maps an MSIImage onto the MSI grid upsampled by u."""
+  import ml_collections
+
+  from msisynth import synthesize as syn_lib
+  from msisynth.data import upsample_grid
+
+  config = ml_collections.ConfigDict({"data": {"upsample": 3}})
+  seen = []
+
+  def apply_fn(x):
+    seen.append(x.shape)
+    return x[..., :3]
+
+  class Identity:
+    def transform(self, msi):
+      return np.clip(msi.cube[..., :3] * 2 - 1, -1, 1)
+
+  synth = syn_lib.Synthesizer(apply_fn=apply_fn, config=config, preprocessor=Identity(), in_channels=3,
+                              size_multiple=1, tile_size=16, overlap=4, batch_size=4)
+  rng = np.random.default_rng(0)
+  msi = MSIImage(cube=rng.random((7, 5, 3)).astype(np.float32), mz=np.array([1.0, 2.0, 3.0]),
+                 mask=np.ones((7, 5), bool), pixel_size_um=30.0)
+  out = synth(msi)
+  assert synth.upsample == 3
+  assert out.shape == (19, 13, 3)
+  assert synth.output_pixel_size_um(30.0) == (10.0, 10.0)
+  expected = (upsample_grid(msi.cube * 2 - 1, 3, "bilinear") + 1) / 2
+  np.testing.assert_allclose(out, np.clip(expected, 0, 1), atol=1e-5)
+  # Arrays are network inputs already on the network's grid: never resampled.
+  assert synth(np.zeros((7, 5, 3), np.float32)).shape == (7, 5, 3)

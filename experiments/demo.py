@@ -169,20 +169,24 @@ def simulate_test_section(out: pathlib.Path, he_path: pathlib.Path, config, seed
 
 
 def direct_multimodal(sim, he_pixel_size_um: float) -> dict:
-  """Stage 3c: the direct route — the MSI TIC image registered to the real H&E by MI (multimodal)."""
+  """Stage 3c: the direct route: the MSI TIC image registered to the real H&E by MI (multimodal).
+
+  Set up like the synthetic route (the same H&E as the fixed image, the same starts, flips and 90° turns
+  included), so that the two routes differ only in the moving image.
+  """
   import numpy as np
 
-  from msisynth import io
   from msisynth.register import evaluate, optimize
 
-  he_grey = io.he_deconvolve(sim.he)[..., 0]
+  he = sim.he
   tic = sim.msi.cube.sum(-1)
   tic = tic / max(float(np.percentile(tic[sim.msi.mask], 99)), 1e-12)
-  result = optimize.register(he_grey, np.clip(tic, 0, 1), fixed_pixel_size_um=he_pixel_size_um,
-                             moving_pixel_size_um=MSI_PIXEL_SIZE_UM, moving_mask=sim.msi.mask)
+  result = optimize.register(he, np.clip(tic, 0, 1), fixed_pixel_size_um=he_pixel_size_um,
+                             moving_pixel_size_um=MSI_PIXEL_SIZE_UM, moving_mask=sim.msi.mask,
+                             config=optimize.RegistrationConfig(flips_and_rot90=True))
   tre = evaluate.target_registration_error(result.transform, sim.landmarks_fixed_um, sim.landmarks_moving_um,
                                            MSI_PIXEL_SIZE_UM)
-  return {"route": "MSI TIC image → H&E haematoxylin (multimodal MI)", "mi": float(result.metric),
+  return {"route": "MSI TIC image → H&E (multimodal MI)", "mi": float(result.metric),
           "converged": bool(result.converged), "tre_mean_um": float(tre["mean_um"]),
           "tre_mean_msi_px": float(tre["mean_px"])}
 
@@ -256,8 +260,13 @@ def _write_report(out: pathlib.Path, summary: dict, result) -> None:
       "|---|---|---|---|",
       f"| synthetic H&E → real H&E (unimodal, msisynth) | {syn.get('mi_after', float('nan')):.3f} | {_tre(syn)} | "
       f"{syn.get('converged')} |",
-      f"| MSI TIC → H&E (direct multimodal) | {direct['mi']:.3f} | {direct['tre_mean_um']:.1f} µm "
+      f"| MSI TIC image → H&E (direct, multimodal MI) | {direct['mi']:.3f} | {direct['tre_mean_um']:.1f} µm "
       f"({direct['tre_mean_msi_px']:.2f} MSI px) | {direct['converged']} |",
+      "",
+      "Both routes register the same H&E with the same starts (flips and 90° turns included). MI of the"
+      " synthetic route is between H&E and synthetic H&E, of the direct route between H&E and the TIC image,"
+      " so only the TRE compares across rows. The simulated TIC image shows the tissue outline clearly, which MI can"
+      " use directly; whether the direct route does as well on real MSI is not tested by this demo.",
       "",
       "Section outputs (figures, transform JSON/ITK, MSI cube in histology space): `section/` — see "
       "`section/report.md`.",

@@ -134,7 +134,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def hardware() -> dict[str, Any]:
-  """CPU count and model, JAX backend and devices, for the results."""
+  """The code version (git commit), CPU count and model, JAX backend and devices, for the results."""
   import jax
 
   model = None
@@ -145,7 +145,21 @@ def hardware() -> dict[str, Any]:
         break
   except OSError:
     pass
+  commit = None
+  try:
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    git = ["git", "-C", os.fspath(repo)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           timeout=10)  # fmt: skip
+    if head.returncode == 0:
+      commit = head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    pass
   return {
+    "git_commit": commit,
     "cpu_count": os.cpu_count(),
     "cpu_model": model or platform.processor(),
     "jax": jax.__version__,
@@ -1018,6 +1032,7 @@ def results_markdown(results: dict, data: EvalData, config) -> list[str]:
     "",
     f"Command: `{results.get('command') or 'experiments.evaluate'}`  ",
     f"Hardware: {hw['cpu_count']} CPU cores ({hw['cpu_model']}), JAX {hw['jax']} on {hw['backend']}.  ",
+    f"Code: {hw.get('git_commit') or 'unknown'}.  ",
     f"Total runtime: {results['runtime_s']:.0f} s (data {results['data_seconds']:.0f} s).",
     "",
     f"Training: both models {int(t.train.num_steps)} steps of batch {int(t.train.batch_size)} × "

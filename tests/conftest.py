@@ -19,3 +19,7 @@ def shared_data() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f"shipped data not found at {path}")
   return path
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "notebooks: executes the colab/*.ipynb notebooks in small-settings mode")

@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 
 from experiments import register_sections
-from msisynth import errors, pipeline, simulate
+from msisynth import errors, pipeline, simulate, synthesize
 from msisynth import io as msi_io
 from msisynth.register import optimize
 from msisynth.register.transforms import AffineTransform, warp_image
@@ -219,7 +219,9 @@ def test_command_line_with_a_checkpoint(templates, tmp_path):
   assert summary["only"]["status"] == "ok" and summary["only"]["simulated"] == "True"
   synthetic = msi_io.read_histology(out / "only" / "synthetic_he.png")
   msi = msi_io.read_imzml(section / "simulated_msi.imzML", **READ)
-  assert synthetic.shape == (*msi.shape, 3)  # the restored generator ran on the MSI grid
+  # The restored generator ran on the MSI grid upsampled like its training pairs (config.data.upsample).
+  u = synthesize.load_synthesizer(workdir).upsample
+  assert synthetic.shape == ((msi.shape[0] - 1) * u + 1, (msi.shape[1] - 1) * u + 1, 3)
   assert np.load(out / "only" / "msi_in_histology_space.npy", mmap_mode="r").shape == (*CROP, msi.num_channels)
   # Run again: nothing to do, exit status 0.
   assert register_sections.run_from_flags(_flags(*argv)) == 0

@@ -252,9 +252,9 @@ def test_a_synthesizer_on_an_upsampled_grid_registers_at_its_own_pixel_size(sect
     truth = json.loads((folder / "ground_truth.json").read_text())
     he = msi_io.read_histology(folder / "he.png")
     shape = ((msi.shape[0] - 1) * 2 + 1, (msi.shape[1] - 1) * 2 + 1)
-    rgb = warp_image(he, AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse(), shape,
-                     fixed_pixel_size_um=np.asarray(truth["msi_pixel_size_um"]) / 2, moving_pixel_size_um=truth["he_pixel_size_um"],
-                     cval=1.0)
+    transform = AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse()
+    rgb = warp_image(he, transform, shape, fixed_pixel_size_um=np.asarray(truth["msi_pixel_size_um"]) / 2,
+                     moving_pixel_size_um=truth["he_pixel_size_um"], cval=1.0)
     return np.clip(np.asarray(rgb), 0.0, 1.0)
 
   inputs = _inputs(root, "shifted", landmarks=root / "shifted" / "landmarks.csv")

@@ -196,6 +196,8 @@ def main(argv=None) -> int:
   if args.small:
     args.height = args.width = 60
     args.peaks = args.channels = 500
+  if args.workdir:
+    pathlib.Path(args.workdir).mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
     tmp = pathlib.Path(tmp)
     start = time.perf_counter()

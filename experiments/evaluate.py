@@ -21,8 +21,10 @@ blended), with the final (latest) weights, never the checkpoint picked by valida
     (`PatchDataset.tile_positions` of the validation region), plus the band as a whole (reported separately);
   - simulated: real H&E slides with SIMULATED MSI; whole slides held out; the cases are the held-out slides.
 Per case: MI (bits, 32 bins over [0, 1]), NMI (100 bins over [0, 1]), SSIM and PSNR (dB) between the synthetic and
-the real image, inside the tissue mask (and the held-out region); histogram measures compare luminance. The
-tables give mean ± std (sample std over cases) per model and of the per-case difference pix2pix − U-Net.
+the real image, inside the tissue mask (and the held-out region); the histogram measures compare luminance (H&E)
+or the mean of the three microscopy channels (msiflow). The tables give mean ± std (sample std over cases) per model
+and of the per-case difference pix2pix − U-Net. A figure per case shows the MSI input (its first three principal
+components), the real image, the U-Net and the pix2pix output.
 
 --part=registration (the route comparison; uses the pix2pix generator, trained or loaded as above):
   - simulated: each held-out slide is simulated again with a random affine misalignment (`simulate_msi(...,

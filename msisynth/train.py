@@ -595,6 +595,8 @@ def data_from_config(config) -> tuple[Any, dict[str, np.ndarray] | None, Any]:
       gap_px=int(d.gap_px),
       seed=seed,
       upsample=int(d.upsample),
+      # The validation band must hold whole patches: at least patch_size / upsample MSI pixels across.
+      min_val_band_px=-(-int(d.patch_size) // int(d.upsample)),
     )
   elif d.source == "simulated":
     from msisynth import datasets

@@ -22,9 +22,15 @@ Both train the same generator (U-Net, depth 5, ngf 16, max_mult 4, dropout 0.5, 
 patches: pix2pix (adversarial + 100·L1 with a 2-layer PatchGAN, ndf 16) and the U-Net baseline (L1 only). Adam
 (1e-3, b1 0.5), 1,000 steps of batch 8 (half constant, half linear decay to 0).
 
-Expected runtime on a 2-core CPU (measured on the shared development machine, see docs/results.md): msiflow
-about 10-15 minutes, simulated about 25-35 minutes (of which about 2 minutes build the simulated pairs and
-10-15 minutes are the 18 registrations). The tiny variant takes well under a minute.
+Expected runtime on a 2-core CPU (measured on a shared 2-core AMD EPYC machine, see docs/results.md): msiflow
+1.5 minutes when the machine is idle, 6.5 minutes under a load average of 8; simulated 5 minutes idle, 13 minutes
+loaded (of which about 0.5 minute builds the simulated pairs and 2-7 minutes are the 18 registrations). About
+1 GB (msiflow) and 1.7 GB (simulated) peak memory. The tiny variant takes 25-35 seconds.
+
+Expected results (docs/results.md has the tables): on both settings the U-Net baseline has the higher SSIM (by
+about 0.07) and pix2pix does not reproduce the paper's MI and SSIM gains at this budget; on the simulated
+registration cases every route succeeds (TRE 0.2-0.25 MSI px), on msiFlow's pair the UMAP route comes closest to
+msiFlow's registration.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ if __package__ in (None, ""):  # `python experiments/evaluate.py` as well as `py
 import numpy as np
 from absl import app, flags, logging
 
-from msisynth import errors
+from msisynth import errors, pipeline
 
 PARTS = ("synthesis", "registration", "all")
 MODELS = ("unet", "pix2pix")
@@ -931,22 +931,6 @@ def registration_msiflow_markdown(result: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- main
 
 
-def _json_ready(value):
-  if isinstance(value, dict):
-    return {str(k): _json_ready(v) for k, v in value.items()}
-  if isinstance(value, list | tuple):
-    return [_json_ready(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _json_ready(value.tolist())
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, pathlib.Path):
-    return os.fspath(value)
-  return value
-
-
 def run_evaluation(config, output_dir: str | os.PathLike, *, part: str = "all", workdir_pix2pix=None,
                    workdir_unet=None, command: str | None = None) -> dict[str, Any]:  # fmt: skip
   """Runs the evaluation `config` describes and writes results.md, results.json and figures into `output_dir`.
@@ -1016,7 +1000,7 @@ def run_evaluation(config, output_dir: str | os.PathLike, *, part: str = "all", 
       results["registration"] = registration_msiflow(config, data, synthetic_whole, figures)
     results["registration"]["seconds"] = round(time.perf_counter() - t1, 1)
   results["runtime_s"] = round(time.perf_counter() - start, 1)
-  results = _json_ready(results)
+  results = pipeline.json_ready(results)
   (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
   (out / "results.md").write_text("\n".join(results_markdown(results, data, config)) + "\n")
   _progress(f"done in {results['runtime_s']:.0f} s: {out / 'results.md'}")

@@ -432,14 +432,14 @@ def _tre(transform: AffineTransform, landmarks: np.ndarray, msi_px: tuple[float,
   return tre
 
 
-def _json_ready(value):
+def json_ready(value):
   """Values of a metrics dict as JSON takes them (NaN/Inf as null, NumPy as Python)."""
   if isinstance(value, dict):
-    return {str(k): _json_ready(v) for k, v in value.items()}
+    return {str(k): json_ready(v) for k, v in value.items()}
   if isinstance(value, list | tuple):
-    return [_json_ready(v) for v in value]
+    return [json_ready(v) for v in value]
   if isinstance(value, np.ndarray):
-    return _json_ready(value.tolist())
+    return json_ready(value.tolist())
   if isinstance(value, np.generic):
     value = value.item()
   if isinstance(value, float) and not math.isfinite(value):
@@ -745,7 +745,7 @@ def process_section(
 def _write_json(path: pathlib.Path, data: Mapping[str, Any], overwrite: bool) -> None:
   if path.exists() and not overwrite:
     raise errors.DataError("file exists; pass overwrite=True to replace it", path)
-  path.write_text(json.dumps(_json_ready(dict(data)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  path.write_text(json.dumps(json_ready(dict(data)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _save_png(path: pathlib.Path, rgb: np.ndarray, overwrite: bool) -> None:
@@ -820,7 +820,7 @@ def _write_report(
     moving_shape=result.metrics.get("msi_shape"),
     fixed_name=f"histology ({result.metrics.get('histology_source')})",
     moving_name=f"MSI ({result.metrics.get('msi_source')})",
-    metadata={"section": result.name, "simulated": result.simulated, "registration": _json_ready(result.registration)},
+    metadata={"section": result.name, "simulated": result.simulated, "registration": json_ready(result.registration)},
     overwrite=overwrite,
   )
   paths["transform_json"] = files["transform_json"]

@@ -194,6 +194,9 @@ def direct_multimodal(sim, he_pixel_size_um: float) -> dict:
 def main(argv):
   del argv
   from msisynth import datasets, pipeline, synthesize
+  from msisynth import train as train_lib
+
+  train_lib.quiet_orbax_logs()
 
   out = pathlib.Path(FLAGS.output_dir)
   if out.exists() and any(out.iterdir()) and not FLAGS.overwrite:

@@ -1043,15 +1043,12 @@ def results_markdown(results: dict, data: EvalData, config) -> list[str]:
   return lines
 
 
-def _quiet_orbax(record) -> bool:
-  # orbax logs every save and restore at INFO; keep its warnings and errors, and the evaluation's progress.
-  return record.levelno >= logging.converter.STANDARD_WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  from msisynth import train as train_lib
+
+  train_lib.quiet_orbax_logs()
   fv = flags.FLAGS
   output_dir = fv.output_dir or f"runs/eval_{fv.setting}{'_tiny' if fv.tiny else ''}"
   config = load_config(fv.setting, tiny=fv.tiny, steps=fv.steps, data_dir=fv.data_dir)

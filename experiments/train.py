@@ -31,17 +31,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record) -> bool:
-  # orbax logs every save and deletion at INFO; keep its warnings and errors, and the training progress.
-  return record.levelno >= logging.converter.STANDARD_WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
   from msisynth import train
 
+  train.quiet_orbax_logs()
   config = _CONFIG.value
   logging.info("config:\n%s", config)
   train_data, val_data, preprocessor = train.data_from_config(config)

@@ -445,6 +445,15 @@ def eval_step(state: TrainState, batch: Batch | jax.Array) -> jax.Array:
 # Logging.
 
 
+
+def quiet_orbax_logs() -> None:
+  """Keeps orbax's warnings and errors in the absl log but drops its INFO lines (one per save and restore)."""
+
+  def keep(record) -> bool:
+    return record.levelno >= logging.converter.STANDARD_WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+  logging.get_absl_handler().addFilter(keep)
+
 class MetricWriter:
   """Scalars to `workdir/metrics.jsonl` (always) and to TensorBoard (when tensorboardX is installed)."""
 

@@ -1013,47 +1013,13 @@ def read_imzml(
     check_size(num_channels)
     return np.zeros((shape[0], shape[1], num_channels), np.float32)
 
+  args = (index, selected, rows, cols, check_size, allocate, mz_range, mz_values, tol, tol_unit, bin_width, bin_unit,
+          nan_policy, chunk_spectra, threads, progress)  # fmt: skip
   if index.continuous:
-    cube, mz, binning = _read_continuous(
-      index,
-      selected,
-      rows,
-      cols,
-      check_size,
-      allocate,
-      mz_range,
-      mz_values,
-      tol,
-      tol_unit,
-      bin_width,
-      bin_unit,
-      nan_policy,
-      chunk_spectra,
-      threads,
-      progress,
-    )
-    metadata["mode"] = "continuous"
+    cube, mz, binning = _read_continuous(*args)
   else:
-    cube, mz, binning = _read_processed(
-      index,
-      selected,
-      rows,
-      cols,
-      check_size,
-      allocate,
-      mz_range,
-      mz_values,
-      tol,
-      tol_unit,
-      bin_width,
-      bin_unit,
-      nan_policy,
-      chunk_spectra,
-      threads,
-      progress,
-      keep_empty_bins,
-    )
-    metadata["mode"] = "processed"
+    cube, mz, binning = _read_processed(*args, keep_empty_bins)
+  metadata["mode"] = "continuous" if index.continuous else "processed"
   metadata["binning"] = binning
   mask = np.zeros(shape, bool)
   mask[rows, cols] = True

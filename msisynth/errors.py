@@ -47,3 +47,7 @@ class CheckpointError(MSISynthError, RuntimeError):
 
 class RegistrationError(MSISynthError, RuntimeError):
   """A registration failed or produced a degenerate transform that is refused."""
+
+
+class OutputExistsError(DataError, ConfigError):
+  """An output file or folder exists (or is not msisynth's own) and would be overwritten; nothing was written."""

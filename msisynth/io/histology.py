@@ -236,10 +236,14 @@ def _check_rgb(rgb: np.ndarray, name: str = "rgb") -> np.ndarray:
   return rgb.astype(np.float32, copy=False)
 
 
+TISSUE_METHODS = ("saturation", "otsu", "otsu_od")
+
+
 def tissue_mask(
   rgb: np.ndarray,
   *,
-  method: str = "otsu",
+  method: str = "saturation",
+  saturation_threshold: float = 0.05,
   min_size_px: int = 64,
   max_hole_size_px: int | None = None,
   opening_radius_px: int = 2,
@@ -248,19 +252,23 @@ def tissue_mask(
   """Tissue foreground of a brightfield (H&E) image.
 
   The background of a slide is bright and unsaturated, while both H&E stains are saturated colours.
-  `method="otsu"` (default) thresholds HSV saturation at Otsu's threshold: black ink, printed labels, grey
-  debris and shadows are left out, but so is tissue too pale to have colour. `method="otsu_od"` thresholds the
-  optical density -log10(RGB), summed over channels, instead: it keeps pale or grey tissue but also anything
-  dark, and very dark labels can pull the threshold above the tissue. The statistic is smoothed first; then
-  the mask is opened with a disk (removing lines thinner than about 2 * `opening_radius_px` + 1, such as text
-  edges), connected parts smaller than `min_size_px` are dropped and holes up to `max_hole_size_px` filled.
+  `method="saturation"` (default) thresholds HSV saturation at `saturation_threshold` (0.05), raised to 0.03
+  above the upper quartile of the saturation along the image border when the slide is tinted, and leaves out
+  pixels darker than 0.2: pale tissue is kept, and black ink, printed labels, grey debris and shadows are left
+  out. `method="otsu"` thresholds saturation at Otsu's threshold instead, which loses pale tissue on slides that
+  also hold strongly stained tissue. `method="otsu_od"` thresholds the optical density -log10(RGB), summed over
+  channels: it keeps pale or grey tissue but also anything dark, and very dark labels can pull the threshold
+  above the tissue. The statistic is smoothed first; then the mask is opened with a disk (removing lines thinner
+  than about 2 * `opening_radius_px` + 1, such as text edges), connected parts smaller than `min_size_px` are
+  dropped and holes up to `max_hole_size_px` filled.
 
   Args:
     rgb: (H, W, 3) float in [0, 1] or uint8.
-    method: "otsu" (saturation) or "otsu_od" (optical density).
+    method: "saturation" (fixed threshold), "otsu" (saturation, Otsu) or "otsu_od" (optical density, Otsu).
+    saturation_threshold: the threshold of `method="saturation"`.
     min_size_px: smallest tissue component kept, in pixels.
-    max_hole_size_px: largest hole filled, in pixels (default: `min_size_px`); holes touching the image
-      border are never filled.
+    max_hole_size_px: largest hole filled, in pixels (default: `min_size_px` or 0.5 % of the image, whichever
+      is larger); holes touching the image border are never filled.
     opening_radius_px: radius of the disk of the morphological opening, pixels (0: none).
     smoothing_sigma_px: Gaussian smoothing of the statistic before thresholding, pixels (0: none).
 
@@ -275,21 +283,33 @@ def tissue_mask(
   from skimage.morphology import disk
 
   rgb = _check_rgb(rgb)
-  if method not in ("otsu", "otsu_od"):
-    raise errors.ConfigError(f"method must be 'otsu' or 'otsu_od', got {method!r}")
+  if method not in TISSUE_METHODS:
+    raise errors.ConfigError(f"method must be one of {TISSUE_METHODS}, got {method!r}")
   if min(min_size_px, opening_radius_px, smoothing_sigma_px) < 0:
     raise errors.ConfigError("min_size_px, opening_radius_px and smoothing_sigma_px must be >= 0")
-  max_hole = min_size_px if max_hole_size_px is None else max_hole_size_px
+  max_hole = max(min_size_px, rgb.shape[0] * rgb.shape[1] // 200) if max_hole_size_px is None else max_hole_size_px
   if method == "otsu_od":
     stat = -np.log10(np.maximum(rgb, 1.0 / 255.0)).sum(axis=2)
   else:
     high, low = rgb.max(axis=2), rgb.min(axis=2)
     stat = (high - low) / np.maximum(high, 1e-6)
+  high = rgb.max(axis=2)
   if smoothing_sigma_px > 0:
     stat = ndimage.gaussian_filter(stat, smoothing_sigma_px)
   if float(stat.max() - stat.min()) < 1e-6:
     return np.zeros(stat.shape, bool)
-  mask = stat > threshold_otsu(stat)
+  if method == "saturation":
+    # Pale tissue has little colour, so Otsu's threshold between strongly stained tissue and the slide drops it.
+    # A low fixed threshold keeps it; a tinted slide (the border of the image, mostly slide) raises it.
+    ring = max(1, min(stat.shape) // 50)
+    border = np.concatenate([stat[:ring].ravel(), stat[-ring:].ravel(), stat[:, :ring].ravel(),
+                             stat[:, -ring:].ravel()])  # fmt: skip
+    threshold = max(saturation_threshold, float(np.quantile(border, 0.75)) + 0.03)
+  else:
+    threshold = threshold_otsu(stat)
+  mask = stat > threshold
+  if method == "saturation":
+    mask &= high > 0.2  # black ink and printed labels have no reliable saturation
   if opening_radius_px > 0:
     mask = ndimage.binary_opening(mask, structure=disk(opening_radius_px))
   if min_size_px > 1:

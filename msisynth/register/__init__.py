@@ -17,6 +17,7 @@ from msisynth.register.optimize import (
   register_batch,
   register_msi_to_histology,
   result_summary,
+  tissue_crop,
 )
 from msisynth.register.similarity import (
   joint_histogram,
@@ -59,6 +60,7 @@ __all__ = [
   "register",
   "register_batch",
   "register_msi_to_histology",
+  "tissue_crop",
   "result_summary",
   "save_itk_transform",
   "save_landmarks_csv",

@@ -93,6 +93,8 @@ class RegistrationConfig:
     principal_axes: add the principal-axes rotation (and + 180°) to the starts.
     start_rotations_deg: rotation offsets (degrees) added to every base start angle.
     start_scales: isotropic scales (of the fixed → moving map, relative to the moments' estimate) to start from.
+    start_offsets_um: (x, y) µm shifts of the fixed image's centre of mass that every start is also tried at
+      (a translation search, e.g. for a small MSI region somewhere on a large histology image).
     moment_scale: start from the scale that matches the spread (second moments) of the two images' weights,
       rather than 1 (pixel sizes are then only a first guess).
     flips_and_rot90: also start from 90°, 180°, 270° and from the mirror image at each of those; chosen by the
@@ -134,6 +136,7 @@ class RegistrationConfig:
   principal_axes: bool = True
   start_rotations_deg: tuple[float, ...] = (0.0,)
   start_scales: tuple[float, ...] = (1.0,)
+  start_offsets_um: tuple[tuple[float, float], ...] = ((0.0, 0.0),)
   moment_scale: bool = False
   flips_and_rot90: bool = False
   turn_margin: float = 0.05
@@ -383,6 +386,7 @@ class _Start(NamedTuple):
   mirrored: bool
   scale: float  # relative to the base scale
   label: str
+  offset: tuple[float, float] = (0.0, 0.0)  # µm added to the fixed centre of mass
 
 
 def _starts(config: RegistrationConfig, initial: bool) -> list[_Start]:
@@ -402,6 +406,9 @@ def _starts(config: RegistrationConfig, initial: bool) -> list[_Start]:
           for q in (0, 180):
             starts.append(_Start(math.radians(q + offset), True, mirrored, scale,
                                  f"principal axes + {q + offset:g}°{tag}"))  # fmt: skip
+  if len(config.start_offsets_um) > 1 or tuple(config.start_offsets_um[0]) != (0.0, 0.0):
+    starts = [s._replace(offset=(float(o[0]), float(o[1])), label=f"{s.label}, at {o[0]:+.0f}, {o[1]:+.0f} µm")
+              for o in config.start_offsets_um for s in starts]  # fmt: skip
   return starts
 
 
@@ -421,7 +428,7 @@ def _initial_params(fixed_w, moving_w, fixed_px, moving_px, center, starts, mome
     rot = s.rotation + (ang_m - fixed_angle if s.use_axes else 0.0)
     scale = base_scale * s.scale
     lin = scale * np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
-    t = com_m - center - lin @ ((d @ np.append(com_f, 1.0))[:2] - center)
+    t = com_m - center - lin @ ((d @ np.append(com_f + np.asarray(s.offset), 1.0))[:2] - center)
     params.append([rot, math.log(scale), math.log(scale), 0.0, t[0], t[1]])
     mirrors.append(d)
   return np.asarray(params, np.float32), np.asarray(mirrors, np.float32)
@@ -758,7 +765,8 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
 
   # Every level and every image shape in a bucket share array shapes (sample count, padded moving image), so a
   # folder of differently shaped sections compiles once per number of candidates rather than once per shape.
-  moving_pad = tuple(_bucket(max(p[2].shape[1 + i] for p in pyramids)) for i in range(2))
+  side = _bucket(max(max(p[2].shape[1:]) for p in pyramids))
+  moving_pad = (side, side)
   radius = max(0.5 * math.hypot(fixed.shape[2] * fixed_px[1], fixed.shape[1] * fixed_px[0]), 1e-6)
   opts = _LevelOptions(config.similarity, config.kind, config.bins, config.kernel, config.outside_bin,
                        config.max_samples)
@@ -998,6 +1006,81 @@ def register_batch(
                          moving_pixel_size_um, config, None, on_failure)  # fmt: skip
 
 
+def tissue_crop(histology: np.ndarray, *, margin_px: float = 0.0, max_fraction: float = 0.6) -> tuple[int, ...] | None:
+  """The part of a histology image that holds its tissue: (row0, row1, col0, col1), or None to keep it all.
+
+  The tissue is `msisynth.io.tissue_mask` on a preview (at most 1024 px across); its largest component and every
+  component of at least 5 % of that one are kept, except thin ones along the image edge (slide edges: touching
+  the border and filling under 20 % of a bounding box that spans half the image). The crop is their bounding
+  box grown by 15 % of its size and by `margin_px` on every side. None when the image is not RGB, shows no
+  tissue, or the crop would keep more than `max_fraction` of the image.
+
+  Args:
+    histology: (H, W, 3) RGB histology (float in [0, 1] or uint8).
+    margin_px: extra margin in histology pixels (e.g. half the MSI field).
+    max_fraction: largest fraction of the image area worth cropping to.
+  """
+  from msisynth.io.histology import tissue_mask
+
+  img = np.asarray(histology)
+  if img.ndim != 3 or img.shape[2] < 3:
+    return None
+  img = img[..., :3]
+  h, w = img.shape[:2]
+  step = max(1, int(math.ceil(max(h, w) / 1024)))
+  preview = img[::step, ::step]
+  if preview.dtype != np.uint8:
+    preview = np.clip(np.asarray(preview, np.float32), 0.0, 1.0)
+  mask = tissue_mask(preview, min_size_px=max(16, preview.shape[0] * preview.shape[1] // 5000))
+  labels, count = ndi.label(mask)
+  if count == 0:
+    return None
+  sizes = np.bincount(labels.ravel())[1:]
+  boxes = ndi.find_objects(labels)
+  ph, pw = mask.shape
+  keep = []
+  for i, (box, size) in enumerate(zip(boxes, sizes)):
+    if size < 0.05 * sizes.max():
+      continue
+    bh, bw = box[0].stop - box[0].start, box[1].stop - box[1].start
+    touches = box[0].start == 0 or box[1].start == 0 or box[0].stop == ph or box[1].stop == pw
+    if touches and size < 0.2 * bh * bw and (bh > ph / 2 or bw > pw / 2) and size != sizes.max():
+      continue
+    keep.append(i)
+  r0 = min(boxes[i][0].start for i in keep) * step
+  r1 = max(boxes[i][0].stop for i in keep) * step
+  c0 = min(boxes[i][1].start for i in keep) * step
+  c1 = max(boxes[i][1].stop for i in keep) * step
+  gr, gc = 0.15 * (r1 - r0) + margin_px, 0.15 * (c1 - c0) + margin_px
+  r0, r1 = max(0, int(r0 - gr)), min(h, int(math.ceil(r1 + gr)))
+  c0, c1 = max(0, int(c0 - gc)), min(w, int(math.ceil(c1 + gc)))
+  if (r1 - r0) * (c1 - c0) > max_fraction * h * w:
+    return None
+  return r0, r1, c0, c1
+
+
+def _translation_grid(fixed_mask_or_image, fixed_px, moving_extent_um, limit=3):
+  """Shifts (µm) of the fixed centre of mass spread over the fixed tissue, when the moving field is small."""
+  weights = np.asarray(fixed_mask_or_image, np.float64)
+  rows, cols = np.nonzero(weights > 0)
+  if rows.size == 0:
+    return ((0.0, 0.0),)
+  ys, xs = rows * fixed_px[0], cols * fixed_px[1]
+  com = np.array([np.average(xs, weights=weights[rows, cols]), np.average(ys, weights=weights[rows, cols])])
+  out = []
+  axes = []
+  for lo, hi, extent in ((xs.min(), xs.max(), moving_extent_um[0]), (ys.min(), ys.max(), moving_extent_um[1])):
+    span = hi - lo
+    n = int(min(limit, max(1, math.ceil(span / max(extent, 1e-9) - 0.2))))
+    axes.append(np.linspace(lo + span / (2 * n), hi - span / (2 * n), n) if n > 1 else np.array([(lo + hi) / 2]))
+  if len(axes[0]) == 1 and len(axes[1]) == 1:
+    return ((0.0, 0.0),)
+  for y in axes[1]:
+    for x in axes[0]:
+      out.append((float(x - com[0]), float(y - com[1])))
+  return tuple(out)
+
+
 def register_msi_to_histology(
   histology: jax.typing.ArrayLike,
   synthetic_he: jax.typing.ArrayLike,
@@ -1007,22 +1090,35 @@ def register_msi_to_histology(
   histology_mask: jax.typing.ArrayLike | None = None,
   msi_mask: jax.typing.ArrayLike | None = None,
   config: RegistrationConfig | None = None,
+  crop_to_tissue: bool = True,
+  pixel_size_uncertain: bool = False,
 ) -> RegistrationResult:
-  """Registers synthetic H&E (on the MSI grid, moving) to real H&E (fixed), allowing flips and 90° turns.
+  """Registers an MSI image (synthetic H&E, or an image made from the MSI, on the MSI grid; moving) to histology
+  (fixed), allowing flips and 90° turns.
 
   The default configuration differs from `register`'s: `flips_and_rot90=True` (a section may be mounted turned or
-  face down), similarity "mi", and `working_pixel_size_um` = half the MSI pixel size (finer histology detail cannot
-  be matched by MSI). Carry the MSI with `warp_msi(msi, result.transform, histology.shape[:2],
-  histology_pixel_size_um)`.
+  face down) and `working_pixel_size_um` = half the MSI pixel size (finer histology detail cannot be matched by
+  MSI). Before registering:
+  - with `crop_to_tissue` (default) and RGB histology, the histology is cropped to its tissue (`tissue_crop`:
+    the largest tissue components, with labels, debris and slide edges left out), so that a small section on a
+    large slide fills the field; the crop is in `result.notes["tissue_crop"]` and the returned transform maps
+    the whole histology's µm (as if not cropped);
+  - when the MSI field is smaller than the histology's tissue, the starts are also tried at up to 3 × 3 positions
+    spread over the tissue (`start_offsets_um`), so that the MSI region can be found anywhere on it;
+  - with `pixel_size_uncertain`, the starts also search the scale: from the ratio of the two images' spreads
+    (`moment_scale`) times 0.7, 1 and 1.4, with scales from 0.05 to 20 accepted.
+  Carry the MSI with `warp_msi(msi, result.transform, histology.shape[:2], histology_pixel_size_um)`.
 
   Args:
     histology: (H, W, 3) RGB (or grey) histology, fixed.
-    synthetic_he: (h, w, 3) synthetic H&E on the MSI grid, moving.
+    synthetic_he: (h, w, 3) synthetic H&E, or (h, w) an MSI image (TIC, an ion, a principal component), moving.
     histology_pixel_size_um: histology pixel size, float or (y, x).
     msi_pixel_size_um: MSI pixel size, float or (y, x).
     histology_mask: optional tissue mask on the histology grid.
-    msi_mask: optional measured-pixel mask on the MSI grid.
-    config: options replacing the defaults above.
+    msi_mask: optional measured-pixel mask on the MSI grid (the region of interest the MSI was acquired in).
+    config: options replacing the defaults above (the crop, translation and scale searches still apply).
+    crop_to_tissue: crop the histology to its tissue first (see above).
+    pixel_size_uncertain: search the scale too (see above).
 
   Returns:
     A `RegistrationResult` whose transform maps histology µm → MSI µm.
@@ -1030,14 +1126,61 @@ def register_msi_to_histology(
   Raises:
     ConfigError, DataError, RegistrationError: see `register`.
   """
+  py, px = tf.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
+  hy, hx = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
   if config is None:
-    py, px = tf.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
-    hy, hx = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
     working = max(math.sqrt(py * px) / 2.0, math.sqrt(hy * hx))
     config = RegistrationConfig(flips_and_rot90=True, working_pixel_size_um=working)
-  return register(histology, synthetic_he, fixed_pixel_size_um=histology_pixel_size_um,
-                  moving_pixel_size_um=msi_pixel_size_um, fixed_mask=histology_mask, moving_mask=msi_mask,
-                  config=config)  # fmt: skip
+  histology = np.asarray(histology)
+  moving = np.asarray(synthetic_he)
+  notes = {}
+  crop = None
+  if crop_to_tissue:
+    msi_extent_px = 0.5 * max(moving.shape[0] * py / hy, moving.shape[1] * px / hx)
+    crop = tissue_crop(histology, margin_px=0.25 * msi_extent_px)
+  full_shape = histology.shape[:2]
+  if crop is not None:
+    r0, r1, c0, c1 = crop
+    histology = histology[r0:r1, c0:c1]
+    if histology_mask is not None:
+      histology_mask = np.asarray(histology_mask)[r0:r1, c0:c1]
+    notes["tissue_crop"] = {"rows": [r0, r1], "cols": [c0, c1]}
+  changes = {}
+  if pixel_size_uncertain:
+    changes.update(moment_scale=True, start_scales=(0.7, 1.0, 1.4), min_scale=min(config.min_scale, 0.05),
+                   max_scale=max(config.max_scale, 20.0))  # fmt: skip
+    notes["scale_search"] = True
+  if tuple(config.start_offsets_um) == ((0.0, 0.0),):
+    moving_extent = (moving.shape[1] * px, moving.shape[0] * py)
+    if histology_mask is not None:
+      weights = np.asarray(histology_mask, np.float64)
+    else:
+      from msisynth.io.histology import tissue_mask
+
+      rgb = histology[..., :3] if histology.ndim == 3 and histology.shape[2] >= 3 else None
+      if rgb is not None and rgb.dtype != np.uint8:
+        rgb = np.clip(rgb.astype(np.float32), 0.0, 1.0)
+      weights = tissue_mask(rgb) if rgb is not None else np.ones(histology.shape[:2])
+    offsets = _translation_grid(weights, (hy, hx), moving_extent)
+    if len(offsets) > 1:
+      changes.update(start_offsets_um=offsets, principal_axes=False)
+      notes["translation_search_starts"] = len(offsets)
+  if changes:
+    config = dataclasses.replace(config, **changes)
+  result = register(histology, moving, fixed_pixel_size_um=(hy, hx), moving_pixel_size_um=(py, px),
+                    fixed_mask=histology_mask, moving_mask=msi_mask, config=config)  # fmt: skip
+  if crop is None:
+    return dataclasses.replace(result, notes={**result.notes, **notes})
+  # The crop's pixel (0, 0) is the full image's (r0, c0): x_crop = x_full - offset.
+  shift = np.eye(3)
+  shift[:2, 2] = (-crop[2] * hx, -crop[0] * hy)
+
+  def uncrop(t):
+    return AffineTransform(jnp.asarray(np.asarray(t.matrix, np.float64) @ shift, jnp.float32))
+
+  cands = tuple(dataclasses.replace(c, transform=uncrop(c.transform)) for c in result.candidates)
+  return dataclasses.replace(result, transform=cands[0].transform, candidates=cands, fixed_shape=tuple(full_shape),
+                             notes={**result.notes, **notes})  # fmt: skip
 
 
 def result_summary(result: RegistrationResult) -> dict[str, Any]:
@@ -1054,6 +1197,12 @@ def result_summary(result: RegistrationResult) -> dict[str, Any]:
     "mirrored": result.mirrored,
     "rotation_deg": tf.rotation_deg(result.transform),
     "warnings": list(result.warnings),
+    "success": result.success,
+    "gain": result.gain,
+    "moving_overlap": result.moving_overlap,
+    "agreement": result.agreement,
+    "turn_ambiguous": result.turn_ambiguous,
+    "notes": result.notes,
     "candidates": [
       {"metric": c.metric, "start": c.start, "matrix": np.asarray(c.transform.matrix, np.float64).tolist()}
       for c in result.candidates

@@ -29,7 +29,6 @@ Writes benchmarks/results/bench_register.json (and prints a table).
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import platform
@@ -84,7 +83,8 @@ def run_msisynth(fixed, moving, fpx, mpx, flips):
     return None, time.perf_counter() - start, {"error": str(e), "success_flag": False}
   info = {"success_flag": r.success, "gain": r.gain, "uncertainty_um": r.uncertainty_um, "overlap": r.overlap,
           "moving_overlap": r.moving_overlap, "agreement": r.agreement, "turn_ambiguous": r.turn_ambiguous,
-          "warnings": list(r.warnings), "start": r.start, "iterations": list(r.iterations), "metric": r.metric}  # fmt: skip
+          "warnings": list(r.warnings), "start": r.start, "iterations": list(r.iterations),
+          "metric": r.metric}  # fmt: skip
   return r.transform, time.perf_counter() - start, info
 
 
@@ -240,7 +240,7 @@ def main(argv):
         rows.append(row)
         logging.info("size %d %s %d %-9s err %s px in %.2f s %s", size, appearance, i, method,
                      "-" if err[0] is None else f"{err[0]:.2f}", seconds,
-                     "" if method != "msisynth" else f"success={info.get('success_flag')} gain={info.get('gain')}")  # fmt: skip
+                     "" if method != "msisynth" else f"success={info.get('success_flag')}")  # fmt: skip
     results["sizes"][str(size)] = {"summary": summarise(rows), "cases": rows}
     output.write_text(json.dumps(outputs.json_ready(results), indent=2) + "\n")
 

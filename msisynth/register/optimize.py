@@ -1006,6 +1006,27 @@ def register_batch(
                          moving_pixel_size_um, config, None, on_failure)  # fmt: skip
 
 
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache, so that a new process reuses the registration's compiled
+  level functions rather than compiling them again (the cold start of a command-line run).
+
+  Args:
+    path: cache folder; default `$MSISYNTH_JAX_CACHE` or `~/.cache/msisynth/jax`.
+
+  Returns:
+    The cache folder.
+  """
+  import os
+
+  folder = path or os.environ.get("MSISYNTH_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                          "msisynth", "jax")  # fmt: skip
+  os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder
+
+
 def tissue_crop(histology: np.ndarray, *, margin_px: float = 0.0, max_fraction: float = 0.6) -> tuple[int, ...] | None:
   """The part of a histology image that holds its tissue: (row0, row1, col0, col1), or None to keep it all.
 

@@ -18,12 +18,13 @@ import json
 import math
 import os
 import pathlib
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register import transforms as tf
 from msisynth.register.bspline import BSplineTransform
 from msisynth.register.transforms import AffineTransform, pixel_size_yx
@@ -259,7 +260,7 @@ def save_itk_transform(
              "FixedParameters: " + " ".join(repr(float(v)) for v in fixed)]  # fmt: skip
   else:
     lines = ["#Insight Transform File V1.0", "#Transform 0", *affine_lines]
-  target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  outputs.atomic_write(target, "\n".join(lines) + "\n")
   return target
 
 
@@ -350,7 +351,7 @@ def load_itk_transform(path: str | os.PathLike) -> AffineTransform | BSplineTran
   return _affine_from_fields(blocks[0] if blocks else {}, path)
 
 
-_FIELD_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+_FIELD_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 
 
 def save_displacement_field(
@@ -364,7 +365,7 @@ def save_displacement_field(
   """Writes a transform as a dense displacement field on the fixed grid: field(x) = T(x) - x, µm.
 
   `.npy`: a float32 (H, W, 2) array, [..., 0] along x and [..., 1] along y, at the pixel centres
-  (col·px, row·py). `.nii`, `.nii.gz`, `.mha`, `.mhd`, `.nrrd`: an ITK vector image (float64, spacing = pixel size,
+  (col·px, row·py). `.nii`, `.nii.gz`, `.mha`, `.nrrd`: an ITK vector image (float64, spacing = pixel size,
   origin 0) that `SimpleITK.DisplacementFieldTransform(SimpleITK.ReadImage(path, SimpleITK.sitkVectorFloat64))`
   turns into the same FIXED → MOVING map (linear between pixel centres).
 
@@ -402,7 +403,7 @@ def save_displacement_field(
     raise errors.ConfigError("the displacement field is not finite")
   target = _target(path, overwrite)
   if name.endswith(".npy"):
-    with open(target, "wb") as f:
+    with outputs.atomic_path(target) as tmp, open(tmp, "wb") as f:
       np.save(f, field)
     return target
   import SimpleITK as sitk
@@ -410,7 +411,10 @@ def save_displacement_field(
   image = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
   image.SetSpacing((px, py))
   image.SetOrigin((0.0, 0.0))
-  sitk.WriteImage(image, str(target))
+  # ITK picks the format from the whole name (.nii.gz), so the temporary file keeps it, in a folder beside it.
+  with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+    sitk.WriteImage(image, os.path.join(tmp, target.name))
+    os.replace(os.path.join(tmp, target.name), target)
   return target
 
 

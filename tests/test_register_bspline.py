@@ -257,3 +257,53 @@ def test_register_deformable_refuses_bad_input():
     bad = fixed.copy()
     bad[0, 0] = np.nan
     bs.register_deformable(bad, moving, AffineTransform.identity())
+
+
+# ------------------------------------------------------------------------------------------ annotation transfer
+
+
+def _square_regions():
+  from msisynth import regions as R
+
+  labels = np.zeros((260, 360), np.int32)
+  labels[100:200, 200:300] = 1
+  polygon = R.Polygon(np.array([[199.5, 99.5], [299.5, 99.5], [299.5, 199.5], [199.5, 199.5]]))
+  return labels, [R.Region("gland", (polygon,))]
+
+
+def test_regions_follow_a_deformable_transform():
+  from msisynth import regions as R
+
+  labels_hist, regions = _square_regions()
+  kwargs = dict(histology_pixel_size_um=2.0, msi_pixel_size_um=20.0)
+  affine = AffineTransform.from_linear(np.eye(2), [-100.0, -50.0])
+  grid = bs.BSplineTransform.for_image(labels_hist.shape, 100.0, fixed_pixel_size_um=2.0, affine=affine)
+  # Constant coefficients: a translation by (30, -20) µm before the affine, inside the histology image.
+  c = np.zeros(grid.coefficients.shape)
+  c[0], c[1] = 30.0, -20.0
+  shifted = bs.BSplineTransform.create(affine, c, np.asarray(grid.grid_origin_um), np.asarray(grid.grid_spacing_um))
+  same = AffineTransform.from_linear(np.eye(2), [-70.0, -70.0])
+  for what in (regions, labels_hist):
+    for method in ("majority", "nearest"):
+      expected, _ = R.regions_to_msi(what, same, (24, 32), method=method, **kwargs)
+      got, _ = R.regions_to_msi(what, shifted, (24, 32), method=method, **kwargs)
+      np.testing.assert_array_equal(got, expected, err_msg=f"{type(what).__name__} {method}")
+  # A genuine deformation: polygons and the majority vote agree but for a few boundary pixels, and both moved.
+  c = np.random.default_rng(0).normal(size=grid.coefficients.shape) * 15.0
+  bent = bs.BSplineTransform.create(affine, c, np.asarray(grid.grid_origin_um), np.asarray(grid.grid_spacing_um))
+  from_polygons, _ = R.regions_to_msi(regions, bent, (24, 32), **kwargs)
+  from_labels, _ = R.regions_to_msi(labels_hist, bent, (24, 32), **kwargs)
+  unbent, _ = R.regions_to_msi(regions, affine, (24, 32), **kwargs)
+  area = np.count_nonzero(from_polygons)
+  assert 70 <= area <= 130  # the 200 µm square is 100 MSI pixels; the deformation changes its area a little
+  assert np.count_nonzero(from_polygons != from_labels) <= 0.1 * area
+  assert np.count_nonzero(from_polygons != unbent) > 0
+
+
+def test_tre_through_a_deformable_transform():
+  from msisynth.register import evaluate
+
+  t = _transform(scale=1.0)
+  pts = _fixed_points(10)
+  tre = evaluate.target_registration_error(t, pts, np.asarray(t.apply(pts)) + [3.0, 4.0], 1.0)
+  assert tre["mean_um"] == pytest.approx(5.0, abs=1e-3)

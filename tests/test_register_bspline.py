@@ -307,3 +307,38 @@ def test_tre_through_a_deformable_transform():
   pts = _fixed_points(10)
   tre = evaluate.target_registration_error(t, pts, np.asarray(t.apply(pts)) + [3.0, 4.0], 1.0)
   assert tre["mean_um"] == pytest.approx(5.0, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_with_deformable_refinement(shared_data, tmp_path_factory, tmp_path):
+  import json
+
+  import test_pipeline as tp
+
+  from msisynth import io as msi_io
+  from msisynth import pipeline
+
+  root = tmp_path_factory.mktemp("sections")
+  tp._write_section(root / "shifted", tp._he_crop(shared_data, (0, 0)), mirrored=False, seed=0)
+  (root / "regions.geojson").write_text(json.dumps(tp.REGIONS))
+  inputs = tp._inputs(root, "shifted", regions=root / "regions.geojson", landmarks=root / "shifted" / "landmarks.csv")
+  config = bs.DeformableConfig(levels=1, max_iterations=20, max_samples=2048)
+  out = tmp_path / "report"
+  result = pipeline.process_section(inputs, tp.perfect_synthesizer, registration_config=tp.REGISTRATION,
+                                    deformable=True, bspline_spacing_um=300.0, deformable_config=config,
+                                    out_dir=out, figures=False)  # fmt: skip
+  assert isinstance(result.transform, bs.BSplineTransform)
+  np.testing.assert_allclose(result.transform.grid_spacing_um, [300.0, 300.0])
+  # The synthesizer is perfect: the deformation stays small and the landmarks stay put.
+  assert result.metrics["deformable"]["max_displacement_um"] < 0.5 * tp.MSI_PX
+  assert result.tre["mean_px"] < 0.5
+  # The cube went through the deformable transform, and the report holds it for ITK.
+  msi = msi_io.read_imzml(root / "shifted" / "simulated_msi.imzML", **tp.READ)
+  cube = np.load(out / "msi_in_histology_space.npy", mmap_mode="r")
+  np.testing.assert_allclose(cube, tf.warp_msi(msi, result.transform, tp.CROP, tp.HE_PX).cube, rtol=1e-5, atol=1e-4)
+  assert isinstance(transform_io.load_itk_transform(out / "transform.tfm"), bs.BSplineTransform)
+  assert isinstance(transform_io.load_transform_json(out / "transform.json"), bs.BSplineTransform)
+  assert "B-spline" in (out / "report.md").read_text()
+  assert set(result.region_names.values()) == {"Tumor", "Normal"}

@@ -58,7 +58,7 @@ MIN_REGION_PIXELS = 3
 # Histogram bins of the evaluation MI (bits) reported before and after registration.
 MI_BINS = 32
 # Default control-point spacing of the deformable stage, in MSI pixels.
-DEFORMABLE_SPACING_MSI_PX = 8
+DEFORMABLE_SPACING_MSI_PX = 20
 
 # File names of a section report, in the order `report.md` lists them.
 REPORT_FILES = {

@@ -520,7 +520,7 @@ class DeformableConfig:
   similarity: str = "mi"
   bins: int = 32
   kernel: str = "bspline"
-  bending_weight: float = 0.1
+  bending_weight: float = 0.3
   working_pixel_size_um: float | None = None
   max_iterations: int | tuple[int, ...] = 100
   learning_rate: float = 0.5

@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 
 from experiments import register_sections
-from msisynth import errors, pipeline, simulate, synthesize
+from msisynth import batch, errors, pipeline, simulate, synthesize
 from msisynth import io as msi_io
 from msisynth.register import optimize
 from msisynth.register.transforms import AffineTransform, warp_image
@@ -152,7 +152,14 @@ def test_batch_runs_reports_failures_and_resumes(templates, tmp_path):
     assert done["summary"]["status"] == "ok" and "report.md" in done["files"]
     assert (out / name / "msi_in_histology_space.npy").is_file()
   # Nothing is left under a failed section's name, nor any temporary folder.
-  assert sorted(p.name for p in out.iterdir()) == ["a_shifted", "b_mirrored", "batch.json", "summary.csv", "summary.md"]
+  assert sorted(p.name for p in out.iterdir()) == [
+    ".msisynth",
+    "a_shifted",
+    "b_mirrored",
+    "batch.json",
+    "summary.csv",
+    "summary.md",
+  ]
 
   # Interrupt b (its marker is gone) and leave a temporary folder behind, then run again: a is skipped,
   # b is redone and moved into place, the leftover is cleaned.
@@ -271,10 +278,11 @@ def test_flags_reach_the_pipeline_and_foreign_output_is_kept(templates, tmp_path
     return types.SimpleNamespace(metrics={"simulated": True, "mi_after": 1.0}, paths={"report": out_dir / "report.md"})
 
   monkeypatch.setattr(pipeline, "process_section", fake_process_section)
-  monkeypatch.setattr(register_sections, "_load_synthesizer", lambda checkpoint, which: "synthesizer")
+  monkeypatch.setattr(batch, "load_synthesizer", lambda checkpoint, which: "synthesizer")
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "my_notes.txt").write_text("keep me")
   out = tmp_path / "out"
-  out.mkdir()
-  (out / "my_notes.txt").write_text("keep me")
   argv = [
     f"--sections={sections}",
     f"--checkpoint={tmp_path}",
@@ -288,15 +296,16 @@ def test_flags_reach_the_pipeline_and_foreign_output_is_kept(templates, tmp_path
     "--output_pixel_size_um=10",
     "--registration_levels=2",
   ]
-  # A folder holding something else is refused without --overwrite, and left as it was.
-  assert register_sections.run_from_flags(_flags(*argv)) == 2
-  assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"] and not calls
+  # A folder msisynth did not create is refused, even with --overwrite, and left as it was.
+  for extra in ([], ["--overwrite"]):
+    assert register_sections.run_from_flags(_flags(*argv, f"--output_dir={foreign}", *extra)) == 2
+  assert sorted(p.name for p in foreign.iterdir()) == ["my_notes.txt"] and not calls
 
-  assert register_sections.run_from_flags(_flags(*argv, "--overwrite")) == 0
+  assert register_sections.run_from_flags(_flags(*argv)) == 0
   ((inputs, options),) = calls
   assert inputs.histology_pixel_size_um == (2.5, 2.5) and inputs.msi_pixel_size_um == (50.0, 50.0)
   assert inputs.regions == templates / "regions.geojson" and inputs.name == "s1"
   assert inputs.read_options == {"bin_width": 5.0, "bin_unit": "ppm", "mz_range": (450.0, 950.0)}
   assert options["flips"] is False and options["output_pixel_size_um"] == 10.0 and options["figures"] is True
   assert options["registration_config"].levels == 2
-  assert (out / "my_notes.txt").read_text() == "keep me" and (out / "s1" / "DONE.json").is_file()
+  assert (foreign / "my_notes.txt").read_text() == "keep me" and (out / "s1" / "DONE.json").is_file()

@@ -309,3 +309,77 @@ def test_flags_reach_the_pipeline_and_foreign_output_is_kept(templates, tmp_path
   assert options["flips"] is False and options["output_pixel_size_um"] == 10.0 and options["figures"] is True
   assert options["registration_config"].levels == 2
   assert (foreign / "my_notes.txt").read_text() == "keep me" and (out / "s1" / "DONE.json").is_file()
+
+
+def test_shards_split_the_sections_and_merge(templates, tmp_path, monkeypatch):
+  sections = tmp_path / "sections"
+  for name in ("s0", "s1", "s2", "s3", "s4"):
+    _copy(templates, "shifted", sections / name)
+
+  def fake_process_section(inputs, synthesizer, *, out_dir, **options):
+    pathlib.Path(out_dir).mkdir()
+    (pathlib.Path(out_dir) / "report.md").write_text(inputs.name)
+    metrics = {"simulated": True, "mi_after": float(inputs.name[1:]), "converged": True}
+    return types.SimpleNamespace(metrics=metrics, paths={"report": out_dir / "report.md"})
+
+  monkeypatch.setattr(pipeline, "process_section", fake_process_section)
+  out = tmp_path / "out"
+  kwargs = dict(synthesizer=lambda msi: None, histology_pixel_size_um=HE_PX, read_options=READ)
+  ran = {}
+  # Shard 1 of 2 first: the shards need no order and no coordination.
+  for shard in ("1/2", "0/2"):
+    ran[shard] = [row["section"] for row in register_sections.run_batch(sections, out, shard=shard, **kwargs)]
+  assert ran == {"0/2": ["s0", "s2", "s4"], "1/2": ["s1", "s3"]}
+  assert not (out / "summary.csv").exists()
+  assert (out / "summary.shard-0-of-2.csv").is_file() and (out / "batch.shard-1-of-2.json").is_file()
+
+  # The merge step, from the command line.
+  assert register_sections.run_from_flags(_flags("--merge", f"--output_dir={out}")) == 0
+  summary = _read_summary(out)
+  assert list(summary) == ["s0", "s1", "s2", "s3", "s4"]
+  assert [float(row["mi_after"]) for row in summary.values()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+  assert "5 of 5 sections registered" in (out / "summary.md").read_text()
+  # A shard run again resumes: its sections are done.
+  rows = register_sections.run_batch(sections, out, shard="0/2", **kwargs)
+  assert {row["run"] for row in rows} == {"earlier"}
+  with pytest.raises(errors.ConfigError, match="shard"):
+    register_sections.run_batch(sections, out, shard="2/2", **kwargs)
+
+
+def test_exports_beside_the_report(templates, tmp_path):
+  import spatialdata
+  import tifffile
+
+  sections = tmp_path / "sections"
+  _copy(templates, "mirrored", sections / "m")
+  out = tmp_path / "out"
+  rows = register_sections.run_batch(
+    sections,
+    out,
+    synthesizer=perfect_synthesizer,
+    histology_pixel_size_um=HE_PX,
+    regions=templates / "regions.geojson",
+    read_options=READ,
+    registration_config=REGISTRATION,
+    figures=False,
+    output_format=["spatialdata", "ome_tiff", "geojson"],
+    export_options={"n_segments": 3},
+  )
+  assert rows[0]["status"] == "ok", rows[0]["error"]
+  folder = out / "m"
+  assert not (folder / "msi_in_histology_space.npy").exists()  # "npy" was not asked for
+  sdata = spatialdata.read_zarr(folder / "section.zarr")
+  assert {"histology", "msi"} <= set(sdata.images) and "regions" in sdata.shapes
+  truth = AffineTransform.from_matrix(json.loads((folder / "transform.json").read_text())["matrix_fixed_to_moving_um"])
+  from spatialdata import transformations as st
+
+  between = st.get_transformation_between_coordinate_systems(
+    sdata, "histology", "msi", intermediate_coordinate_systems=sdata.images["histology"]
+  )
+  matrix = np.asarray(between.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
+  np.testing.assert_allclose(matrix, np.asarray(truth.matrix, np.float64), atol=1e-5)
+  with tifffile.TiffFile(folder / "ion_images.ome.tif") as tif:
+    assert tif.series[0].shape[1:] == CROP
+  assert len(json.loads((folder / "msi_segments.geojson").read_text())["features"]) == 3
+  done = json.loads((folder / register_sections.DONE_MARKER).read_text())
+  assert {"section.zarr", "ion_images.ome.tif", "msi_segments.geojson"} <= set(done["files"])

@@ -496,8 +496,12 @@ class PatchDataset:
       out[b] = (index, row, col, op)
     return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
     """The training batch at `step`, a function of (seed, step) only.
+
+    Args:
+      step: the training step.
+      rows: only these rows of the batch (a process's share in a job of several, `msisynth.distributed`).
 
     Returns:
       {"msi": (B, P, P, k) float32 in [-1, 1], "histology": (B, P, P, 3) float32 in [-1, 1],
@@ -506,7 +510,10 @@ class PatchDataset:
     Raises:
       ConfigError: for a negative or non-integer step.
     """
-    return self._stack([self._extract(int(i), int(r), int(c), int(op)) for i, r, c, op in self.sample_positions(step)])
+    positions = self.sample_positions(step)
+    if rows is not None:
+      positions = positions[rows]
+    return self._stack([self._extract(int(i), int(r), int(c), int(op)) for i, r, c, op in positions])
 
   def tile_positions(self, stride: int | None = None) -> np.ndarray:
     """(N, 3) int64 rows of (pair index, top row, left column) of patches tiling the allowed regions.

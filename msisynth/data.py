@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from msisynth import datasets, errors, simulate
+from msisynth import datasets, errors, progress, simulate
 from msisynth import io as msi_io
 from msisynth.preprocess import MSIPreprocessor
 from msisynth.register.transforms import AffineTransform, warp_image
@@ -877,8 +877,10 @@ def semi_synthetic_pairs(
       **simulate_kwargs,
     )
 
-  sims = [simulated(i, he, p) for i, (he, p) in enumerate(zip(train_he, he_paths))]
-  val_sims = [simulated(len(sims) + i, he, p) for i, (he, p) in enumerate(zip(val_he, val_he_paths))]
+  slides = progress.track(zip(train_he + val_he, he_paths + val_he_paths), desc="simulating slides",
+                          total=len(he_paths) + len(val_he_paths), unit="slide")  # fmt: skip
+  every = [simulated(i, he, p) for i, (he, p) in enumerate(slides)]
+  sims, val_sims = every[: len(he_paths)], every[len(he_paths) :]
 
   splits = []
   for i, sim in enumerate(sims):

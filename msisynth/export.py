@@ -675,6 +675,104 @@ def write_geojson_regions(path: str | os.PathLike, regions, *, overwrite: bool =
 # A section's exports.
 
 
+def write_exports(
+  out_dir: str | os.PathLike,
+  output_format: Sequence[str],
+  *,
+  histology: np.ndarray,
+  histology_pixel_size_um: float | tuple[float, float],
+  msi: MSIImage,
+  transform,
+  msi_pixel_size_um: float | tuple[float, float] | None = None,
+  regions: str | os.PathLike | Sequence[Any] | None = None,
+  region_names: Mapping[int, str] | None = None,
+  region_stats=None,
+  mz_values: Sequence[float] | None = None,
+  n_ions: int = 4,
+  n_segments: int = 4,
+  seed: int = 0,
+  simulated: bool | None = None,
+  name: str = "section",
+  overwrite: bool = False,
+) -> dict[str, pathlib.Path]:
+  """Writes the exports asked for of one registered section into `out_dir` (names in `EXPORT_FILES`).
+
+  "npy" is not written here (the pipeline's report writes the dense cube); the other formats are.
+
+  Args:
+    out_dir: the folder.
+    output_format: formats from `OUTPUT_FORMATS`.
+    histology: the H&E (H, W, 3) the exports are placed on (the grid of the OME-TIFF and of the GeoJSON).
+    histology_pixel_size_um: its pixel size, µm.
+    msi: the MSI image on its own grid.
+    transform: the registration, histology (fixed) µm → MSI (moving) µm.
+    msi_pixel_size_um: None for `msi.pixel_size_um`.
+    regions: the section's regions (a GeoJSON path or `Region`s on this H&E), for the SpatialData shapes.
+    region_names: {label: name} of `regions_to_msi`, matching `region_stats`.
+    region_stats: `msisynth.regions.RegionStats`, stored with the shapes.
+    mz_values: ions of the OME-TIFF; None: the `n_ions` channels of highest mean intensity.
+    n_ions: how many ions when `mz_values` is None.
+    n_segments: k of the k-means segments ("geojson"; also stored in the SpatialData).
+    seed: seed of the k-means.
+    simulated: whether the data are simulated (None: the MSI's metadata).
+    name: the section's name.
+    overwrite: replace existing export files.
+
+  Returns:
+    {format: path} of what was written.
+
+  Raises:
+    ConfigError: an unknown format, or no MSI pixel size.
+    OutputExistsError: an export exists and `overwrite` is False.
+  """
+  from msisynth import regions as msi_regions
+
+  formats = check_output_format(output_format)
+  out = pathlib.Path(out_dir)
+  msi_px = msi_pixel_size_um if msi_pixel_size_um is not None else msi.pixel_size_um
+  if msi_px is None:
+    raise errors.ConfigError("the MSI has no pixel size; pass msi_pixel_size_um")
+  written: dict[str, pathlib.Path] = {}
+  segments = None
+  if "geojson" in formats or "spatialdata" in formats:
+    segments = kmeans_segments(seed, msi, max(1, min(int(n_segments), int(np.sum(msi.mask)))))
+  if "spatialdata" in formats:
+    drawn = msi_regions.read_geojson_regions(regions) if isinstance(regions, str | os.PathLike) else regions
+    sdata = to_spatialdata(
+      histology,
+      histology_pixel_size_um,
+      msi,
+      transform,
+      msi_pixel_size_um=msi_px,
+      regions=drawn,
+      region_names=region_names,
+      region_stats=region_stats if drawn else None,
+      segments=segments,
+      simulated=simulated,
+      name=name,
+    )
+    written["spatialdata"] = write_spatialdata(out / EXPORT_FILES["spatialdata"], sdata, overwrite=overwrite)
+  if "ome_tiff" in formats:
+    if mz_values is None:
+      mz_values = _most_intense(msi, n_ions)
+    ions = ion_images_in_histology(msi, transform, mz_values, np.shape(histology)[:2], histology_pixel_size_um,
+                                   msi_pixel_size_um=msi_px)  # fmt: skip
+    written["ome_tiff"] = write_ome_tiff(
+      out / EXPORT_FILES["ome_tiff"],
+      ions,
+      histology_pixel_size_um,
+      channel_names=[f"m/z {mz:.4f}" for mz in mz_values],
+      overwrite=overwrite,
+    )
+  if "geojson" in formats:
+    segment_regions = labels_to_regions(
+      segments, transform, msi_pixel_size_um=msi_px, histology_pixel_size_um=histology_pixel_size_um
+    )
+    written["geojson"] = write_geojson_regions(out / EXPORT_FILES["geojson"], segment_regions, overwrite=overwrite)
+  logging.info("[%s] exports: %s", name, ", ".join(f"{k} → {p.name}" for k, p in written.items()) or "none")
+  return written
+
+
 def write_section_exports(
   result,
   out_dir: str | os.PathLike,
@@ -684,30 +782,24 @@ def write_section_exports(
   regions: str | os.PathLike | None = None,
   msi: MSIImage | None = None,
   mz_values: Sequence[float] | None = None,
-  n_ions: int = 4,
-  n_segments: int = 4,
-  seed: int = 0,
-  overwrite: bool = False,
+  **options,
 ) -> dict[str, pathlib.Path]:
-  """Writes the exports asked for beside a section's report (what the launchers' --output_format selects).
+  """`write_exports` for a `msisynth.pipeline.SectionResult`, beside its report (the launchers' --output_format).
 
   Args:
-    result: a `msisynth.pipeline.SectionResult`.
+    result: the section's result.
     out_dir: the section's report folder.
     output_format: formats from `OUTPUT_FORMATS`. Without "npy" the dense cube in histology space
       (msi_in_histology_space.npy) is removed from the folder: the other formats keep the MSI on its own grid.
-    histology: the full-resolution H&E (path or array) for "spatialdata" and for the grid of "ome_tiff"; None
-      uses the pipeline's registration copy at its working pixel size.
+    histology: the full-resolution H&E (path or array); None uses the pipeline's registration copy at its
+      working pixel size.
     regions: the section's GeoJSON (its regions go into the SpatialData as shapes with their statistics).
     msi: the MSI image; None uses the one the result kept.
     mz_values: ions of the OME-TIFF; None takes the most differential ions (or the most intense).
-    n_ions: how many ions when `mz_values` is None.
-    n_segments: k of the k-means segments ("geojson"; also stored in the SpatialData).
-    seed: seed of the k-means.
-    overwrite: replace existing export files.
+    **options: more keyword arguments of `write_exports` (n_ions, n_segments, seed, overwrite).
 
   Returns:
-    {format: path} of what was written.
+    {format: path} of what was written (also added to `result.paths` as "export_<format>").
 
   Raises:
     ConfigError: an unknown format, or no MSI to export.
@@ -715,76 +807,47 @@ def write_section_exports(
   from msisynth import io as msi_io
 
   formats = check_output_format(output_format)
-  out = pathlib.Path(out_dir)
   msi = msi if msi is not None else getattr(result, "_msi", None)
-  written: dict[str, pathlib.Path] = {}
   if msi is None and set(formats) - {"npy"}:
     raise errors.ConfigError("the section result keeps no MSI image; pass msi=")
   if isinstance(histology, str | os.PathLike):
-    histology = msi_io.read_histology(histology)
-    he_px = result.histology_pixel_size_um
+    histology, he_px = msi_io.read_histology(histology), result.histology_pixel_size_um
   elif histology is None:
     histology, he_px = result.histology_working, result.working_pixel_size_um
   else:
     he_px = result.histology_pixel_size_um
-  msi_px = result.msi_pixel_size_um
-  segments = None
-  if "geojson" in formats or "spatialdata" in formats:
-    k = max(1, min(int(n_segments), int(np.sum(msi.mask))))
-    segments = kmeans_segments(seed, msi, k)
-
-  if "spatialdata" in formats:
-    drawn = None
-    if regions is not None:
-      from msisynth import regions as msi_regions
-
-      drawn = msi_regions.read_geojson_regions(regions)
-    sdata = to_spatialdata(
-      histology,
-      he_px,
-      msi,
-      result.transform,
-      msi_pixel_size_um=msi_px,
-      regions=drawn,
+  differential = getattr(result, "differential", None)
+  if mz_values is None and differential is not None and len(differential.mz):
+    mz_values = [float(v) for v in differential.mz[: int(options.get("n_ions", 4))]]
+  written = {}
+  if set(formats) - {"npy"}:
+    written = write_exports(
+      out_dir,
+      [f for f in formats if f != "npy"],
+      histology=histology,
+      histology_pixel_size_um=he_px,
+      msi=msi,
+      transform=result.transform,
+      msi_pixel_size_um=result.msi_pixel_size_um,
+      regions=regions,
       region_names=result.region_names,
-      region_stats=result.region_stats if drawn else None,
-      segments=segments,
+      region_stats=result.region_stats,
+      mz_values=mz_values,
       simulated=result.simulated,
       name=result.name,
+      **options,
     )
-    written["spatialdata"] = write_spatialdata(out / EXPORT_FILES["spatialdata"], sdata, overwrite=overwrite)
-  if "ome_tiff" in formats:
-    if mz_values is None:
-      mz_values = _chosen_ions(result, msi, n_ions)
-    ions = ion_images_in_histology(msi, result.transform, mz_values, histology.shape[:2], he_px,
-                                   msi_pixel_size_um=msi_px)  # fmt: skip
-    written["ome_tiff"] = write_ome_tiff(
-      out / EXPORT_FILES["ome_tiff"],
-      ions,
-      he_px,
-      channel_names=[f"m/z {mz:.4f}" for mz in mz_values],
-      overwrite=overwrite,
-    )
-  if "geojson" in formats:
-    segment_regions = labels_to_regions(
-      segments, result.transform, msi_pixel_size_um=msi_px, histology_pixel_size_um=he_px
-    )
-    written["geojson"] = write_geojson_regions(out / EXPORT_FILES["geojson"], segment_regions, overwrite=overwrite)
   if "npy" not in formats:
     cube = result.paths.pop("msi_in_histology_space", None)
     if cube is not None and pathlib.Path(cube).exists():
       pathlib.Path(cube).unlink()
   for key, path in written.items():
     result.paths[f"export_{key}"] = path
-  logging.info("[%s] exports: %s", result.name, ", ".join(f"{k} → {p.name}" for k, p in written.items()) or "none")
   return written
 
 
-def _chosen_ions(result, msi: MSIImage, n: int) -> list[float]:
-  """The most differential ions of the section, else the channels of highest mean intensity."""
-  differential = getattr(result, "differential", None)
-  if differential is not None and len(differential.mz):
-    return [float(v) for v in differential.mz[:n]]
+def _most_intense(msi: MSIImage, n: int) -> list[float]:
+  """The m/z of the n channels of highest mean intensity, in m/z order."""
   means = np.asarray(msi.cube, np.float64).reshape(-1, msi.num_channels).mean(axis=0)
   top = np.sort(np.argsort(-means, kind="stable")[: max(1, min(n, msi.num_channels))])
   return [float(msi.mz[i]) for i in top]

@@ -5,6 +5,7 @@ import pathlib
 from setuptools import find_packages, setup
 
 _README = pathlib.Path(__file__).with_name("README.md")
+_EXPORT = ["spatialdata>=0.4,<0.8", "anndata>=0.10", "geopandas>=0.14", "shapely>=2.0"]
 
 setup(
     name="msisynth",
@@ -31,6 +32,7 @@ setup(
         "dm-pix>=0.4.3",
         "absl-py>=2.0",
         "matplotlib>=3.7",
+        "tqdm>=4.66",
     ],
     extras_require={
         "dev": [
@@ -41,7 +43,10 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "psutil>=5.9",
+            *_EXPORT,
         ],
+        # SpatialData / OME-Zarr output (msisynth.export); tested with spatialdata 0.7.3.
+        "export": _EXPORT,
         "tensorboard": ["tensorboardX>=2.6"],
     },
 )

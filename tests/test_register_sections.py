@@ -383,3 +383,23 @@ def test_exports_beside_the_report(templates, tmp_path):
   assert len(json.loads((folder / "msi_segments.geojson").read_text())["features"]) == 3
   done = json.loads((folder / register_sections.DONE_MARKER).read_text())
   assert {"section.zarr", "ion_images.ome.tif", "msi_segments.geojson"} <= set(done["files"])
+
+
+def test_batch_shows_a_progress_bar(templates, tmp_path, monkeypatch, capsys):
+  from msisynth import progress
+
+  _copy(templates, "shifted", tmp_path / "sections" / "s")
+
+  def fake_process_section(inputs, synthesizer, *, out_dir, **options):
+    pathlib.Path(out_dir).mkdir()
+    return types.SimpleNamespace(metrics={"mi_after": 1.0}, paths={})
+
+  monkeypatch.setattr(pipeline, "process_section", fake_process_section)
+  progress.set_enabled(True)
+  try:
+    rows = register_sections.run_batch(
+      tmp_path / "sections", tmp_path / "out", synthesizer=lambda msi: None, histology_pixel_size_um=HE_PX
+    )
+  finally:
+    progress.set_enabled(None)
+  assert rows[0]["status"] == "ok" and "registering sections" in capsys.readouterr().err

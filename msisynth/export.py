@@ -459,11 +459,7 @@ def write_ome_tiff(
   c, h, w = data.shape
   if channel_names is not None and len(channel_names) != c:
     raise errors.ConfigError(f"{len(channel_names)} channel names for {c} channels")
-  if levels is None:
-    levels, side = 1, min(h, w)
-    while side // 2 >= MIN_LEVEL_SIZE:
-      levels, side = levels + 1, side // 2
-  levels = max(1, int(levels))
+  levels = _level_count((h, w), levels)
   metadata: dict[str, Any] = {
     "axes": "CYX",
     "PhysicalSizeX": px,
@@ -495,6 +491,125 @@ def write_ome_tiff(
           resolution=(1e4 / (px * scale), 1e4 / (py * scale)),
           resolutionunit="CENTIMETER",
           metadata=None,
+          **options,
+        )
+  return pathlib.Path(path)
+
+
+def _level_count(shape: Sequence[int], levels: int | None) -> int:
+  if levels is not None:
+    return max(1, int(levels))
+  count, side = 1, min(int(shape[0]), int(shape[1]))
+  while side // 2 >= MIN_LEVEL_SIZE:
+    count, side = count + 1, side // 2
+  return count
+
+
+def write_ion_images_ome_tiff(
+  path: str | os.PathLike,
+  msi: MSIImage,
+  transform,
+  mz_values: Sequence[float],
+  histology_shape: Sequence[int],
+  histology_pixel_size_um: float | tuple[float, float],
+  *,
+  tol: float = 0.0,
+  tol_unit: str = "da",
+  msi_pixel_size_um: float | tuple[float, float] | None = None,
+  levels: int | None = None,
+  tile: int = 512,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Ion images resampled onto a (whole-slide) histology grid, streamed tile by tile into a pyramidal OME-TIFF.
+
+  The output is never held in memory whole: each tile of each level is resampled from the ion images on the MSI
+  grid (bilinear, 0 outside the MSI), so a 40× slide costs one tile of memory. Level k has pixels 2^k times the
+  histology pixel, each centred on the centre of the 2^k × 2^k block of histology pixels it stands for. Same
+  file layout and metadata as `write_ome_tiff` (channel names "m/z <value>").
+
+  Args:
+    path: the file (name it `*.ome.tif`).
+    msi: the MSI image.
+    transform: histology (fixed) µm → MSI (moving) µm.
+    mz_values: the ions (each the sum of the channels within ±tol, or the nearest channel with tol=0).
+    histology_shape: (H, W) of the slide.
+    histology_pixel_size_um: its pixel size, µm.
+    tol: m/z window half-width.
+    tol_unit: "da" or "ppm".
+    msi_pixel_size_um: None for `msi.pixel_size_um`.
+    levels: pyramid levels including the full resolution; None: halve while the smaller side stays >= 256 px.
+    tile: tile side in pixels (a multiple of 16).
+    overwrite: replace an existing file.
+
+  Returns:
+    The path.
+
+  Raises:
+    ConfigError: for a bad shape, pixel size, tile, or no ion.
+    DataError: an m/z with no channel in its window.
+    OutputExistsError: the file exists and `overwrite` is False.
+  """
+  import tifffile
+
+  from msisynth import progress
+
+  if not len(mz_values):
+    raise errors.ConfigError("give at least one m/z to export")
+  if tile % 16 or tile <= 0:
+    raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
+  msi_px = msi_pixel_size_um if msi_pixel_size_um is not None else msi.pixel_size_um
+  if msi_px is None:
+    raise errors.ConfigError("the MSI has no pixel size; pass msi_pixel_size_um")
+  msi_px = tf.pixel_size_yx(msi_px, "msi_pixel_size_um")
+  py, px = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  h, w = (int(v) for v in histology_shape[:2])
+  if min(h, w) < 1:
+    raise errors.ConfigError(f"histology_shape must be (H, W), got {histology_shape!r}")
+  ions = [np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values]
+  matrix = _affine(transform)
+  levels = _level_count((h, w), levels)
+  shapes = [(-(-h // 2**k), -(-w // 2**k)) for k in range(levels)]
+  n_tiles = sum(-(-a // tile) * -(-b // tile) for a, b in shapes) * len(ions)
+
+  def tiles(k: int, bar):
+    scale = 2**k
+    size = (py * scale, px * scale)
+    offset = ((scale - 1) / 2 * px, (scale - 1) / 2 * py)  # (x, y) µm of the level's pixel (0, 0)
+    lh, lw = shapes[k]
+    for ion in ions:
+      for r0 in range(0, lh, tile):
+        for c0 in range(0, lw, tile):
+          shift = np.array([[1, 0, c0 * size[1] + offset[0]], [0, 1, r0 * size[0] + offset[1]], [0, 0, 1]])
+          local = AffineTransform.from_matrix(matrix @ shift)
+          warped = tf.warp_image(
+            ion, local, (tile, tile), fixed_pixel_size_um=size, moving_pixel_size_um=msi_px, order=1
+          )
+          bar.update(1)
+          yield np.asarray(warped, np.float32)
+
+  metadata: dict[str, Any] = {
+    "axes": "CYX",
+    "PhysicalSizeX": px,
+    "PhysicalSizeXUnit": "µm",
+    "PhysicalSizeY": py,
+    "PhysicalSizeYUnit": "µm",
+    "Channel": {"Name": [f"m/z {float(mz):.4f}" for mz in mz_values]},
+  }
+  options = dict(photometric="minisblack", tile=(tile, tile), compression="zlib", dtype=np.float32)
+  with (
+    outputs.atomic_path(path, overwrite=overwrite) as tmp,
+    progress.bar(desc="ion images into histology space", total=n_tiles, unit="tile") as bar,
+  ):
+    with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+      for k in range(levels):
+        scale = 2**k
+        extra = dict(subifds=levels - 1, metadata=metadata) if k == 0 else dict(subfiletype=1, metadata=None)
+        tif.write(
+          tiles(k, bar),
+          shape=(len(ions), *shapes[k]),
+          resolution=(1e4 / (px * scale), 1e4 / (py * scale)),
+          resolutionunit="CENTIMETER",
+          **extra,
           **options,
         )
   return pathlib.Path(path)
@@ -755,13 +870,14 @@ def write_exports(
   if "ome_tiff" in formats:
     if mz_values is None:
       mz_values = _most_intense(msi, n_ions)
-    ions = ion_images_in_histology(msi, transform, mz_values, np.shape(histology)[:2], histology_pixel_size_um,
-                                   msi_pixel_size_um=msi_px)  # fmt: skip
-    written["ome_tiff"] = write_ome_tiff(
+    written["ome_tiff"] = write_ion_images_ome_tiff(
       out / EXPORT_FILES["ome_tiff"],
-      ions,
+      msi,
+      transform,
+      mz_values,
+      np.shape(histology)[:2],
       histology_pixel_size_um,
-      channel_names=[f"m/z {mz:.4f}" for mz in mz_values],
+      msi_pixel_size_um=msi_px,
       overwrite=overwrite,
     )
   if "geojson" in formats:

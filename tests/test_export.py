@@ -186,3 +186,28 @@ def test_output_formats_are_checked():
   assert export.check_output_format("spatialdata,ome-tiff") == ("spatialdata", "ome_tiff")
   with pytest.raises(errors.ConfigError, match="unknown output format"):
     export.check_output_format(["zarr"])
+
+
+def test_streamed_ome_tiff_matches_the_in_memory_one(tmp_path):
+  msi, transform = _msi(), _transform()
+  shape = (70, 66)
+  path = export.write_ion_images_ome_tiff(
+    tmp_path / "streamed.ome.tif", msi, transform, [400.0, 410.0], shape, HE_PX, levels=2, tile=32
+  )
+  with tifffile.TiffFile(path) as tif:
+    levels = [level.asarray() for level in tif.series[0].levels]
+    meta = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+  assert [c["Name"] for c in meta["Channel"]] == ["m/z 400.0000", "m/z 410.0000"]
+  whole = export.ion_images_in_histology(msi, transform, [400.0, 410.0], shape, HE_PX)
+  np.testing.assert_allclose(levels[0], np.moveaxis(whole, -1, 0), rtol=1e-5, atol=1e-5)
+  # Level 1: pixels of twice the size, centred on the 2 × 2 blocks of the full-resolution grid.
+  assert levels[1].shape == (2, 35, 33)
+  centre = AffineTransform.from_linear(np.eye(2), (HE_PX[1] / 2, HE_PX[0] / 2))
+  coarse = warp_image(
+    msi.cube[..., :2],
+    transform.compose(centre),
+    (35, 33),
+    fixed_pixel_size_um=(2 * HE_PX[0], 2 * HE_PX[1]),
+    moving_pixel_size_um=MSI_PX,
+  )
+  np.testing.assert_allclose(levels[1], np.moveaxis(np.asarray(coarse), -1, 0), rtol=1e-5, atol=1e-5)

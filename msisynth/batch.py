@@ -349,11 +349,10 @@ def _batch_records(out: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _only_batch_scaffolding(out: pathlib.Path) -> bool:
-  """Whether `out` holds nothing but the marker, batch records and other shards' work in progress."""
+  """Whether `out` holds nothing but hidden files (the marker, temporary files, sections in progress) and shard
+  records and tables: what other shards starting at the same moment leave."""
   for path in out.iterdir():
-    if path.name == outputs.MARKER or path.name.startswith("batch.shard-") or path.name == BATCH_FILE:
-      continue
-    if path.name.startswith(".") and (_PARTIAL in path.name or _OLD in path.name):
+    if path.name.startswith((".", "batch.shard-", "summary.shard-")) or path.name == BATCH_FILE:
       continue
     return False
   return True
@@ -368,9 +367,26 @@ def _prepare_batch_dir(out: pathlib.Path, record: dict[str, Any], overwrite: boo
   """
   if out.exists() and not out.is_dir():
     raise errors.OutputExistsError("the output folder is a file", out)
+  for attempt in range(50):
+    try:
+      return _check_batch_dir(out, record, overwrite)
+    except errors.OutputExistsError:
+      # Another shard starting at the same moment may be writing the marker (a hidden temporary file until then).
+      being_created = out.is_dir() and not outputs.is_own_dir(out) and _only_batch_scaffolding(out)
+      if not being_created or attempt == 49:
+        raise
+      time.sleep(0.1)
+
+
+def _check_batch_dir(out: pathlib.Path, record: dict[str, Any], overwrite: bool) -> None:
   if not out.is_dir() or not any(out.iterdir()):
-    outputs.prepare_output_dir(out, overwrite=overwrite, owner=OWNER)
-    return
+    try:
+      outputs.prepare_output_dir(out, overwrite=overwrite, owner=OWNER)
+      return
+    except errors.OutputExistsError:
+      if not (out.is_dir() and outputs.is_own_dir(out)):
+        raise
+      # Another shard created the folder at the same moment: check it like any earlier one.
   if not outputs.is_own_dir(out):
     raise errors.OutputExistsError(
       "the output folder is not empty and was not created by msisynth; choose a new or empty folder "

@@ -70,14 +70,39 @@ def check_output_format(formats: str | Sequence[str] | None) -> tuple[str, ...]:
   return tuple(dict.fromkeys(formats))
 
 
+def _is_affine(transform) -> bool:
+  return np.shape(getattr(transform, "matrix", None)) == (3, 3)
+
+
+def _is_deformable(transform) -> bool:
+  """A deformable map T(x) = A (x + d(x)) + b with its affine part and a displacement field (B-spline)."""
+  return _is_affine(getattr(transform, "affine", None)) and callable(getattr(transform, "displacement_field", None))
+
+
 def _affine(transform) -> np.ndarray:
-  """The (3, 3) float64 matrix of an affine registration transform."""
-  matrix = getattr(transform, "matrix", None)
-  if matrix is None or np.shape(matrix) != (3, 3):
-    raise errors.ConfigError(
-      f"only affine transforms (AffineTransform) can be exported yet, got {type(transform).__name__}"
-    )
-  return np.asarray(matrix, np.float64)
+  """The (3, 3) float64 matrix of an affine transform, or of the affine part of a deformable one."""
+  if _is_affine(transform):
+    return np.asarray(transform.matrix, np.float64)
+  if _is_deformable(transform):
+    return np.asarray(transform.affine.matrix, np.float64)
+  raise errors.ConfigError(
+    f"expected an AffineTransform or a deformable transform with an affine part, got {type(transform).__name__}"
+  )
+
+
+def _map_points(transform, points_xy_um: np.ndarray, *, inverse: bool = False) -> np.ndarray:
+  """(N, 2) points through a transform (or its inverse): affine maps in float64, others through `apply`."""
+  points = np.asarray(points_xy_um, np.float64)
+  if _is_affine(transform):
+    m = np.asarray(transform.matrix, np.float64)
+    m = np.linalg.inv(m) if inverse else m
+    return points @ m[:2, :2].T + m[:2, 2]
+  if not _is_deformable(transform):
+    _affine(transform)  # raises the ConfigError
+  import jax.numpy as jnp
+
+  fn = transform.inverse().apply if inverse else transform.apply
+  return np.asarray(fn(jnp.asarray(points, jnp.float32)), np.float64)
 
 
 def _pixel_to_um(pixel_size_um) -> Any:
@@ -223,6 +248,7 @@ def to_spatialdata(
   region_names: Mapping[int, str] | None = None,
   region_stats=None,
   segments: np.ndarray | None = None,
+  deformation_pixel_size_um: float | tuple[float, float] | None = None,
   msi_as: str = "auto",
   max_image_bytes: int = MAX_IMAGE_BYTES,
   simulated: bool | None = None,
@@ -240,6 +266,10 @@ def to_spatialdata(
     - shapes["regions"]: one (multi)polygon per region class (index = the region's label), on the histology grid.
     - tables["region_statistics"]: per-region mean (X), median and std (layers) of every channel, with
       n_pixels, annotating shapes["regions"].
+    - images["deformation_um"], for a deformable registration (a B-spline T(x) = A (x + d(x)) + b): the field
+      T(x) - x (channels "dx", "dy", µm) at the pixel centres of a grid over the H&E, so that T(x) = x + field(x).
+      SpatialData's coordinate transformations are affine: the one between "histology" and "msi" is then the
+      affine part (A, b), and the field holds the rest.
   `sdata.attrs["msisynth"]` records the transform matrix, the pixel sizes and the conventions.
 
   Args:
@@ -253,6 +283,8 @@ def to_spatialdata(
       `region_stats`); None numbers the classes in order.
     region_stats: `msisynth.regions.RegionStats`, or None.
     segments: int (h, w) labels on the MSI grid (0 = none), or None.
+    deformation_pixel_size_um: pixel size of the deformation field of a deformable transform, µm; None: half
+      the MSI pixel, never finer than the H&E.
     msi_as: "image", "table" or "auto".
     max_image_bytes: the "auto" threshold, bytes of float32 cube.
     simulated: whether the data are simulated (None: `msi.metadata["simulated"]`); recorded in the attrs.
@@ -317,17 +349,32 @@ def to_spatialdata(
     shapes["regions"] = ShapesModel.parse(frame, transformations=on_he)
     if region_stats is not None:
       tables["region_statistics"] = _region_table(region_stats, names, "regions")
+  deformable = _is_deformable(transform)
+  if deformable:
+    if deformation_pixel_size_um is None:
+      deformation_pixel_size_um = (max(msi_px[0] / 2, he_px[0]), max(msi_px[1] / 2, he_px[1]))
+    field_px = tf.pixel_size_yx(deformation_pixel_size_um, "deformation_pixel_size_um")
+    field_shape = tuple(max(1, int(round(n * a / b))) for n, a, b in zip(rgb.shape[:2], he_px, field_px))
+    field = np.asarray(transform.displacement_field(field_shape, field_px), np.float32)
+    images["deformation_um"] = Image2DModel.parse(
+      np.moveaxis(field, -1, 0),
+      dims=("c", "y", "x"),
+      c_coords=["dx", "dy"],
+      transformations=_on_histology(field_px, matrix),
+    )
   simulated = bool(msi.metadata.get("simulated", False)) if simulated is None else bool(simulated)
   sdata = sd.SpatialData(images=images, labels=labels, shapes=shapes, tables=tables)
   sdata.attrs["msisynth"] = {
     "section": name,
     "simulated": simulated,
     "transform_histology_um_to_msi_um": matrix.tolist(),
+    "deformable": deformable,
     "histology_pixel_size_um": list(he_px),
     "msi_pixel_size_um": list(msi_px),
     "conventions": (
       "coordinate systems 'histology' and 'msi' are in µm; the centre of pixel (r, c) of an image of pixel size "
       "(py, px) is at (c*px, r*py); the transformation from 'histology' to 'msi' is the registration transform"
+      + ("'s affine part; images['deformation_um'] holds T(x) - x of the full map" if deformable else "")
     ),
   }
   return sdata
@@ -395,15 +442,29 @@ def ion_images_in_histology(
   if msi_px is None:
     raise errors.ConfigError("the MSI has no pixel size; pass msi_pixel_size_um")
   stack = np.stack([np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values], axis=-1)
-  warped = tf.warp_image(
-    stack,
-    AffineTransform.from_matrix(_affine(transform)),
-    histology_shape,
-    fixed_pixel_size_um=histology_pixel_size_um,
-    moving_pixel_size_um=msi_px,
-    order=1,
+  shape = (int(histology_shape[0]), int(histology_shape[1]))
+  size = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  return _warp_tile(stack, transform, shape, size, (0.0, 0.0), tf.pixel_size_yx(msi_px, "msi_pixel_size_um"))
+
+
+def _warp_tile(image, transform, shape, pixel_size_um, origin_xy_um, msi_px) -> np.ndarray:
+  """`image` (MSI grid) resampled (bilinear, 0 outside) onto a grid whose pixel (0, 0) is at `origin_xy_um`."""
+  if _is_affine(transform):
+    shift = np.array([[1, 0, origin_xy_um[0]], [0, 1, origin_xy_um[1]], [0, 0, 1]], np.float64)
+    local = AffineTransform.from_matrix(_affine(transform) @ shift)
+    warped = tf.warp_image(image, local, shape, fixed_pixel_size_um=pixel_size_um, moving_pixel_size_um=msi_px)
+    return np.asarray(warped, np.float32)
+  import jax.numpy as jnp
+
+  rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+  points = np.stack([origin_xy_um[0] + cols * pixel_size_um[1], origin_xy_um[1] + rows * pixel_size_um[0]], -1)
+  mapped = _map_points(transform, points.reshape(-1, 2)).reshape(*shape, 2)
+  values, inside = tf.sample_linear(
+    jnp.asarray(image), jnp.asarray(mapped[..., 1] / msi_px[0]), jnp.asarray(mapped[..., 0] / msi_px[1])
   )
-  return np.asarray(warped, np.float32)
+  if np.ndim(image) == 3:
+    inside = inside[..., None]
+  return np.asarray(jnp.where(inside, values, 0.0), np.float32)
 
 
 def _downsample2(image: np.ndarray) -> np.ndarray:
@@ -566,7 +627,7 @@ def write_ion_images_ome_tiff(
   if min(h, w) < 1:
     raise errors.ConfigError(f"histology_shape must be (H, W), got {histology_shape!r}")
   ions = [np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values]
-  matrix = _affine(transform)
+  _affine(transform)  # an affine or deformable transform, or a ConfigError now rather than mid-file
   levels = _level_count((h, w), levels)
   shapes = [(-(-h // 2**k), -(-w // 2**k)) for k in range(levels)]
   n_tiles = sum(-(-a // tile) * -(-b // tile) for a, b in shapes) * len(ions)
@@ -579,13 +640,9 @@ def write_ion_images_ome_tiff(
     for ion in ions:
       for r0 in range(0, lh, tile):
         for c0 in range(0, lw, tile):
-          shift = np.array([[1, 0, c0 * size[1] + offset[0]], [0, 1, r0 * size[0] + offset[1]], [0, 0, 1]])
-          local = AffineTransform.from_matrix(matrix @ shift)
-          warped = tf.warp_image(
-            ion, local, (tile, tile), fixed_pixel_size_um=size, moving_pixel_size_um=msi_px, order=1
-          )
+          origin = (c0 * size[1] + offset[0], r0 * size[0] + offset[1])
           bar.update(1)
-          yield np.asarray(warped, np.float32)
+          yield _warp_tile(ion, transform, (tile, tile), size, origin, msi_px)
 
   metadata: dict[str, Any] = {
     "axes": "CYX",
@@ -688,7 +745,8 @@ def labels_to_regions(
   """Label-image segments on the MSI grid as `Region` polygons in histology pixels (pixel-centre convention).
 
   Each label's polygon is the union of its MSI pixels' squares, mapped MSI px → MSI µm → T⁻¹ → histology µm →
-  histology px, so `msisynth.regions.regions_to_msi` with the same transform gives the labels back.
+  histology px, so `msisynth.regions.regions_to_msi` with the same (affine) transform gives the labels back. A
+  deformable transform maps the edges' points every quarter of an MSI pixel.
 
   Args:
     labels_msi: int (h, w) labels on the MSI grid, 0 = none.
@@ -710,13 +768,13 @@ def labels_to_regions(
     raise errors.ConfigError(f"labels must be (H, W), got shape {labels_msi.shape}")
   my, mx = tf.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
   hy, hx = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
-  inverse = np.linalg.inv(_affine(transform))
-  # MSI pixel coordinates (x = column, y = row) → histology pixel coordinates, one affine map.
-  to_he = np.diag([1 / hx, 1 / hy, 1.0]) @ inverse @ np.diag([mx, my, 1.0])
+  affine = _is_affine(transform)
+  _affine(transform)  # an affine or deformable transform, else a ConfigError
 
   def mapped(points: np.ndarray) -> np.ndarray:
-    homogeneous = np.c_[points, np.ones(len(points))]
-    return (homogeneous @ to_he.T)[:, :2]
+    # MSI pixel coordinates (x = column, y = row) → MSI µm → T⁻¹ → histology µm → histology pixels.
+    in_he = _map_points(transform, points * (mx, my), inverse=True)
+    return in_he / (hx, hy)
 
   out = []
   for label in (int(v) for v in np.unique(labels_msi) if v != 0):
@@ -728,6 +786,8 @@ def labels_to_regions(
       for start, stop in zip(edges[::2], edges[1::2]):
         boxes.append(shapely.box(start - 0.5, r - 0.5, stop - 0.5, r + 0.5))
     union = shapely.union_all(boxes)
+    if not affine:  # a deformable map bends the pixel edges: follow them every quarter of an MSI pixel
+      union = shapely.segmentize(union, 0.25)
     parts = list(union.geoms) if hasattr(union, "geoms") else [union]
     polygons = []
     for part in parts:

@@ -211,3 +211,49 @@ def test_streamed_ome_tiff_matches_the_in_memory_one(tmp_path):
     moving_pixel_size_um=MSI_PX,
   )
   np.testing.assert_allclose(levels[1], np.moveaxis(np.asarray(coarse), -1, 0), rtol=1e-5, atol=1e-5)
+
+
+class _Wavy:
+  """A stand-in deformable map T(x) = A (x + d(x)) + b with a smooth d, shaped like a B-spline transform."""
+
+  def __init__(self, affine: AffineTransform):
+    self.affine = affine
+
+  def apply(self, points):
+    p = np.asarray(points, np.float64)
+    moved = p + 3.0 * np.sin(p[..., ::-1] / 40.0)
+    m = np.asarray(self.affine.matrix, np.float64)
+    return moved @ m[:2, :2].T + m[:2, 2]
+
+  def displacement_field(self, shape, pixel_size_um):
+    py, px = pixel_size_um
+    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    grid = np.stack([cols * px, rows * py], -1).astype(np.float64)
+    return (self.apply(grid) - grid).astype(np.float32)
+
+
+def test_a_deformable_transform_keeps_its_field(tmp_path):
+  from scipy import ndimage
+
+  msi, he, wavy = _msi(), _histology(), _Wavy(_transform())
+  sdata = export.to_spatialdata(he, HE_PX, msi, wavy, deformation_pixel_size_um=10.0)
+  back = spatialdata.read_zarr(export.write_spatialdata(tmp_path / "d.zarr", sdata))
+  assert back.attrs["msisynth"]["deformable"] is True
+  field = np.asarray(back.images["deformation_um"].values)  # (2, h, w): dx, dy at 10 µm pixel centres
+  assert field.shape == (2, 18, 20)
+  x = np.array([[7 * 10.0, 5 * 10.0]])
+  np.testing.assert_allclose(x + field[:, 5, 7], wavy.apply(x), atol=1e-3)  # T(x) = x + field(x)
+  between = st.get_transformation_between_coordinate_systems(
+    back, "histology", "msi", intermediate_coordinate_systems=back.images["histology"]
+  )
+  np.testing.assert_allclose(_matrix(between), np.asarray(wavy.affine.matrix, np.float64), atol=1e-6)
+
+  # Ion images follow the full map: bilinear samples of the ion image at T(x).
+  shape = (30, 28)
+  ions = export.ion_images_in_histology(msi, wavy, [400.0], shape, HE_PX)
+  rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+  mapped = wavy.apply(np.stack([cols * HE_PX[1], rows * HE_PX[0]], -1))
+  r, c = mapped[..., 1] / MSI_PX[0], mapped[..., 0] / MSI_PX[1]
+  inside = (r >= -0.5) & (r < msi.shape[0] - 0.5) & (c >= -0.5) & (c < msi.shape[1] - 0.5)
+  expected = np.where(inside, ndimage.map_coordinates(msi.cube[..., 0], [r, c], order=1, mode="nearest"), 0.0)
+  np.testing.assert_allclose(ions[..., 0], expected, rtol=1e-4, atol=1e-4)

@@ -1,5 +1,6 @@
 """Training across processes (msisynth.distributed): 2 processes on localhost equal 1 process, on the CPU."""
 
+import json
 import os
 import socket
 import subprocess
@@ -41,7 +42,10 @@ WORKER = textwrap.dedent("""
     config.model.depth, config.model.d_layers = 3, 1
     config.train.batch_size, config.train.num_steps = 2, 3
     config.train.checkpoint_every, config.train.image_every, config.train.eval_every = 3, 0, 1000
-    state = train.train_and_evaluate(config, sys.argv[1], Patches())
+    r = np.random.default_rng(1)
+    val_msi = np.tanh(r.normal(size=(4, 16, 16, 4))).astype(np.float32)
+    val = {{"msi": val_msi, "histology": np.tanh(2 * val_msi[..., :3])}}  # every process holds all of it
+    state = train.train_and_evaluate(config, sys.argv[1], Patches(), val)
     assert jax.process_count() == (2 if multi else 1) and jax.device_count() == jax.process_count()
     if multi:
       assert Patches.asked == {{(jax.process_index(), jax.process_index() + 1)}}, Patches.asked
@@ -91,8 +95,14 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(two_params.files) == len(one_params.files) > 0
   for name in one_params.files:
     np.testing.assert_allclose(two_params[name], one_params[name], rtol=1e-4, atol=2e-5)
-  # Both wrote one metrics log (the first process only) and one checkpoint at step 3.
-  assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == 3
+  # One metrics log (the first process writes it), with the same validation scores as one process.
+  logs = {}
+  for run in ("one", "two"):
+    lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    logs[run] = {k: v for line in lines for k, v in line.items() if k.startswith("val_")}
+  assert set(logs["two"]) == {"val_ssim", "val_mi", "val_l1"}
+  for name, value in logs["one"].items():
+    assert logs["two"][name] == pytest.approx(value, rel=1e-4, abs=1e-5)
 
 
 def test_initialize_is_a_no_op_for_one_process(monkeypatch):

@@ -5,8 +5,9 @@
   is large, a pixel label image and an AnnData table of the sparse spectra), the registration as coordinate
   transformations between the "histology" and "msi" coordinate systems, regions as shapes and per-region
   statistics as an AnnData table.
-- `ion_images_in_histology` + `write_ome_tiff`: chosen ion images resampled onto the histology grid, as a tiled,
-  pyramidal OME-TIFF with its physical pixel size, which QuPath (and other OME viewers) overlays on the slide.
+- `write_ion_images_ome_tiff`: chosen ion images resampled onto the histology grid, streamed tile by tile into a
+  tiled, pyramidal OME-TIFF with its physical pixel size, which QuPath (and other OME viewers) overlays on the
+  slide (`ion_images_in_histology` + `write_ome_tiff` do the same in memory).
 - `kmeans_segments` + `labels_to_regions` + `write_geojson_regions`: an MSI-derived segmentation (k-means of the
   spectra) as QuPath GeoJSON in histology pixel coordinates, the inverse of `msisynth.regions.read_geojson_regions`.
 
@@ -15,6 +16,10 @@ Conventions (docs/architecture.md). msisynth: pixel (r, c) of an image of pixel 
 (and QuPath's GeoJSON) put pixel (r, c)'s centre at (c + 0.5, r + 0.5) in intrinsic (pixel) coordinates, so every
 element's map to a coordinate system starts with a shift of -0.5 pixel; the "histology" and "msi" coordinate
 systems are then in µm with msisynth's origin, and the transformation from "histology" to "msi" is T itself.
+
+A deformable registration (T(x) = A (x + d(x)) + b, an object with `affine`, `apply`, `inverse` and
+`displacement_field`, as `msisynth.register.bspline.BSplineTransform`) is followed exactly by the ion images and
+the segments; SpatialData, whose coordinate transformations are affine, gets the affine part plus the field.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from msisynth.types import MSIImage
 # What `write_section_exports` (and the launchers' --output_format) can write beside a section's report.
 #   npy: the dense MSI cube in histology space (the report's msi_in_histology_space.npy);
 #   spatialdata: section.zarr (`to_spatialdata`);
-#   ome_tiff: ion_images.ome.tif, chosen ion images on the histology grid (`write_ome_tiff`);
+#   ome_tiff: ion_images.ome.tif, chosen ion images on the histology grid (`write_ion_images_ome_tiff`);
 #   geojson: msi_segments.geojson, k-means segments of the spectra in histology pixels (`write_geojson_regions`).
 OUTPUT_FORMATS = ("npy", "spatialdata", "ome_tiff", "geojson")
 EXPORT_FILES = {
@@ -707,7 +712,7 @@ def kmeans_segments(
   tic = spectra.sum(axis=1, keepdims=True)
   spectra = spectra / np.where(tic > 0, tic, 1.0)
   n_components = max(1, min(int(n_components), spectra.shape[1], spectra.shape[0]))
-  features = np.asarray(preprocess.pca(spectra.astype(np.float32), n_components, method="full").scores, np.float64)
+  features = np.asarray(preprocess.pca(spectra.astype(np.float32), n_components).scores, np.float64)
   rng = np.random.default_rng(seed)
   centres = [features[rng.integers(len(features))]]
   for _ in range(1, k):  # k-means++: each next centre drawn in proportion to the squared distance.

@@ -397,7 +397,7 @@ def write_spatialdata(path: str | os.PathLike, sdata, *, overwrite: bool = False
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.zarr")
   try:
-    sdata.write(tmp, overwrite=False)
+    sdata.write(tmp, overwrite=False, update_sdata_path=False)  # the folder is renamed below
     if path.exists():
       shutil.rmtree(path)
     os.replace(tmp, path)

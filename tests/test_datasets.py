@@ -1,10 +1,18 @@
 """The shipped real data sets load with the expected shapes and values."""
 
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
 import numpy as np
 import pytest
 import tifffile
 
 from msisynth import datasets, errors
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_data_dir(shared_data, monkeypatch, tmp_path):
@@ -14,7 +22,46 @@ def test_data_dir(shared_data, monkeypatch, tmp_path):
   with pytest.raises(errors.DataError, match="MSISYNTH_DATA"):
     datasets.data_dir()
   monkeypatch.delenv("MSISYNTH_DATA")
+  # Without the variable: the repository's own data/ folder, next to the package.
+  assert datasets.data_dir() == REPO / "data"
   assert (datasets.data_dir() / "README.md").is_file()
+
+
+def test_data_dir_is_found_from_an_installed_wheel(tmp_path):
+  """A wheel built from the checkout installs the data under <prefix>/share/msisynth/data, where data_dir finds it."""
+  wheels = tmp_path / "wheels"
+  build = subprocess.run(
+    [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(wheels),
+     str(REPO)], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+  if build.returncode != 0:
+    pytest.skip(f"cannot build a wheel offline here: {build.stderr.strip()[-300:]}")
+  wheel = next(wheels.glob("msisynth-*.whl"))
+  with zipfile.ZipFile(wheel) as z:
+    names = z.namelist()
+  assert any(n.endswith(".data/data/share/msisynth/data/README.md") for n in names)
+  assert any(n.endswith("share/msisynth/data/imzml/pyimzml/Example_Continuous.ibd") for n in names)
+  assert not any(n.startswith("data/") for n in names)
+  # Install it into a fresh prefix (a virtual environment of its own) and ask from outside the checkout.
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+  python = venv / "bin" / "python"
+  clean = {k: v for k, v in os.environ.items() if k not in ("MSISYNTH_DATA", "PYTHONPATH")}
+  install = subprocess.run(
+    [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+    capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean)  # fmt: skip
+  if install.returncode != 0:
+    pytest.skip(f"pip cannot install into another environment here: {install.stderr.strip()[-300:]}")
+  # The installed package imports NumPy and friends from this interpreter's environment (no site .pth files).
+  site_dirs = [p for p in sys.path if p.endswith("site-packages")]
+  env = dict(clean)
+  env["PYTHONPATH"] = os.pathsep.join(site_dirs)
+  code = "import msisynth.datasets as d; print(d.__file__); print(d.data_dir())"
+  run = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+  assert run.returncode == 0, run.stderr[-2000:]
+  module_file, found = run.stdout.split()[-2:]
+  assert module_file.startswith(str(venv)), module_file
+  assert found == str(venv / "share" / "msisynth" / "data")
+  assert (pathlib.Path(found) / "he" / "rcc-UH0505_12.png").is_file()
 
 
 def test_load_msiflow(shared_data):

@@ -95,7 +95,7 @@ def _colab_files() -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory, shared_data):
+def kernel_env(tmp_path_factory, shipped_data):
   """Environment for the kernels: this interpreter as the python3 kernel, small settings, one output folder."""
   jupyter_path = tmp_path_factory.mktemp("jupyter")
   spec_dir = jupyter_path / "kernels" / "python3"
@@ -110,7 +110,6 @@ def kernel_env(tmp_path_factory, shared_data):
     "JUPYTER_PATH": os.pathsep.join([str(jupyter_path), os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep),
     "MSISYNTH_NOTEBOOK_SMALL": "1",
     "MSISYNTH_NOTEBOOK_OUTPUT": str(tmp_path_factory.mktemp("notebook_output")),
-    "MSISYNTH_DATA": str(shared_data),
     "JAX_PLATFORMS": "cpu",
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     # The small settings train for three steps: compiling fast matters more than running fast.

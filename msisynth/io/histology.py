@@ -12,9 +12,10 @@ Slide-sized images: `read_histology(path, pixel_size_um=...)` reads a downsample
 (OME-TIFF sub-resolutions, SVS, any TIFF whose series has levels) it decodes only the level nearest the
 requested pixel size (the coarsest that is not coarser) and downsamples from there; a large single-level TIFF
 is decoded into a temporary memory-mapped file and reduced strip by strip. An image too large to decode in
-the memory available gets an ImageReadError that says what to do, never a bare MemoryError. The pixel size comes from the file's metadata (`histology_pixel_size_um`: OME
-PhysicalSize, Aperio MPP, ImageJ units, TIFF resolution in centimetres) unless the caller gives it; a recorded
-size that cannot be right for the recorded objective raises a `PixelSizeWarning`.
+the memory available gets an ImageReadError that says what to do, never a bare MemoryError. The pixel size
+comes from the file's metadata (`histology_pixel_size_um`: OME PhysicalSize, Aperio MPP, ImageJ units, TIFF
+resolution in centimetres) unless the caller gives it; a recorded size that cannot be right for the recorded
+objective raises a `PixelSizeWarning`.
 
 Nothing here imports JAX or matplotlib; scikit-image and SciPy are imported when a function needs them.
 """

@@ -299,3 +299,22 @@ def test_shifted_axis_in_a_continuous_file_is_read_as_processed(tmp_path, caplog
   assert msi.metadata["mode"] == "processed" and msi.metadata["declared_mode"] == "continuous"
   np.testing.assert_array_equal(msi.cube[0, :, 0], [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
   np.testing.assert_array_equal(msi.cube[0, :, 1], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_every_reader_reads_the_scils_export():
+  """The real SCiLS Lab export (msight_bladder), when a local copy exists: every reader reads it."""
+  from msisynth import datasets
+
+  try:
+    folder = datasets.msight_bladder_dir(download=False)
+  except errors.DataError as e:
+    pytest.skip(str(e))
+  path = folder / "prostate_example.imzML"
+  info = imzml.imzml_info(path)
+  assert info["mode"] == "continuous" and info["shape"] == (163, 274) and info["num_spectra"] == 33035
+  assert info["mz_range"] == pytest.approx((631.104, 1979.033), abs=1e-3)
+  ion = imzml.read_ion_image(path, 1450.5458, tol=1, tol_unit="ppm", progress=False)
+  msi = imzml.read_imzml(path, mz_range=(1450, 1451), progress=False)
+  assert msi.num_channels == 1 and msi.mz[0] == pytest.approx(1450.5458, abs=1e-4)
+  np.testing.assert_array_equal(ion.cube, msi.cube)
+  assert ion.mask.sum() == 33035

@@ -595,6 +595,8 @@ def _open_index(path: str | os.PathLike, *, check_uuid: bool = True, parser: str
     raise errors.ConfigError(f"parser must be 'auto' or 'pyimzml', got {parser!r}")
   owner = None
   if parser == "pyimzml":
+    if header.mz_zlib or header.intensity_zlib:
+      raise errors.ImzMLError("zlib-compressed arrays are read with parser='auto' only", path)
     fields = _parse_with_pyimzml(path)
   else:
     fields = _scan_spectrum_list(path, header)

@@ -14,9 +14,20 @@ Layout of the result: an `MSIImage` whose cube is (H, W, C) float32 with row = y
 x - min(x) in imzML pixel coordinates; pixels without a spectrum are 0 and False in the mask.
 
 The XML metadata is read with pyimzml (`pyimzml.metadata.Metadata`); the spectrum list (positions, offsets,
-lengths) is scanned with a fast byte-level tokenizer, checked for consistency, and read with pyimzml's
-`ImzMLParser` instead when the file's layout is one the tokenizer does not recognise. The binary file is read in
-chunks of spectra with vectorised NumPy code, so memory stays near the size of the output cube.
+lengths) is scanned with a fast byte-level tokenizer, checked for consistency, and read with an XML parser
+instead when the file's layout is one the tokenizer does not recognise. The binary file is read in chunks of
+spectra with vectorised NumPy code, so memory stays near the size of the output cube.
+
+Real exporters' files are read as they are written:
+- unsorted m/z arrays are valid: a processed spectrum's peaks are binned by value (as if sorted), and an
+  unsorted shared axis of a continuous file is permuted once into increasing order; exactly repeated m/z values
+  are merged into one channel (intensities summed). Both are logged. NaN, Inf or m/z <= 0 stay errors that name
+  the spectrum.
+- cvParams inside a <binaryDataArray> (array type, number format, compression) take precedence over the
+  referenceable param group, as the mzML schema says.
+- zlib-compressed arrays are decompressed once into a temporary copy of the .ibd (removed when no longer used).
+- a file declared continuous is checked spectrum by spectrum: every m/z array must be the shared one, or a
+  byte-identical copy; spectra with axes of their own make it read as processed, with a warning.
 
 Imports at import time: NumPy and absl only (pyimzml when a file is opened; never JAX or matplotlib).
 """
@@ -1285,8 +1296,9 @@ def read_imzml(
     polarity, spectrum_type, instrument, uuid, and the binning used.
 
   Raises:
-    ImzMLError: missing or truncated .ibd, malformed XML or a file that is not imzML, UUID mismatch, unsorted
-      m/z arrays, NaN/Inf values, no non-empty spectrum, several spectra at one pixel.
+    ImzMLError: missing or truncated .ibd, malformed XML or a file that is not imzML, UUID mismatch, NaN/Inf
+      values or m/z <= 0 (naming the spectrum), a compression other than zlib, no non-empty spectrum, several
+      spectra at one pixel.
     ConfigError: invalid or conflicting arguments, or an output cube larger than `max_cube_gib`.
   """
   mz_range, mz_values, tol_unit, bin_unit = _validate_read_args(
@@ -1693,8 +1705,9 @@ def read_ion_image(
 def imzml_info(path: str | os.PathLike, *, check_uuid: bool = True) -> dict[str, Any]:
   """Describes an imzML file without reading its intensities.
 
-  The m/z range is taken from the first and last value of every m/z array (two small reads per spectrum in
-  processed files, one array in continuous ones): exact when the arrays are sorted, which is not checked here.
+  The m/z range is taken from the shared axis of a continuous file (exact, sorted or not), and from the first and
+  last value of every m/z array of a processed one (two small reads per spectrum): exact when the arrays are
+  sorted, which is not checked here.
 
   Args:
     path: the .imzML file.

@@ -39,7 +39,8 @@ from msisynth.types import MSIImage
 
 MOUSE_BRAIN_MZ = (4059.9, 4159.1, 4442.6)
 MSIFLOW_MICROSCOPY_CHANNELS = ("autofluorescence", "Ly6G", "urothelium mask")
-_DATA_MARKER = "README.md"
+# What a folder must hold to count as the shipped data (a bare site-packages/data of another package does not).
+_DATA_MARKERS = ("README.md", "imzml", "he", "msiflow_upec12")
 _HE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _ION_IMAGE_NAME = re.compile(r"^(?P<prefix>.+?)_(?P<whole>\d+)_(?P<fraction>\d+)\.tiff?$", re.IGNORECASE)
 
@@ -62,7 +63,8 @@ def data_dir_candidates() -> list[pathlib.Path]:
 def data_dir() -> pathlib.Path:
   """The folder of shipped data: `$MSISYNTH_DATA`, else the checkout's `data/`, else the installed copy.
 
-  A folder counts when it holds the shipped README.md (`$MSISYNTH_DATA` only needs to exist).
+  A folder counts when it holds the shipped README.md, imzml/, he/ and msiflow_upec12/ (`$MSISYNTH_DATA` only
+  needs to exist).
 
   Returns:
     The folder's path.
@@ -80,7 +82,7 @@ def data_dir() -> pathlib.Path:
       )
     return candidates[0]
   for path in candidates:
-    if (path / _DATA_MARKER).is_file():
+    if all((path / name).exists() for name in _DATA_MARKERS):
       return path
   raise errors.DataError(
     "shipped data folder not found (tried " + ", ".join(os.fspath(p) for p in candidates) + "); install msisynth "

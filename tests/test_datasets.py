@@ -3,6 +3,7 @@
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -30,10 +31,14 @@ def test_data_dir(shared_data, monkeypatch, tmp_path):
 
 def test_data_dir_is_found_from_an_installed_wheel(tmp_path):
   """A wheel built from the checkout installs the data under <prefix>/share/msisynth/data, where data_dir finds it."""
+  # Build from a copy of the sources, so that the build leaves nothing in the checkout.
+  source = tmp_path / "source"
+  ignore = shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__", "reports", "runs", "*.pyc")
+  shutil.copytree(REPO, source, ignore=ignore)
   wheels = tmp_path / "wheels"
   build = subprocess.run(
     [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(wheels),
-     str(REPO)], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+     str(source)], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
   if build.returncode != 0:
     pytest.skip(f"cannot build a wheel offline here: {build.stderr.strip()[-300:]}")
   wheel = next(wheels.glob("msisynth-*.whl"))

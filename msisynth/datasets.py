@@ -317,8 +317,8 @@ def _fetch_msight(target: pathlib.Path, timeout_s: float = 600.0) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   work = pathlib.Path(tempfile.mkdtemp(prefix=".msight-", dir=target.parent))
   try:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
-           "--dest", os.fspath(work), MSIGHT_PACKAGE]  # fmt: skip
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
+           "--disable-pip-version-check", "--dest", os.fspath(work), MSIGHT_PACKAGE]  # fmt: skip
     try:
       run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -22,6 +22,7 @@ Nothing here imports JAX or matplotlib; scikit-image and SciPy are imported when
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pathlib
@@ -33,6 +34,21 @@ import numpy as np
 from msisynth import errors
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class _OmeFallbackFilter(logging.Filter):
+  """Drops tifffile's note that it reads an OME-TIFF with interleaved storage as a plain TIFF series.
+
+  Microscope software (the msight H&E is one) writes such files; tifffile then reads them correctly as a plain
+  series, and msisynth reads the OME-XML itself, so the note, logged at every opening, is noise.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "OME series cannot handle discontiguous storage" not in record.getMessage()
+
+
+if not any(isinstance(f, _OmeFallbackFilter) for f in logging.getLogger("tifffile").filters):
+  logging.getLogger("tifffile").addFilter(_OmeFallbackFilter())
 # Largest image Pillow may decode here (pixels); Pillow's own default refuses whole-slide-sized images.
 _MAX_PIXELS = 1 << 31
 

@@ -314,7 +314,7 @@ def test_every_reader_reads_the_scils_export():
   assert info["mode"] == "continuous" and info["shape"] == (163, 274) and info["num_spectra"] == 33035
   assert info["mz_range"] == pytest.approx((631.104, 1979.033), abs=1e-3)
   ion = imzml.read_ion_image(path, 1450.5458, tol=1, tol_unit="ppm", progress=False)
-  msi = imzml.read_imzml(path, mz_range=(1450, 1451), progress=False)
+  msi = imzml.read_imzml(path, mz_range=(1450.5, 1450.6), progress=False)
   assert msi.num_channels == 1 and msi.mz[0] == pytest.approx(1450.5458, abs=1e-4)
   np.testing.assert_array_equal(ion.cube, msi.cube)
   assert ion.mask.sum() == 33035

@@ -402,8 +402,13 @@ def _parse_spectrum_list_xml(path: pathlib.Path, header: _Header) -> dict[str, A
 
   try:
     with open(path, "rb") as fh:
-      for _, elem in ET.iterparse(fh, events=("end",)):
+      spectrum_list = None
+      for event, elem in ET.iterparse(fh, events=("start", "end")):
         tag = elem.tag
+        if event == "start":
+          if tag == _NS + "spectrumList":
+            spectrum_list = elem
+          continue
         if tag == _NS + "referenceableParamGroup":
           groups[elem.get("id", "")] = params_of(elem)
         elif tag == _NS + "spectrum":
@@ -459,6 +464,8 @@ def _parse_spectrum_list_xml(path: pathlib.Path, header: _Header) -> dict[str, A
             raise spectrum_error("needs one m/z and one intensity array")
           coords.append((x, y, z))
           elem.clear()
+          if spectrum_list is not None:
+            spectrum_list.remove(elem)  # keeps memory flat on files with millions of spectra
   except ET.ParseError as e:
     raise errors.ImzMLError(f"cannot read the spectrum list: not well-formed XML ({e}); truncated file?", path) from e
   if not coords:

@@ -312,33 +312,55 @@ def test_tre_through_a_deformable_transform():
 # ------------------------------------------------------------------------------------------------- pipeline
 
 
-def test_pipeline_with_deformable_refinement(shared_data, tmp_path_factory, tmp_path):
-  import json
+HE_PX, MSI_PX, CROP = 15.0, 60.0, (84, 112)
+READ = {"bin_width": 1.0, "bin_unit": "da", "progress": False}
 
-  import test_pipeline as tp
+
+def _perfect_synthesizer(msi):
+  """The H&E beside the imzML resampled on the MSI grid through the simulation's ground truth (white outside)."""
+  import json
+  import pathlib
 
   from msisynth import io as msi_io
-  from msisynth import pipeline
 
-  root = tmp_path_factory.mktemp("sections")
-  tp._write_section(root / "shifted", tp._he_crop(shared_data, (0, 0)), mirrored=False, seed=0)
-  (root / "regions.geojson").write_text(json.dumps(tp.REGIONS))
-  inputs = tp._inputs(root, "shifted", regions=root / "regions.geojson", landmarks=root / "shifted" / "landmarks.csv")
+  folder = pathlib.Path(msi.metadata["source"]).parent
+  truth = json.loads((folder / "ground_truth.json").read_text())
+  he = msi_io.read_histology(folder / "he.png")
+  inverse = AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse()
+  rgb = tf.warp_image(he, inverse, msi.shape, fixed_pixel_size_um=truth["msi_pixel_size_um"],
+                      moving_pixel_size_um=truth["he_pixel_size_um"], cval=1.0)  # fmt: skip
+  return np.clip(np.asarray(rgb), 0.0, 1.0)
+
+
+def test_pipeline_with_deformable_refinement(shared_data, tmp_path):
+  from msisynth import io as msi_io
+  from msisynth import pipeline, simulate
+
+  he = msi_io.read_histology(shared_data / "he" / "rcc-UH9905_18.png")
+  he = np.clip(msi_io.resample_to_pixel_size(he, 1.0, 5.0), 0.0, 1.0)[: CROP[0], : CROP[1]]
+  folder = tmp_path / "section"
+  shift = AffineTransform.from_linear(np.eye(2), (90.0, 70.0))
+  sim = simulate.simulate_msi(0, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8,
+                              misalignment=shift, n_landmarks=12)  # fmt: skip
+  simulate.save_simulated(sim, folder)
+  inputs = pipeline.SectionInputs(msi=folder / "simulated_msi.imzML", histology=folder / "he.png",
+                                  histology_pixel_size_um=HE_PX, read_options=READ, simulated=True,
+                                  landmarks=folder / "landmarks.csv")  # fmt: skip
+  registration = optimize.RegistrationConfig(levels=1, max_iterations=40, max_samples=2048, num_candidates=12)
   config = bs.DeformableConfig(levels=1, max_iterations=20, max_samples=2048)
   out = tmp_path / "report"
-  result = pipeline.process_section(inputs, tp.perfect_synthesizer, registration_config=tp.REGISTRATION,
-                                    deformable=True, bspline_spacing_um=300.0, deformable_config=config,
-                                    out_dir=out, figures=False)  # fmt: skip
+  result = pipeline.process_section(inputs, _perfect_synthesizer, registration_config=registration, deformable=True,
+                                    bspline_spacing_um=300.0, deformable_config=config, out_dir=out,
+                                    figures=False)  # fmt: skip
   assert isinstance(result.transform, bs.BSplineTransform)
   np.testing.assert_allclose(result.transform.grid_spacing_um, [300.0, 300.0])
   # The synthesizer is perfect: the deformation stays small and the landmarks stay put.
-  assert result.metrics["deformable"]["max_displacement_um"] < 0.5 * tp.MSI_PX
+  assert result.metrics["deformable"]["max_displacement_um"] < 0.5 * MSI_PX
   assert result.tre["mean_px"] < 0.5
   # The cube went through the deformable transform, and the report holds it for ITK.
-  msi = msi_io.read_imzml(root / "shifted" / "simulated_msi.imzML", **tp.READ)
+  msi = msi_io.read_imzml(folder / "simulated_msi.imzML", **READ)
   cube = np.load(out / "msi_in_histology_space.npy", mmap_mode="r")
-  np.testing.assert_allclose(cube, tf.warp_msi(msi, result.transform, tp.CROP, tp.HE_PX).cube, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(cube, tf.warp_msi(msi, result.transform, CROP, HE_PX).cube, rtol=1e-5, atol=1e-4)
   assert isinstance(transform_io.load_itk_transform(out / "transform.tfm"), bs.BSplineTransform)
   assert isinstance(transform_io.load_transform_json(out / "transform.json"), bs.BSplineTransform)
   assert "B-spline" in (out / "report.md").read_text()
-  assert set(result.region_names.values()) == {"Tumor", "Normal"}

@@ -364,3 +364,15 @@ def test_pipeline_with_deformable_refinement(shared_data, tmp_path):
   assert isinstance(transform_io.load_itk_transform(out / "transform.tfm"), bs.BSplineTransform)
   assert isinstance(transform_io.load_transform_json(out / "transform.json"), bs.BSplineTransform)
   assert "B-spline" in (out / "report.md").read_text()
+
+
+def test_spatialdata_export_keeps_the_bspline_field():
+  from msisynth import export
+
+  t = _transform(scale=1.0)
+  he = np.stack([_image(FIXED_SHAPE)] * 3, axis=-1) / 2
+  msi = MSIImage(cube=np.stack([_image((12, 16)), _image((12, 16), 1)], -1), mz=np.array([100.0, 200.0]),
+                 mask=np.ones((12, 16), bool), pixel_size_um=(2.5, 2.5))  # fmt: skip
+  sdata = export.to_spatialdata(he, FIXED_PX, msi, t, deformation_pixel_size_um=FIXED_PX)
+  field = np.asarray(sdata.images["deformation_um"].values)  # (2, H, W): dx, dy at the fixed pixel centres
+  np.testing.assert_allclose(np.moveaxis(field, 0, -1), t.displacement_field(FIXED_SHAPE, FIXED_PX), atol=1e-5)

@@ -1,7 +1,7 @@
 r"""Benchmark: msisynth's affine registration beside elastix and SimpleITK, on generated held-out cases.
 
 Cases come from `msisynth.register.cases` (see there): a histology-like fixed image (generated tissue, or a random
-square of a shipped H&E slide with `--source=he`), a random known affine (rotation ±30°, scale 0.7–1.4,
+square of a shipped H&E slide in data/he with `--source=he`), a random known affine (rotation ±30°, scale 0.7–1.4,
 translation ≤ 20 % of the field; with `--flips` also mirrors and quarter turns) and a moving image that is either
 the same modality ("uni": grey through another intensity curve, blurred, noisy) or MSI-like ("msi": a non-monotonic
 mixture of the stains on a grid 4× coarser, with noise and hotspots). `--unrelated=N` adds N pairs per size whose
@@ -56,9 +56,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _slides():
+  import msisynth
   from msisynth import io
 
-  folder = REPO.parent / "shared" / "data" / "he"
+  folder = msisynth.datasets.data_dir() / "he"
   paths = sorted(folder.glob("*.png"))
   if not paths:
     raise SystemExit(f"no H&E PNGs in {folder}")

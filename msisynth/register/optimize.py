@@ -82,10 +82,11 @@ class RegistrationConfig:
     tolerance: relative improvement of the loss that resets the `patience` counter.
     patience: steps without such improvement after which a level stops (converged).
     max_samples: fixed-grid pixels drawn anew at every step (with replacement) from the level's pool for the
-      similarity's gradient.
+      similarity's gradient; None: `sample_pool`.
     sample_pool: fixed-grid pixels of each level (drawn once, without replacement; all when the level has
-      fewer) that the steps draw from and that final similarities are measured on. Every level and image shape
-      uses pools of this size (zero-weight padding), so that the sample count never causes a recompilation.
+      fewer; raised to `max_samples` when smaller) that the steps draw from and that final similarities are
+      measured on. Every level and image shape uses pools of this size (zero-weight padding), so that the sample
+      count never causes a recompilation.
     outside_bin: MI/NMI count fixed samples that map outside the moving image (or its mask) in an extra moving
       bin, and normalise by all fixed samples, so that shrinking the overlap cannot raise the similarity (it
       loses the information of the samples that leave). False: the classic estimate over the overlap alone.
@@ -129,7 +130,7 @@ class RegistrationConfig:
   final_learning_rate_fraction: float = 0.05
   tolerance: float = 1e-5
   patience: int = 20
-  max_samples: int = 2048
+  max_samples: int | None = 2048
   sample_pool: int = 16384
   outside_bin: bool = True
   seed: int = 0
@@ -166,10 +167,12 @@ class RegistrationConfig:
       raise errors.ConfigError("max_iterations must be >= 1")
     if not 0 < self.min_scale < 1 < self.max_scale:
       raise errors.ConfigError(f"need 0 < min_scale < 1 < max_scale, got {self.min_scale}, {self.max_scale}")
-    if self.learning_rate <= 0 or self.max_samples is None or self.max_samples < 16:
+    if self.max_samples is None:  # all of the pool at every step
+      object.__setattr__(self, "max_samples", int(self.sample_pool))
+    if self.learning_rate <= 0 or self.max_samples < 16:
       raise errors.ConfigError("learning_rate must be > 0 and max_samples >= 16")
-    if self.sample_pool < self.max_samples:
-      raise errors.ConfigError(f"sample_pool ({self.sample_pool}) must be >= max_samples ({self.max_samples})")
+    if self.sample_pool < self.max_samples:  # a pool at least as large as one step's draw
+      object.__setattr__(self, "sample_pool", int(self.max_samples))
     if self.working_pixel_size_um is not None and self.working_pixel_size_um <= 0:
       raise errors.ConfigError(f"working_pixel_size_um must be > 0, got {self.working_pixel_size_um}")
     if self.coarsest_size_px < 16 or not self.start_scales or min(self.start_scales) <= 0:

@@ -9,7 +9,7 @@ Coordinates follow docs/architecture.md: images are row-major, pixel (r, c) of a
 
 The model
 ---------
-Let I be the H&E image (H, W, 3) in [0, 1] with pixel size `he_pixel_size_um` = h µm, and a =
+Let I be the H&E image (H, W, 3) in [0, 1] with pixel size `histology_pixel_size_um` = h µm, and a =
 `msi_pixel_size_um` the MSI pixel size (10–50 µm for MALDI/DESI).
 
 1. **Stains and tissue.** t(x) = `he_tissue_mask(I)` (`msisynth.io.tissue_mask`, small parts dropped). Colour
@@ -84,7 +84,7 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.cluster import vq
 
-from msisynth import errors
+from msisynth import errors, geometry
 from msisynth import io as msi_io
 from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
@@ -195,7 +195,7 @@ class SimulatedMSI:
     msi: the simulated MSI, counts as float32; `metadata["simulated"]` is True and `metadata["simulation"]` holds
       every generating parameter.
     he: the H&E image (H, W, 3) float32 in [0, 1] it was simulated from.
-    he_pixel_size_um: (y, x) H&E pixel size, µm.
+    histology_pixel_size_um: (y, x) H&E pixel size, µm.
     transform: the affine ground truth, H&E (fixed) µm → MSI (moving) µm.
     displacement: the smooth displacement u of the MSI frame, or None (see the module docstring).
     displacement_um: u evaluated at the MSI pixel centres, (H_msi, W_msi, 2) (x, y) µm, or None.
@@ -208,7 +208,7 @@ class SimulatedMSI:
 
   msi: MSIImage
   he: np.ndarray
-  he_pixel_size_um: tuple[float, float]
+  histology_pixel_size_um: tuple[float, float]
   transform: AffineTransform
   displacement: SmoothDisplacement | None
   displacement_um: np.ndarray | None
@@ -216,6 +216,11 @@ class SimulatedMSI:
   tissue_classes: np.ndarray
   tissue_classes_msi: np.ndarray
   class_centroids: np.ndarray
+
+  @property
+  def he_pixel_size_um(self) -> tuple[float, float]:
+    """Deprecated name of `histology_pixel_size_um`."""
+    return self.histology_pixel_size_um
 
   @property
   def landmarks_fixed_um(self) -> np.ndarray:
@@ -234,19 +239,6 @@ class SimulatedMSI:
   def fixed_to_moving(self, points_um: np.ndarray) -> np.ndarray:
     """The MSI position p (µm) at which the H&E point q (µm) appears: p = T(q) + u(p); (N, 2) → (N, 2)."""
     return _fixed_to_moving(self.transform, self.displacement, points_um)
-
-
-def _as_pair(value, name: str) -> tuple[float, float]:
-  """A positive (y, x) pair from a float or a pair."""
-  if np.isscalar(value):
-    value = (value, value)
-  try:
-    pair = tuple(float(v) for v in value)
-  except (TypeError, ValueError):
-    raise errors.ConfigError(f"{name} must be a positive number or a (y, x) pair, got {value!r}") from None
-  if len(pair) != 2 or not all(np.isfinite(pair)) or min(pair) <= 0:
-    raise errors.ConfigError(f"{name} must be a positive number or a (y, x) pair, got {value!r}")
-  return pair
 
 
 def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -534,7 +526,7 @@ def simulate_msi(
   seed: int,
   he_rgb: np.ndarray,
   *,
-  he_pixel_size_um: float | Sequence[float],
+  histology_pixel_size_um: float | Sequence[float] | None = None,
   msi_pixel_size_um: float | Sequence[float] = 20.0,
   n_channels: int = 200,
   mz_range: tuple[float, float] = (400.0, 1000.0),
@@ -554,13 +546,14 @@ def simulate_msi(
   chemistry_seed: int | None = None,
   n_landmarks: int = 50,
   he_name: str = "",
+  he_pixel_size_um: float | Sequence[float] | None = None,
 ) -> SimulatedMSI:
   """Simulates an MSI acquisition of the tissue in a real H&E image (model in the module docstring).
 
   Args:
     seed: seed of everything that is not the chemistry (classes, latent fields, misalignment, noise, landmarks).
     he_rgb: (H, W, 3) H&E, float in [0, 1] or uint8 (an alpha channel is dropped).
-    he_pixel_size_um: H&E pixel size, µm (float or (y, x)).
+    histology_pixel_size_um: H&E pixel size, µm (float or (y, x)); required.
     msi_pixel_size_um: MSI pixel size, µm (float or (y, x)); 10-50 µm is typical.
     n_channels: number of m/z channels.
     mz_range: (low, high) m/z of the channels.
@@ -584,6 +577,7 @@ def simulate_msi(
       between slides to give them one chemistry.
     n_landmarks: number of ground-truth landmarks drawn in the tissue.
     he_name: a name for the H&E source, recorded in the metadata.
+    he_pixel_size_um: deprecated name of `histology_pixel_size_um`.
 
   Returns:
     A SimulatedMSI; `msi.cube` holds counts (float32), `msi.metadata["simulated"]` is True.
@@ -593,8 +587,11 @@ def simulate_msi(
     DataError: when the H&E shows no tissue.
   """
   he = _check_he(he_rgb)
-  he_px = _as_pair(he_pixel_size_um, "he_pixel_size_um")
-  msi_px = _as_pair(msi_pixel_size_um, "msi_pixel_size_um")
+  histology_pixel_size_um = geometry.renamed_argument(
+    histology_pixel_size_um, he_pixel_size_um, "histology_pixel_size_um", "he_pixel_size_um"
+  )
+  he_px = geometry.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  msi_px = geometry.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
   if n_channels < 1:
     raise errors.ConfigError(f"n_channels must be >= 1, got {n_channels}")
   if len(mz_range) != 2 or not 0 < mz_range[0] < mz_range[1]:
@@ -738,7 +735,7 @@ def simulate_msi(
     "chemistry_seed": int(chemistry_seed),
     "he_name": he_name,
     "he_shape": [height, width],
-    "he_pixel_size_um": list(he_px),
+    "histology_pixel_size_um": list(he_px),
     "msi_pixel_size_um": list(msi_px),
     "msi_shape": [msi_h, msi_w],
     "n_channels": int(n_channels),
@@ -777,7 +774,7 @@ def simulate_msi(
   return SimulatedMSI(
     msi=msi,
     he=he,
-    he_pixel_size_um=he_px,
+    histology_pixel_size_um=he_px,
     transform=transform,
     displacement=displacement,
     displacement_um=displacement_um,
@@ -956,7 +953,7 @@ def save_simulated(sim: SimulatedMSI, out_dir: str | os.PathLike, overwrite: boo
     "transform_units": "µm, points (x, y), pixel (0, 0) centre at the origin",
     "displacement_model": "the MSI at p shows the H&E at T^-1(p - u(p)); u in the MSI frame, µm",
     "displacement": None if sim.displacement is None else sim.displacement.to_dict(),
-    "he_pixel_size_um": list(sim.he_pixel_size_um),
+    "histology_pixel_size_um": list(sim.histology_pixel_size_um),
     "msi_pixel_size_um": list(sim.msi.pixel_size_um),
     "he_shape": list(sim.he.shape[:2]),
     "msi_shape": list(sim.msi.shape),

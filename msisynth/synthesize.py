@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msisynth import checkpoint, errors, models, preprocess
+from msisynth import checkpoint, errors, geometry, models, preprocess
 from msisynth import io as msi_io
 from msisynth.types import MSIImage
 
@@ -252,8 +252,7 @@ class Synthesizer:
 
   def output_pixel_size_um(self, msi_pixel_size_um) -> tuple[float, float]:
     """(y, x) pixel size (µm) of the synthetic H&E made from an MSIImage of the given pixel size."""
-    py, px = (msi_pixel_size_um, msi_pixel_size_um) if np.isscalar(msi_pixel_size_um) else msi_pixel_size_um
-    return float(py) / self.upsample, float(px) / self.upsample
+    return geometry.Grid((1, 1), msi_pixel_size_um).upsampled(self.upsample).pixel_size_um
 
   def network_input(self, msi: MSIImage | np.ndarray) -> np.ndarray:
     """The (H, W, k) float32 generator input for `msi`.
@@ -270,9 +269,7 @@ class Synthesizer:
         )
       x = np.asarray(self.preprocessor.transform(msi), dtype=np.float32)
       if self.upsample > 1:
-        from msisynth.data import upsample_grid
-
-        x = np.clip(upsample_grid(x, self.upsample, "bilinear"), -1.0, 1.0)
+        x = np.clip(geometry.upsample_grid(x, self.upsample, "bilinear"), -1.0, 1.0)
       source = msi.metadata.get("source")
     else:
       x = np.asarray(msi, dtype=np.float32)

@@ -621,7 +621,7 @@ def data_from_config(config) -> tuple[Any, dict[str, np.ndarray] | None, Any]:
     paired = data_lib.semi_synthetic_pairs(
       list(slides),
       seed=seed,
-      he_pixel_size_um=float(d.he_pixel_size_um),
+      histology_pixel_size_um=float(d.histology_pixel_size_um),
       msi_pixel_size_um=float(d.msi_pixel_size_um),
       n_channels=int(d.n_channels),
       n_components=int(d.n_components),

@@ -22,7 +22,7 @@ def he(shared_data):
 
 def _quiet(**kwargs):
   return simulate.simulate_msi(
-    0, kwargs.pop("he"), he_pixel_size_um=HE_PX, n_channels=kwargs.pop("n_channels", 30), noise=False, **kwargs
+    0, kwargs.pop("he"), histology_pixel_size_um=HE_PX, n_channels=kwargs.pop("n_channels", 30), noise=False, **kwargs
   )
 
 
@@ -36,23 +36,29 @@ def _foreground_centre_um(sim):
 
 
 def test_same_seed_same_simulation_and_other_seed_differs(he):
-  a = simulate.simulate_msi(3, he, he_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5)
-  b = simulate.simulate_msi(3, he, he_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5)
+  a = simulate.simulate_msi(
+    3, he, histology_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5
+  )
+  b = simulate.simulate_msi(
+    3, he, histology_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5
+  )
   np.testing.assert_array_equal(a.msi.cube, b.msi.cube)
   np.testing.assert_array_equal(a.msi.mask, b.msi.mask)
   np.testing.assert_array_equal(a.landmarks, b.landmarks)
   np.testing.assert_array_equal(np.asarray(a.transform.matrix), np.asarray(b.transform.matrix))
-  c = simulate.simulate_msi(4, he, he_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5)
+  c = simulate.simulate_msi(
+    4, he, histology_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5
+  )
   assert not np.allclose(np.asarray(a.transform.matrix), np.asarray(c.transform.matrix))
   # One chemistry across seeds: same m/z and channel kinds, different noise.
-  d = simulate.simulate_msi(5, he, he_pixel_size_um=HE_PX, n_channels=20, chemistry_seed=3)
+  d = simulate.simulate_msi(5, he, histology_pixel_size_um=HE_PX, n_channels=20, chemistry_seed=3)
   np.testing.assert_array_equal(d.msi.mz, a.msi.mz)
   assert d.msi.metadata["simulation"]["channel_kinds"] == a.msi.metadata["simulation"]["channel_kinds"]
 
 
 @pytest.mark.parametrize("msi_px, shape", [(20.0, (40, 43)), (25.0, (32, 34)), ((10.0, 40.0), (80, 22))])
 def test_shapes_mz_and_metadata(he, msi_px, shape):
-  sim = simulate.simulate_msi(1, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=msi_px, n_channels=200)
+  sim = simulate.simulate_msi(1, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=msi_px, n_channels=200)
   assert sim.msi.cube.shape == shape + (200,) and sim.msi.cube.dtype == np.float32
   assert sim.msi.pixel_size_um == (msi_px if isinstance(msi_px, tuple) else (msi_px, msi_px))
   assert np.all(np.diff(sim.msi.mz) > 0) and 400 <= sim.msi.mz[0] and sim.msi.mz[-1] <= 1000
@@ -92,7 +98,7 @@ def test_channels_are_nonlinear_mixtures_of_more_than_the_stains(he):
 
 def test_noise_hotspots_and_missing_pixels(he):
   noise = simulate.NoiseModel(missing_fraction=0.05, missing_lines=1, hotspot_fraction=1e-3)
-  sim = simulate.simulate_msi(2, he, he_pixel_size_um=HE_PX, n_channels=40, noise=noise)
+  sim = simulate.simulate_msi(2, he, histology_pixel_size_um=HE_PX, n_channels=40, noise=noise)
   mask, cube = sim.msi.mask, sim.msi.cube
   assert np.all(cube[~mask] == 0)
   assert np.any(~mask.any(axis=1))  # a whole scan line missing
@@ -154,7 +160,13 @@ def test_landmarks_follow_the_ground_truth(he):
 
 def test_save_simulated_writes_readable_files(he, tmp_path):
   sim = simulate.simulate_msi(
-    0, he[:80, :80], he_pixel_size_um=HE_PX, n_channels=12, misalignment="random", deformation_um=5.0, n_landmarks=8
+    0,
+    he[:80, :80],
+    histology_pixel_size_um=HE_PX,
+    n_channels=12,
+    misalignment="random",
+    deformation_um=5.0,
+    n_landmarks=8,
   )
   paths = simulate.save_simulated(sim, tmp_path / "sim")
   back = msi_io.read_imzml(paths["imzml"], mz_values=sim.msi.mz, tol=0, tol_unit="da")
@@ -177,12 +189,12 @@ def test_save_simulated_writes_readable_files(he, tmp_path):
 
 def test_bad_arguments_raise_config_errors(he):
   with pytest.raises(errors.ConfigError, match="misalignment"):
-    simulate.simulate_msi(0, he, he_pixel_size_um=HE_PX, misalignment="sideways")
+    simulate.simulate_msi(0, he, histology_pixel_size_um=HE_PX, misalignment="sideways")
   with pytest.raises(errors.ConfigError, match="too small"):
-    simulate.simulate_msi(0, he[:6, :6], he_pixel_size_um=HE_PX, msi_pixel_size_um=50.0)
-  with pytest.raises(errors.ConfigError, match="he_pixel_size_um"):
-    simulate.simulate_msi(0, he, he_pixel_size_um=-1.0)
+    simulate.simulate_msi(0, he[:6, :6], histology_pixel_size_um=HE_PX, msi_pixel_size_um=50.0)
+  with pytest.raises(errors.ConfigError, match="histology_pixel_size_um"):
+    simulate.simulate_msi(0, he, histology_pixel_size_um=-1.0)
   with pytest.raises(errors.ConfigError, match="deformation"):
-    simulate.simulate_msi(0, he, he_pixel_size_um=HE_PX, deformation_um=500.0)
+    simulate.simulate_msi(0, he, histology_pixel_size_um=HE_PX, deformation_um=500.0)
   with pytest.raises(errors.DataError, match="no tissue"):
-    simulate.simulate_msi(0, np.ones((40, 40, 3), np.float32), he_pixel_size_um=HE_PX)
+    simulate.simulate_msi(0, np.ones((40, 40, 3), np.float32), histology_pixel_size_um=HE_PX)

@@ -7,8 +7,8 @@ Fields other code depends on:
   optim.{learning_rate, b1, b2, constant_steps, decay_steps}
   train.{num_steps, batch_size, log_every, eval_every, checkpoint_every, image_every, max_to_keep}
   data.{source ("simulated" | "msiflow"), data_dir, patch_size, augment, min_tissue_fraction, val_fraction,
-        split_axis, gap_px, upsample, max_val_patches, he_slides, val_he_slides, he_pixel_size_um, msi_pixel_size_um,
-        n_channels, n_components}
+        split_axis, gap_px, upsample, max_val_patches, he_slides, val_he_slides, histology_pixel_size_um
+        (deprecated alias he_pixel_size_um), msi_pixel_size_um, n_channels, n_components}
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def get_base_config(kind: str = "pix2pix") -> ml_collections.ConfigDict:
   # or names of shipped slides; he_slides None takes every shipped slide not held out for validation.
   config.data.he_slides = ml_collections.config_dict.placeholder(tuple)
   config.data.val_he_slides = ("rcc-UH9912_01",)
-  config.data.he_pixel_size_um = 5.0
+  config.data.histology_pixel_size_um = 5.0
+  # Deprecated name of histology_pixel_size_um (one value: setting either sets both).
+  config.data.he_pixel_size_um = config.data.get_ref("histology_pixel_size_um")
   config.data.msi_pixel_size_um = 20.0
   config.data.n_channels = 200
   config.data.n_components = 16

@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, geometry
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Largest image Pillow may decode here (pixels); Pillow's own default refuses whole-slide-sized images.
@@ -325,16 +325,6 @@ def he_deconvolve(rgb: np.ndarray) -> np.ndarray:
   return rgb2hed(_check_rgb(rgb)).astype(np.float32)
 
 
-def _pair(value, name: str) -> tuple[float, float]:
-  try:
-    pair = (float(value), float(value)) if np.isscalar(value) else tuple(float(v) for v in value)
-  except (TypeError, ValueError) as e:
-    raise errors.ConfigError(f"{name} must be a number or a (y, x) pair, got {value!r}") from e
-  if len(pair) != 2 or not all(np.isfinite(v) and v > 0 for v in pair):
-    raise errors.ConfigError(f"{name} must be positive (a number or a (y, x) pair), got {value!r}")
-  return pair
-
-
 def _box_reduce(image: np.ndarray, ky: int, kx: int) -> np.ndarray:
   """Means over ky x kx blocks (the last partial block padded with edge values), in float32, strip by strip."""
   h, w = image.shape[:2]
@@ -386,10 +376,10 @@ def resample_to_pixel_size(
     raise errors.ConfigError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
   if not isinstance(order, int | np.integer) or not 0 <= order <= 5:
     raise errors.ConfigError(f"order must be an integer in 0..5, got {order!r}")
-  fy, fx = _pair(from_pixel_size_um, "from_pixel_size_um")
-  ty, tx = _pair(to_pixel_size_um, "to_pixel_size_um")
+  fy, fx = geometry.pixel_size_yx(from_pixel_size_um, "from_pixel_size_um")
+  ty, tx = geometry.pixel_size_yx(to_pixel_size_um, "to_pixel_size_um")
   h, w = image.shape[:2]
-  out_h, out_w = max(1, round(h * fy / ty)), max(1, round(w * fx / tx))
+  out_h, out_w = geometry.shape_at_pixel_size((h, w), (fy, fx), (ty, tx))
   scale = (ty / fy, tx / fx)  # input pixels per output pixel
   if order == 0:
     rows = np.clip(np.round(np.arange(out_h) * scale[0]).astype(np.int64), 0, h - 1)

@@ -1,7 +1,19 @@
 """Registration in physical space (µm): affine transforms, similarity measures, optimisation, I/O and accuracy.
 
 Transforms map FIXED → MOVING (ITK's convention); see docs/architecture.md.
+
+This package is callable: `msisynth.register(fixed, moving, ...)` is `msisynth.register.optimize.register`. A
+package is bound as an attribute of its parent when it is imported (`import msisynth.register` sets
+`msisynth.register` to this module), so a function of the same name at the top level would be replaced by the
+module as soon as anything imported the package; making the module itself callable gives one object that is both.
+
+The similarity measures here are the registration's: `parzen_mutual_information` (and
+`parzen_normalized_mutual_information`) are differentiable Parzen-window estimates in bits, distinct from the
+evaluation MI of `msisynth.metrics` (hard histogram).
 """
+
+import sys
+import types
 
 from msisynth.register.evaluate import (
   load_landmarks_csv,
@@ -18,13 +30,9 @@ from msisynth.register.optimize import (
   register_msi_to_histology,
   result_summary,
 )
-from msisynth.register.similarity import (
-  joint_histogram,
-  mse,
-  mutual_information,
-  ncc,
-  normalized_mutual_information,
-)
+from msisynth.register.similarity import joint_histogram, mse, ncc
+from msisynth.register.similarity import mutual_information as parzen_mutual_information
+from msisynth.register.similarity import normalized_mutual_information as parzen_normalized_mutual_information
 from msisynth.register.transform_io import (
   load_itk_transform,
   load_transform_json,
@@ -53,9 +61,9 @@ __all__ = [
   "load_landmarks_csv",
   "load_transform_json",
   "mse",
-  "mutual_information",
   "ncc",
-  "normalized_mutual_information",
+  "parzen_mutual_information",
+  "parzen_normalized_mutual_information",
   "register",
   "register_batch",
   "register_msi_to_histology",
@@ -68,3 +76,13 @@ __all__ = [
   "warp_image",
   "warp_msi",
 ]
+
+
+class _CallableModule(types.ModuleType):
+  """The module type of `msisynth.register`: calling the package calls `register`."""
+
+  def __call__(self, *args, **kwargs):
+    return register(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

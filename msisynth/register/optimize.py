@@ -48,6 +48,7 @@ import optax
 from scipy import ndimage as ndi
 
 from msisynth import errors
+from msisynth.metrics import LUMINANCE_WEIGHTS
 from msisynth.register import similarity as sim
 from msisynth.register import transforms as tf
 from msisynth.register.transforms import AffineTransform
@@ -55,7 +56,8 @@ from msisynth.register.transforms import AffineTransform
 _log = logging.getLogger(__name__)
 
 SIMILARITIES = ("mi", "nmi", "ncc", "mse")
-_LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)
+# One grey conversion in the library: ITU-R BT.709 luminance, as `msisynth.metrics.to_grey`.
+_LUMINANCE = np.asarray(LUMINANCE_WEIGHTS, np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +211,8 @@ class RegistrationResult:
 
 
 def to_grey(image: jax.typing.ArrayLike) -> np.ndarray:
-  """(H, W) float32 grey levels: (H, W) as is, RGB by luminance, other channel counts by their mean.
+  """(H, W) float32 grey levels: (H, W) as is, RGB by BT.709 luminance (`msisynth.metrics.to_grey`), other
+  channel counts by their mean.
 
   Raises:
     ConfigError: when the image is not (H, W) or (H, W, C).

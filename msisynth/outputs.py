@@ -42,9 +42,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
   Raises:
     OutputExistsError: `path` exists and `overwrite` is False.
   """
-  path = pathlib.Path(path)
-  if not overwrite and path.exists():
-    raise errors.OutputExistsError("exists; pass overwrite=True (--overwrite) to replace it", path)
+  path = refuse_existing(path, overwrite=overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
   os.close(fd)
@@ -57,6 +55,21 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def refuse_existing(*paths: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+  """The one "output exists" check for files: raises unless `overwrite` or none of `paths` exists.
+
+  Returns:
+    The first path, as a `pathlib.Path`.
+
+  Raises:
+    OutputExistsError: one of `paths` exists and `overwrite` is False.
+  """
+  for path in paths:
+    if not overwrite and pathlib.Path(path).exists():
+      raise errors.OutputExistsError("exists; pass overwrite=True (--overwrite) to replace it", path)
+  return pathlib.Path(paths[0])
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True) -> pathlib.Path:

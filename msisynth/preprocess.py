@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.types import MSIImage
 
 NORMALIZATIONS = ("tic", "rms", "median", "none")
@@ -1351,11 +1351,9 @@ class MSIPreprocessor:
       The path written.
 
     Raises:
-      ConfigError: when the file exists and `overwrite` is False.
+      OutputExistsError: when the file exists and `overwrite` is False.
     """
-    path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-      raise errors.ConfigError(f"{path} exists; pass overwrite=True to replace it")
+    path = outputs.refuse_existing(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(self.to_dict()))
     return path

@@ -84,7 +84,7 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.cluster import vq
 
-from msisynth import errors, geometry
+from msisynth import errors, geometry, outputs
 from msisynth import io as msi_io
 from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
@@ -937,10 +937,7 @@ def save_simulated(sim: SimulatedMSI, out_dir: str | os.PathLike, overwrite: boo
   }
   if sim.displacement_um is not None:
     paths["displacement"] = out / "displacement_um.npy"
-  if not overwrite:
-    for path in [*paths.values(), paths["imzml"].with_suffix(".ibd")]:
-      if path.exists():
-        raise errors.ConfigError(f"{path} exists; pass overwrite=True to replace it")
+  outputs.refuse_existing(*paths.values(), paths["imzml"].with_suffix(".ibd"), overwrite=overwrite)
   out.mkdir(parents=True, exist_ok=True)
   msi_io.write_imzml(paths["imzml"], sim.msi, mode="processed", overwrite=overwrite)
   msi_io.write_image(paths["he"], np.clip(sim.he, 0, 1), overwrite=overwrite)

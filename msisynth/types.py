@@ -82,6 +82,16 @@ class MSIImage:
           self.metadata.get("source"))
     return self.cube[..., sel].sum(axis=-1)
 
+  def tic_image(self, quantile: float = 99.0) -> np.ndarray:
+    """The total ion count image scaled to [0, 1] by its `quantile`-th percentile over the measured pixels.
+
+    Returns:
+      (H, W) float32 in [0, 1] (the sum of every channel per pixel, divided by the percentile, clipped).
+    """
+    tic = np.asarray(self.cube, np.float64).sum(axis=-1)
+    top = float(np.percentile(tic[self.mask], quantile)) if self.mask.any() else float(tic.max())
+    return np.clip(tic / max(top, 1e-12), 0, 1).astype(np.float32)
+
   def select_mz(self, indices) -> MSIImage:
     """A new MSIImage with only the given channels (indices or boolean mask)."""
     return dataclasses.replace(self, cube=self.cube[..., indices], mz=self.mz[indices])

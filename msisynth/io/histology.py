@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-from msisynth import errors, geometry
+from msisynth import errors, geometry, outputs
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Largest image Pillow may decode here (pixels); Pillow's own default refuses whole-slide-sized images.
@@ -183,8 +183,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
   suffix = path.suffix.lower()
   if suffix not in (".png",) + _TIFF_SUFFIXES:
     raise errors.ConfigError(f"{path}: write_image writes .png, .tif or .tiff, not {suffix!r}")
-  if path.exists() and not overwrite:
-    raise errors.ConfigError(f"{path} exists; pass overwrite=True to replace it")
+  outputs.refuse_existing(path, overwrite=overwrite)
   if not path.parent.is_dir():
     raise errors.ConfigError(f"{path.parent}: output directory does not exist")
   if image.ndim not in (2, 3) or image.size == 0:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.types import MSIImage
 
 # Bin width used for processed files when neither `bin_width` nor `mz_values` is given.
@@ -1443,10 +1443,7 @@ def write_imzml(
   if path.suffix.lower() != ".imzml":
     raise errors.ConfigError(f"{path}: the output file must end in .imzML")
   imzml_path, ibd_path = path.with_suffix(".imzML"), path.with_suffix(".ibd")
-  if not overwrite:
-    for p in (imzml_path, ibd_path):
-      if p.exists():
-        raise errors.ConfigError(f"{p} exists; pass overwrite=True to replace it")
+  outputs.refuse_existing(imzml_path, ibd_path, overwrite=overwrite)
   if not path.parent.is_dir():
     raise errors.ConfigError(f"{path.parent}: output directory does not exist")
   rows, cols = np.nonzero(msi.mask)

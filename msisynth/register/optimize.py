@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from scipy import ndimage as ndi
 
-from msisynth import errors
+from msisynth import errors, geometry
 from msisynth.metrics import LUMINANCE_WEIGHTS
 from msisynth.register import similarity as sim
 from msisynth.register import transforms as tf
@@ -745,8 +745,9 @@ def register_msi_to_histology(
   """Registers synthetic H&E (on the MSI grid, moving) to real H&E (fixed), allowing flips and 90° turns.
 
   The default configuration differs from `register`'s: `flips_and_rot90=True` (a section may be mounted turned or
-  face down), similarity "mi", and `working_pixel_size_um` = half the MSI pixel size (finer histology detail cannot
-  be matched by MSI). Carry the MSI with `warp_msi(msi, result.transform, histology.shape[:2],
+  face down), similarity "mi", and `working_pixel_size_um` from `msisynth.geometry.working_pixel_size_um` (a
+  quarter of the MSI pixel, never finer than the histology; the rule `msisynth.pipeline` uses). Carry the MSI
+  with `warp_msi(msi, result.transform, histology.shape[:2],
   histology_pixel_size_um)`.
 
   Args:
@@ -765,9 +766,7 @@ def register_msi_to_histology(
     ConfigError, DataError, RegistrationError: see `register`.
   """
   if config is None:
-    py, px = tf.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
-    hy, hx = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
-    working = max(math.sqrt(py * px) / 2.0, math.sqrt(hy * hx))
+    working = max(geometry.working_pixel_size_um(msi_pixel_size_um, histology_pixel_size_um))
     config = RegistrationConfig(flips_and_rot90=True, working_pixel_size_um=working)
   return register(histology, synthetic_he, fixed_pixel_size_um=histology_pixel_size_um,
                   moving_pixel_size_um=msi_pixel_size_um, fixed_mask=histology_mask, moving_mask=msi_mask,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register.transforms import AffineTransform, pixel_size_yx
 
 JSON_FORMAT = "msisynth.affine_transform"
@@ -30,9 +30,7 @@ CONVENTION = (
 
 
 def _target(path, overwrite: bool) -> pathlib.Path:
-  path = pathlib.Path(path)
-  if path.exists() and not overwrite:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", path)
+  path = outputs.refuse_existing(path, overwrite=overwrite)
   if not path.parent.is_dir():
     raise errors.DataError("the folder to write into does not exist", path.parent)
   return path

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from absl import flags
+from test_synthesize import _random_variables
 
 from experiments import register as launcher
 from msisynth import checkpoint, errors, io, preprocess, synthesize, train
@@ -99,24 +99,6 @@ def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
     launcher.run(_flags(argv))
 
 
-def _random_generator_variables(generator, in_channels, seed=0):
-  """Unit-gain random weights for `generator` (an initialised pix2pix generator draws a nearly flat image)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: generator.init(jax.random.key(0), jnp.zeros((1, 8, 8, in_channels)), train=False))
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(leaf.shape[:-1]) / 4), leaf.shape)
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(0.0, 0.2, leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @pytest.fixture(scope="module")
 def upsampling_section(tmp_path_factory):
   """A real checkpoint of a generator trained at upsample = 2 (as the shipped configs upsample), an imzML section
@@ -128,7 +110,7 @@ def upsampling_section(tmp_path_factory):
     optim=dict(learning_rate=2e-4, b1=0.5, b2=0.999, constant_steps=0, decay_steps=0),
     precision="float32", train=dict(batch_size=1), data=dict(upsample=2)))  # fmt: skip
   state = train.create_train_state(jax.random.key(0, impl="rbg"), config, (16, 16, 3))
-  variables = _random_generator_variables(state.generator, 3)
+  variables = _random_variables(state.generator)  # 3 input channels, unit-gain weights (not a flat image)
   state = state.replace(g_params=variables["params"], g_batch_stats=variables["batch_stats"])
   yy, xx = np.mgrid[:40, :40].astype(np.float32) * 2.0
   cube = np.stack([scene(xx, yy), scene(yy, xx), scene(xx, 128 - yy)], axis=-1) + 0.1

@@ -882,6 +882,7 @@ def semi_synthetic_pairs(
     "he_paths": he_paths,
     "val_he_paths": val_he_paths,
     "histology_pixel_size_um": histology_pixel_size_um,
+    "he_pixel_size_um": histology_pixel_size_um,  # deprecated name of histology_pixel_size_um
     "msi_pixel_size_um": msi_pixel_size_um,
     "n_channels": n_channels,
     "n_components": n_components,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, geometry
 
 
 @dataclasses.dataclass
@@ -49,11 +49,10 @@ class MSIImage:
     if self.mz.size > 1 and not np.all(np.diff(self.mz) > 0):
       raise errors.DataError("m/z axis is not strictly increasing", source)
     if self.pixel_size_um is not None:
-      if np.isscalar(self.pixel_size_um):
-        self.pixel_size_um = (float(self.pixel_size_um), float(self.pixel_size_um))
-      self.pixel_size_um = tuple(float(v) for v in self.pixel_size_um)
-      if len(self.pixel_size_um) != 2 or min(self.pixel_size_um) <= 0:
-        raise errors.DataError(f"pixel_size_um must be two positive numbers, got {self.pixel_size_um}", source)
+      try:
+        self.pixel_size_um = geometry.pixel_size_yx(self.pixel_size_um, "pixel_size_um")
+      except errors.ConfigError as e:
+        raise errors.DataError(str(e), source) from None
 
   @property
   def shape(self) -> tuple[int, int]:

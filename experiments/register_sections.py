@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # `python experiments/register_sections.py` as we
 
 from absl import app, flags, logging
 
-from msisynth import errors, geometry
+from msisynth import errors
 
 HISTOLOGY_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DONE_MARKER = "DONE.json"
@@ -183,10 +183,13 @@ class SectionPlan:
 
 def _pixel_size(value, what: str, problems: list[str]):
   try:
-    return geometry.pixel_size_yx(value, what)
-  except errors.ConfigError as e:
-    problems.append(str(e))
+    arr = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
+  except (TypeError, ValueError):
+    arr = []
+  if len(arr) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in arr):
+    problems.append(f"{what} must be a positive number or a [y, x] pair, got {value!r}")
     return None
+  return arr[0] if len(arr) == 1 else (arr[0], arr[1])
 
 
 def _named_file(folder: pathlib.Path, value, key: str, problems: list[str]) -> pathlib.Path | None:

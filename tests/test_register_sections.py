@@ -54,12 +54,7 @@ def _simulate(folder: pathlib.Path, he: np.ndarray, mirrored: bool, seed: int) -
     centre = ((he.shape[1] - 1) * HE_PX / 2, (he.shape[0] - 1) * HE_PX / 2)
     transform = transform.compose(AffineTransform.mirror("x", centre))
   sim = simulate.simulate_msi(
-    seed,
-    he,
-    histology_pixel_size_um=HE_PX,
-    msi_pixel_size_um=MSI_PX,
-    n_channels=8,
-    misalignment=transform,
+    seed, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform,
     n_landmarks=8,
   )
   simulate.save_simulated(sim, folder)

@@ -160,13 +160,8 @@ def test_landmarks_follow_the_ground_truth(he):
 
 def test_save_simulated_writes_readable_files(he, tmp_path):
   sim = simulate.simulate_msi(
-    0,
-    he[:80, :80],
-    histology_pixel_size_um=HE_PX,
-    n_channels=12,
-    misalignment="random",
-    deformation_um=5.0,
-    n_landmarks=8,
+    0, he[:80, :80], histology_pixel_size_um=HE_PX,
+    n_channels=12, misalignment="random", deformation_um=5.0, n_landmarks=8
   )
   paths = simulate.save_simulated(sim, tmp_path / "sim")
   back = msi_io.read_imzml(paths["imzml"], mz_values=sim.msi.mz, tol=0, tol_unit="da")

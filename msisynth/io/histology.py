@@ -471,8 +471,10 @@ def read_histology(
                                   "downsampled", path) from e  # fmt: skip
     image = _to_unit_float(data, path)
   else:
-    target = _pair(pixel_size_um, "pixel_size_um")
-    native = _pair(image_pixel_size_um, "image_pixel_size_um") if image_pixel_size_um is not None else None
+    target = geometry.pixel_size_yx(pixel_size_um, "pixel_size_um")
+    native = None
+    if image_pixel_size_um is not None:
+      native = geometry.pixel_size_yx(image_pixel_size_um, "image_pixel_size_um")
     if native is None:
       native = histology_pixel_size_um(path)
     if native is None:

@@ -13,7 +13,9 @@ section: the synthetic H&E is registered at its own pixel size (the MSI pixel / 
 generator was trained at, recorded in its checkpoint). It writes the section report of
 `msisynth.report.write_section_report` (transform.json/.tfm, synthetic_he.png, checkerboards, overlay,
 msi_in_histology_space.npy on the fixed grid or at --output_pixel_size_um, its mask, mz.npy, metrics.json,
-report.md). The image route is `msisynth.pipeline.register_images` and writes transform.json/.tfm,
+report.md), and the exports --output_format asks for (`msisynth.export.write_section_exports`: section.zarr,
+ion_images.ome.tif, msi_segments.geojson; without npy the dense cube is left out). The image route is
+`msisynth.pipeline.register_images` and writes transform.json/.tfm,
 warped_moving.tif/.png, checkerboard.png, overlay.png, landmarks.png (with --landmarks) and metrics.json.
 In metrics.json, `mi_*` / `nmi_*` are the evaluation MI (hard histogram, bits) before and after;
 `registration_metric` is the value the registration maximised. --output_dir must be new or empty (or one
@@ -66,6 +68,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("output_dir", None, "Output folder.", **fv)
   if "overwrite" not in flag_values:  # `cli` defines it on the global flags
     flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output_dir that msisynth created.", **fv)
+  flags.DEFINE_list("output_format", ["npy"], "With --msi, what to write besides the report: any of npy, "
+                    "spatialdata, ome_tiff, geojson (msisynth.export).", **fv)  # fmt: skip
 
 
 def _check_flags(fv: flags.FlagValues) -> None:
@@ -80,6 +84,8 @@ def _check_flags(fv: flags.FlagValues) -> None:
     problems.append("--msi needs --checkpoint, the workdir of a trained generator")
   if fv.msi and (fv.fixed_mask or fv.moving_mask):
     problems.append("--fixed_mask and --moving_mask apply to --moving only (--msi uses the measured-pixel mask)")
+  if fv.moving and list(fv.output_format) != ["npy"]:
+    problems.append("--output_format applies to --msi only")
   if fv.moving and not fv.moving_pixel_size_um:
     problems.append("--moving needs --moving_pixel_size_um")
   if not fv.output_dir:
@@ -134,6 +140,13 @@ def run(fv: flags.FlagValues) -> dict:
       section, synthesize.load_synthesizer(fv.checkpoint), registration_pixel_size_um=fv.working_pixel_size_um,
       flips=flips, output_pixel_size_um=fv.output_pixel_size_um or fv.fixed_pixel_size_um,
       registration_config=_registration_config(fv, flips, None), out_dir=fv.output_dir, overwrite=overwrite)
+    if list(fv.output_format) != ["npy"]:
+      from msisynth import export, outputs
+
+      exported = export.write_section_exports(result, fv.output_dir, output_format=fv.output_format,
+                                              histology=fv.fixed, overwrite=overwrite)  # fmt: skip
+      result.metrics["exports"] = {k: p.name for k, p in exported.items()}
+      outputs.atomic_write_json(pathlib.Path(fv.output_dir) / "metrics.json", result.metrics)
     return result.metrics
   fixed, moving = io.read_image(fv.fixed), io.read_image(fv.moving)
   result = pipeline.register_images(

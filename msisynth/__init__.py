@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 # Stage modules, in the order data flows (docs/architecture.md).
 _SUBMODULES = (
     "errors", "outputs", "geometry", "types", "io", "datasets", "preprocess", "simulate", "data", "models",
-    "losses", "train", "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "report", "viz",
+    "losses", "train", "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "report", "batch",
+    "export", "distributed", "demo", "progress", "viz",
 )
 
 _EXPORTS = {

@@ -142,10 +142,12 @@ def test_launcher_msi_route_registers_at_the_generators_pixel_size(upsampling_se
     f"--checkpoint={workdir}",
     f"--output_dir={out}",
     "--output_pixel_size_um=20",
+    "--output_format=npy,spatialdata",
     "--simulated",
     *SPEED,
   ]
   metrics = launcher.run(_flags(argv))
+  assert metrics["exports"] == {"spatialdata": "section.zarr"} and (out / "section.zarr").is_dir()
   assert metrics["simulated"] and metrics["flips_searched"]  # flips on by default for MSI
   transform = transform_io.load_transform_json(out / "transform.json")
   np.testing.assert_allclose(np.asarray(transform.linear), np.eye(2), atol=0.03)

@@ -47,7 +47,8 @@ _EXPORTS = {
     # `register` itself is the subpackage, and callable (see the module docstring).
     "register": ["AffineTransform", "RegistrationConfig", "register_msi_to_histology", "warp_image", "warp_msi",
                  "save_transform_json", "load_transform_json", "save_itk_transform", "load_itk_transform",
-                 "load_landmarks_csv", "target_registration_error", "parzen_mutual_information"],
+                 "load_landmarks_csv", "target_registration_error", "parzen_mutual_information",
+                 "BSplineTransform", "DeformableConfig", "register_deformable", "save_displacement_field"],
     "regions": ["read_geojson_regions", "regions_to_msi", "region_statistics", "differential_ions"],
     "pipeline": ["SectionInputs", "process_section", "register_images"],
     "report": ["write_section_report"],

@@ -279,7 +279,8 @@ def _report_markdown(result: SectionResult) -> str:
     ]
   lines += [
     "Synthetic H&E was generated from the MSI, registered (fixed = H&E, moving = synthetic H&E on the MSI grid, "
-    "mutual information, affine) and every MSI channel carried into histology space. The transform maps "
+    f"mutual information, affine{', then a B-spline deformation' if m.get('deformable') else ''}) and every MSI "
+    "channel carried into histology space. The transform maps "
     "histology µm to MSI µm (pixel centres, (x, y)).",
     "",
     "## Key numbers",
@@ -299,6 +300,14 @@ def _report_markdown(result: SectionResult) -> str:
     f"| uncertainty | {_fmt(m['uncertainty_um'], '.1f', ' µm')} |",
     f"| chosen start | {m['start']} (mirrored: {m['mirrored']}, rotation {_fmt(m['rotation_deg'], '.1f', '°')}) |",
   ]
+  deformable = m.get("deformable")
+  if deformable:
+    lines.append(
+      f"| deformable (B-spline, {_fmt(deformable['grid_spacing_um'][0], 'g')} µm grid) | "
+      f"{deformable['metric_name'].upper()} {_fmt(deformable['metric_affine'])} → {_fmt(deformable['metric'])}, "
+      f"max displacement {_fmt(deformable['max_displacement_um'], '.1f', ' µm')}, "
+      f"min det {_fmt(deformable['min_jacobian'], '.2f')} |"
+    )
   tre = m.get("tre")
   if tre:
     lines.append(

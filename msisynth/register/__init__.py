@@ -1,6 +1,8 @@
 """Registration in physical space (µm): affine transforms, similarity measures, optimisation, I/O and accuracy.
 
-Transforms map FIXED → MOVING (ITK's convention); see docs/architecture.md.
+Transforms map FIXED → MOVING (ITK's convention); see docs/architecture.md. `register` finds an affine map;
+`register_deformable` refines it with a cubic B-spline (`BSplineTransform`), which the warps, the regions and the
+ITK / displacement-field writers accept as well.
 
 This package is callable: `msisynth.register(fixed, moving, ...)` is `msisynth.register.optimize.register`. A
 package is bound as an attribute of its parent when it is imported (`import msisynth.register` sets
@@ -15,6 +17,13 @@ evaluation MI of `msisynth.metrics` (hard histogram).
 import sys
 import types
 
+from msisynth.register.bspline import (
+  BSplineTransform,
+  DeformableConfig,
+  DeformableResult,
+  deformable_summary,
+  register_deformable,
+)
 from msisynth.register.evaluate import (
   load_landmarks_csv,
   save_landmarks_csv,
@@ -36,6 +45,7 @@ from msisynth.register.similarity import normalized_mutual_information as parzen
 from msisynth.register.transform_io import (
   load_itk_transform,
   load_transform_json,
+  save_displacement_field,
   save_itk_transform,
   save_transform_json,
 )
@@ -50,10 +60,14 @@ from msisynth.register.transforms import (
 
 __all__ = [
   "AffineTransform",
+  "BSplineTransform",
   "Candidate",
+  "DeformableConfig",
+  "DeformableResult",
   "RegistrationConfig",
   "RegistrationResult",
   "constrain_params",
+  "deformable_summary",
   "image_center_um",
   "image_corners_um",
   "joint_histogram",
@@ -66,8 +80,10 @@ __all__ = [
   "parzen_normalized_mutual_information",
   "register",
   "register_batch",
+  "register_deformable",
   "register_msi_to_histology",
   "result_summary",
+  "save_displacement_field",
   "save_itk_transform",
   "save_landmarks_csv",
   "save_transform_json",

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from msisynth import errors, outputs, preprocess
+from msisynth import errors, geometry, outputs, preprocess
 from msisynth.types import MSIImage
 
 UNMEASURED_GREY = 0.75
@@ -339,7 +339,7 @@ def plot_msi_histology_pairs(
   def extent(shape, pixel_size):
     if pixel_size is None:
       return None, "pixels"
-    py, px = (pixel_size, pixel_size) if np.isscalar(pixel_size) else pixel_size
+    py, px = geometry.pixel_size_yx(pixel_size)
     h, w = shape[:2]
     return (-0.5 * px, (w - 0.5) * px, (h - 0.5) * py, -0.5 * py), "µm"
 

@@ -952,6 +952,7 @@ def save_simulated(sim: SimulatedMSI, out_dir: str | os.PathLike, overwrite: boo
     "displacement_model": "the MSI at p shows the H&E at T^-1(p - u(p)); u in the MSI frame, µm",
     "displacement": None if sim.displacement is None else sim.displacement.to_dict(),
     "histology_pixel_size_um": list(sim.histology_pixel_size_um),
+    "he_pixel_size_um": list(sim.histology_pixel_size_um),  # deprecated name of histology_pixel_size_um
     "msi_pixel_size_um": list(sim.msi.pixel_size_um),
     "he_shape": list(sim.he.shape[:2]),
     "msi_shape": list(sim.msi.shape),

@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(config, tmp_path):
     return batch
 
   val = make_batch(99, batch=4)
-  with pytest.raises(errors.TrainingError, match=r"non-finite loss at step 4 .*last good checkpoint is step 3"):
+  with pytest.raises(errors.TrainingError, match=r"non-finite values at step 4 .*last good checkpoint is step 3"):
     _run(config, tmp_path, 6, data=data, val=val)
   assert checkpoint.latest_step(tmp_path) == 3
   _, variables, _ = checkpoint.restore_for_inference(tmp_path)

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # `python experiments/register.py` as well as `py
 
 from absl import app, flags, logging
 
-from msisynth import errors
+from msisynth import errors, outputs
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -146,7 +146,6 @@ def run(fv: flags.FlagValues) -> dict:
   out = pathlib.Path(fv.output_dir)
   if out.exists() and any(out.iterdir()) and not fv.overwrite:
     raise errors.ConfigError(f"{out} is not empty; pass --overwrite to write into it, or choose another --output_dir")
-  out.mkdir(parents=True, exist_ok=True)
   started = time.time()
   overwrite = bool(fv.overwrite)
 
@@ -169,6 +168,9 @@ def run(fv: flags.FlagValues) -> dict:
   moving_px = tf.pixel_size_yx(moving_px, "--moving_pixel_size_um")
   if fv.moving_mask:
     moving_mask = _mask(fv.moving_mask, moving.shape[:2], "--moving_mask")
+  landmarks = None  # every input is read and checked before anything is written
+  if fv.landmarks:
+    landmarks = evaluate.load_landmarks_csv(fv.landmarks, fixed_pixel_size_um=fixed_px, moving_pixel_size_um=moving_px)
 
   flips = bool(fv.msi) if fv.flips is None else bool(fv.flips)
   iterations = None
@@ -192,6 +194,7 @@ def run(fv: flags.FlagValues) -> dict:
   tag = " (simulated)" if fv.simulated or (msi is not None and msi.metadata.get("simulated")) else ""
 
   common = {"fixed_pixel_size_um": fixed_px, "moving_pixel_size_um": moving_px}
+  out.mkdir(parents=True, exist_ok=True)
   transform_io.save_transform_json(out / "transform.json", result.transform, fixed_shape=fixed.shape[:2],
                                    moving_shape=moving.shape[:2], fixed_name=str(fv.fixed), moving_name=moving_name,
                                    metadata={"registration": summary, "simulated": bool(tag)}, overwrite=overwrite,
@@ -220,10 +223,7 @@ def run(fv: flags.FlagValues) -> dict:
     quality[f"nmi_{name}"] = float(sim.normalized_mutual_information(fixed_grey, grey, bins=32, mask=inside))
 
   def save_fig(fig, name):
-    path = out / name
-    if path.exists() and not overwrite:
-      raise errors.DataError("file exists; pass --overwrite to replace it", path)
-    fig.savefig(path, dpi=120)
+    outputs.save_figure(fig, out / name, dpi=120, overwrite=overwrite)
 
   save_fig(viz.plot_checkerboard_before_after(fixed, before, warped, pixel_size_um=fixed_px, simulated=bool(tag),
                                               titles=("Before registration (identity)",
@@ -243,8 +243,7 @@ def run(fv: flags.FlagValues) -> dict:
     "uncertainty_um": result.uncertainty_um,
     "registration": summary,
   }
-  if fv.landmarks:
-    landmarks = evaluate.load_landmarks_csv(fv.landmarks, fixed_pixel_size_um=fixed_px, moving_pixel_size_um=moving_px)
+  if landmarks is not None:
     for name, t in (("before", identity), ("after", result.transform)):
       tre = evaluate.target_registration_error(t, landmarks[:, :2], landmarks[:, 2:], moving_px)
       metrics[f"tre_{name}"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in tre.items()}
@@ -259,16 +258,10 @@ def run(fv: flags.FlagValues) -> dict:
     carried = tf.warp_msi(msi, result.transform, out_shape, out_px, moving_pixel_size_um=moving_px)
     for name, array in (("msi_in_histology.npy", carried.cube), ("msi_mask_in_histology.npy", carried.mask),
                         ("mz.npy", carried.mz)):  # fmt: skip
-      path = out / name
-      if path.exists() and not overwrite:
-        raise errors.DataError("file exists; pass --overwrite to replace it", path)
-      np.save(path, array)
+      outputs.save_npy(out / name, array, overwrite=overwrite)
     metrics["msi_in_histology"] = {"shape": list(carried.cube.shape), "pixel_size_um": list(out_px)}
 
-  path = out / "metrics.json"
-  if path.exists() and not overwrite:
-    raise errors.DataError("file exists; pass --overwrite to replace it", path)
-  path.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+  outputs.atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n", overwrite=overwrite)
   for warning in result.warnings:
     logging.warning("%s", warning)
   logging.info("wrote %s", out)

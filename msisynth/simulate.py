@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -84,7 +85,7 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.cluster import vq
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth import io as msi_io
 from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
@@ -963,12 +964,13 @@ def save_simulated(sim: SimulatedMSI, out_dir: str | os.PathLike, overwrite: boo
     "n_landmarks": int(len(sim.landmarks)),
     "parameters": simulation,
   }
-  paths["ground_truth"].write_text(json.dumps(ground_truth, indent=2))
-  with open(paths["landmarks"], "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["fixed_x", "fixed_y", "moving_x", "moving_y"])
-    writer.writerows([[f"{v:.6f}" for v in row] for row in sim.landmarks])
-  np.save(paths["tissue_classes"], sim.tissue_classes)
+  outputs.atomic_write(paths["ground_truth"], json.dumps(ground_truth, indent=2))
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(["fixed_x", "fixed_y", "moving_x", "moving_y"])
+  writer.writerows([[f"{v:.6f}" for v in row] for row in sim.landmarks])
+  outputs.atomic_write(paths["landmarks"], buffer.getvalue())
+  outputs.save_npy(paths["tissue_classes"], sim.tissue_classes)
   if sim.displacement_um is not None:
-    np.save(paths["displacement"], sim.displacement_um)
+    outputs.save_npy(paths["displacement"], sim.displacement_um)
   return paths

@@ -96,6 +96,27 @@ def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
     launcher.run(_flags(argv))
 
 
+@pytest.mark.parametrize("content", [None, "fixed_x,fixed_y\n1,2\n"])
+def test_bad_landmarks_are_refused_before_anything_is_written(images, tmp_path, content):
+  folder, _, _ = images
+  landmarks = tmp_path / "landmarks.csv"
+  if content is not None:
+    landmarks.write_text(content)
+  out = tmp_path / "out"
+  argv = [
+    f"--fixed={folder / 'fixed.tif'}",
+    "--fixed_pixel_size_um=1",
+    f"--moving={folder / 'moving.tif'}",
+    "--moving_pixel_size_um=2",
+    f"--landmarks={landmarks}",
+    f"--output_dir={out}",
+    *SPEED,
+  ]
+  with pytest.raises((errors.MSISynthError, FileNotFoundError)):
+    launcher.run(_flags(argv))
+  assert not out.exists() or not any(out.iterdir())
+
+
 def test_launcher_msi_route_carries_the_cube(images, tmp_path, monkeypatch):
   folder, _, moving = images
   cube = np.stack([moving, 1 - moving, moving**2], axis=-1)

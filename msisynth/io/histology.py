@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Largest image Pillow may decode here (pixels); Pillow's own default refuses whole-slide-sized images.
@@ -209,7 +209,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
       image = np.round(image / 257.0).astype(np.uint8)
     if image.ndim == 3 and channels == 1:
       image = image[..., 0]
-    Image.fromarray(image).save(path, format="PNG")
+    with outputs.atomic_path(path) as tmp:  # a kill mid-write leaves the previous file intact
+      Image.fromarray(image).save(tmp, format="PNG")
   else:
     import tifffile
 
@@ -219,7 +220,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
     extrasamples = ("unassalpha",) if photometric == "rgb" and image.shape[2] == 4 else None
     if image.ndim == 3 and photometric == "minisblack":
       image = np.moveaxis(image, -1, 0)
-    tifffile.imwrite(path, image, photometric=photometric, extrasamples=extrasamples)
+    with outputs.atomic_path(path) as tmp:
+      tifffile.imwrite(tmp, image, photometric=photometric, extrasamples=extrasamples)
   return path
 
 

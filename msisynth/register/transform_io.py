@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register.transforms import AffineTransform, pixel_size_yx
 
 JSON_FORMAT = "msisynth.affine_transform"
@@ -119,7 +119,7 @@ def save_transform_json(
     text = json.dumps(doc, indent=2, allow_nan=False, default=_json_default)
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f"metadata cannot be written as JSON: {e}") from e
-  target.write_text(text + "\n", encoding="utf-8")
+  outputs.atomic_write(target, text + "\n")
   return target
 
 
@@ -205,7 +205,7 @@ def save_itk_transform(
     "Parameters: " + " ".join(repr(float(v)) for v in params),
     "FixedParameters: " + " ".join(repr(float(v)) for v in c),
   ]
-  target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  outputs.atomic_write(target, "\n".join(lines) + "\n")
   return target
 
 

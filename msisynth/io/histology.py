@@ -19,6 +19,7 @@ import pathlib
 import numpy as np
 
 from msisynth import errors, outputs
+from msisynth.io import integrity
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Largest image Pillow may decode here (pixels); Pillow's own default refuses whole-slide-sized images.
@@ -54,6 +55,7 @@ def _read_tiff(path: pathlib.Path) -> np.ndarray:
 def _read_pillow(path: pathlib.Path) -> np.ndarray:
   from PIL import Image
 
+  integrity.check_image_file(path)  # decoders fill a cut PNG or JPEG without an error
   limit = Image.MAX_IMAGE_PIXELS
   try:
     Image.MAX_IMAGE_PIXELS = _MAX_PIXELS

@@ -230,7 +230,8 @@ def test_fuzz_images(tmp_path, fmt):
   if fmt == "jpg":
     cases += [("cut and closed", data[: int(rng.integers(2, len(data) - 2))] + b"\xff\xd9") for _ in range(20)]
   if fmt == "png":
-    cases += [("cut and closed", data[: int(rng.integers(8, len(data) - 12))] + _chunk(b"IEND", b"")) for _ in range(20)]
+    iend = _chunk(b"IEND", b"")
+    cases += [("cut and closed", data[: int(rng.integers(8, len(data) - 12))] + iend) for _ in range(20)]
     # Every PNG chunk carries a CRC: any flipped bit is detectable.
     cases += [("bit flipped", _flip(data, rng)) for _ in range(30)]
   wrong = []

@@ -32,15 +32,15 @@ if __package__ in (None, ""):  # `python experiments/demo.py` as well as `python
 
 from absl import app, flags, logging  # noqa: E402
 
-from msisynth import outputs  # noqa: E402
+from msisynth import cli, outputs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "reports/demo",
                     "Report folder (created; an existing non-empty one needs --overwrite).")
 flags.DEFINE_string("workdir", None, "Generator training folder (default: <output_dir>/generator). A finished run "
                     "there is reused instead of training again.")
-flags.DEFINE_bool("overwrite", False, "Replace the report files in an existing --output_dir (the generator "
-                  "workdir is kept and reused).")
+# --overwrite (replace the report files in an existing --output_dir; the generator workdir is kept and reused)
+# is msisynth.cli's, shared by every launcher.
 flags.DEFINE_integer("steps", 600, "Training steps of the demo generator.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the simulation, the split and training.")
 flags.DEFINE_string("test_slide", "rcc-UH9905_18", "Held-out H&E slide (file stem) that is registered.")
@@ -282,4 +282,4 @@ def _write_report(out: pathlib.Path, summary: dict, result) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # `python experiments/register.py` as well as `py
 
 from absl import app, flags, logging
 
-from msisynth import errors, outputs
+from msisynth import cli, errors, outputs
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -65,7 +65,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float("working_pixel_size_um", None, "Finest pixel size registration works at (µm).", **fv)
   flags.DEFINE_bool("simulated", False, "Mark the outputs as simulated data.", **fv)
   flags.DEFINE_string("output_dir", None, "Output folder.", **fv)
-  flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output_dir.", **fv)
+  if "overwrite" not in flag_values:  # msisynth.cli defines it once on the global flags, for every launcher
+    flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output_dir.", **fv)
 
 
 def _check_flags(fv: flags.FlagValues) -> None:
@@ -271,14 +272,9 @@ def run(fv: flags.FlagValues) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    run(flags.FLAGS)
-  except errors.MSISynthError as e:
-    logging.error("%s", e)
-    return 1
-  return 0
+  run(flags.FLAGS)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -257,13 +257,15 @@ def save(
   step = int(jax.device_get(state.step))
   generator_item = {"params": state.g_params, "batch_stats": state.g_batch_stats}
   train_item = {name: getattr(state, name) for name in _TRAIN_FIELDS}
-  check_finite({"generator": generator_item, "train": train_item}, f"the train state at step {step}")
+  # One host copy serves the finiteness check and the digest (orbax makes its own for the write).
+  host = jax.device_get({"generator": generator_item, "train": train_item})
+  check_finite(host, f"the train state at step {step}")
   json_items = {
     "config": _config_dict(config),
     "data_state": dict(data_state or {}),
     "preprocessor": {"preprocessor": None if preprocessor is None else dict(preprocessor)},
   }
-  digest = {"format": 1, "items": {"generator": _array_digest(generator_item), "train": _array_digest(train_item)}}
+  digest = {"format": 1, "items": {name: _array_digest(value) for name, value in host.items()}}
   digest["items"].update({name: _json_digest(value) for name, value in json_items.items()})
   args = ocp.args.Composite(
     generator=ocp.args.StandardSave(generator_item),

@@ -150,10 +150,10 @@ def test_launcher_flag_errors(tmp_path):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", f"--output_dir={tmp_path}"]))
   with pytest.raises(errors.ConfigError, match="--checkpoint"):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--msi=b.imzML", f"--output_dir={tmp_path}"]))
-  # As a script (not only as a module): a missing flag is reported and the exit status is 1.
+  # As a script (not only as a module): a missing flag is reported on one line and the exit status is 2.
   proc = subprocess.run([sys.executable, str(REPO / "experiments" / "register.py"), "--fixed=a.png"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)  # fmt: skip
-  assert proc.returncode == 1 and "--fixed_pixel_size_um" in proc.stderr
+  assert proc.returncode == 2 and "--fixed_pixel_size_um" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_figures():

@@ -150,6 +150,11 @@ def test_launcher_flag_errors(tmp_path):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", f"--output_dir={tmp_path}"]))
   with pytest.raises(errors.ConfigError, match="--checkpoint"):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--msi=b.imzML", f"--output_dir={tmp_path}"]))
+  with pytest.raises(errors.ConfigError, match="--iterations must be positive"):
+    launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--moving=b.png", "--moving_pixel_size_um=1",
+                         "--iterations=10,-5", f"--output_dir={tmp_path}"]))  # fmt: skip
+  with pytest.raises(flags.IllegalFlagValueError):
+    _flags(["--samples=0"])
   # As a script (not only as a module): a missing flag is reported on one line and the exit status is 2.
   proc = subprocess.run([sys.executable, str(REPO / "experiments" / "register.py"), "--fixed=a.png"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -142,6 +142,7 @@ TINY = f"--config={os.path.join('experiments', 'configs', 'unet.py')}:tiny"
     ([TINY, "--config.train.num_steps=-5"], "config.train.num_steps must be a positive integer"),
     ([TINY, "--resume_from=oldest"], "--resume_from"),
     ([TINY, "--overwrite"], "not created by msisynth"),
+    ([TINY, "--workdir=/proc/no_such_folder/run"], "cannot create the output folder"),
   ],
 )
 def test_mistakes_give_one_line_and_leave_user_files(tmp_path, shared_data, args, message):

@@ -198,3 +198,20 @@ def test_no_intact_step_is_an_error(state, config, tmp_path):
   with pytest.raises(errors.CheckpointError, match="no earlier step is intact"):
     checkpoint.restore_latest(tmp_path, resume_from="intact")
   assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+def test_synthesizer_never_returns_a_nan_image(config):
+  from msisynth import synthesize
+
+  synthesizer = synthesize.Synthesizer(
+    apply_fn=lambda x: np.full(x.shape[:3] + (3,), np.nan, np.float32),
+    config=config,
+    preprocessor=None,
+    in_channels=K,
+    size_multiple=16,
+    tile_size=32,
+    overlap=8,
+    workdir="run",
+  )
+  with pytest.raises(errors.CheckpointError, match="NaN/Inf"):
+    synthesizer(np.zeros((40, 48, K), np.float32))

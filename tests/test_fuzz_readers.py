@@ -67,6 +67,14 @@ def test_intensities_beyond_float32_raise_or_clip(tmp_path):
     imzml.read_imzml(path, overflow="ignore")
 
 
+def test_float64_image_beyond_float32_is_refused(tmp_path):
+  import tifffile
+
+  tifffile.imwrite(tmp_path / "big.tif", np.full((8, 8), 1e39))
+  with pytest.raises(errors.ImageReadError, match="exceed the float32 range"):
+    msi_io.read_image(tmp_path / "big.tif")
+
+
 def _chunk(kind, data):
   return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

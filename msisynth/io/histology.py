@@ -97,6 +97,8 @@ def _to_unit_float(data: np.ndarray, path: pathlib.Path) -> np.ndarray:
   if data.dtype in (np.uint8, np.uint16, np.uint32):
     return (data.astype(np.float32) / np.float32(np.iinfo(data.dtype).max)).astype(np.float32)
   if data.dtype in (np.float16, np.float32, np.float64):
+    if data.dtype == np.float64 and np.all(np.isfinite(data)) and np.abs(data).max() > np.finfo(np.float32).max:
+      raise errors.ImageReadError(f"float64 values up to {np.abs(data).max():.3g} exceed the float32 range", path)
     out = data.astype(np.float32)
     if not np.all(np.isfinite(out)):
       raise errors.ImageReadError("image holds NaN or Inf values", path)

@@ -313,7 +313,7 @@ def _extras(restored) -> dict[str, Any]:
 def _read_step(directory: str, step: int, items: tuple[str, ...], targets: Mapping[str, Any] | None = None):
   """Items of one step read back and checked against their digest; _Damaged when that fails.
 
-  A fresh read-only manager reads the step, so that a failed read (orbax can leave its event loop closed) does
+  A fresh checkpointer reads the step folder, so that a failed read (orbax can leave its event loop closed) does
   not affect the caller's manager.
   """
   targets = targets or {}
@@ -330,14 +330,14 @@ def _read_step(directory: str, step: int, items: tuple[str, ...], targets: Mappi
   has_digest = os.path.isdir(os.path.join(step_dir, DIGEST_ITEM))
   if has_digest:
     args[DIGEST_ITEM] = ocp.args.JsonRestore()
-  manager = make_manager(directory, read_only=True)
+  reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
+    restored = reader.restore(step_dir, args=ocp.args.Composite(**args))
   except Exception as e:  # tensorstore, orbax and json raise many kinds (ValueError, RuntimeError, OSError, ...)
-    raise _Damaged(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else 'unreadable'}") from e
+    raise _Damaged(_reason(e)) from e
   finally:
     try:
-      manager.close()
+      reader.close()
     except Exception:  # noqa: BLE001 - closing after a failed read must not hide the read's error
       pass
   restored = {name: restored[name] for name in args}
@@ -349,8 +349,14 @@ def _read_step(directory: str, step: int, items: tuple[str, ...], targets: Mappi
   except _Damaged:
     raise
   except Exception as e:  # noqa: BLE001 - a restored item of an unexpected form is damage too
-    raise _Damaged(f"{type(e).__name__}: {str(e)[:300]}") from e
+    raise _Damaged(_reason(e)) from e
   return restored
+
+
+def _reason(e: BaseException) -> str:
+  """One line saying why a read failed, without tensorstore's long spec."""
+  text = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+  return f"{type(e).__name__}: {text[:300] or 'unreadable'}"
 
 
 _ALL_ITEMS = ("generator", "train", *_JSON_ITEMS)

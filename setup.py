@@ -31,6 +31,7 @@ setup(
         "dm-pix>=0.4.3",
         "absl-py>=2.0",
         "matplotlib>=3.7",
+        "numba>=0.58,<1",  # the JPEG completeness check (msisynth.io.integrity); pure Python without it
     ],
     extras_require={
         "dev": [

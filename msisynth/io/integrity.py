@@ -22,6 +22,7 @@ import struct
 import zlib
 
 import numpy as np
+from absl import logging
 
 from msisynth import errors
 
@@ -276,6 +277,7 @@ def check_jpeg(path: str | os.PathLike) -> None:
   count_units = _unit_counter()
   if count_units is None:
     if path.stat().st_size > _JPEG_PYTHON_MAX_BYTES:
+      logging.warning("%s: not checked for a cut JPEG scan (install numba to check files over 8 MB)", path)
       return
     count_units = _count_units
   data = np.fromfile(path, np.uint8)

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -334,6 +335,7 @@ def _read_step(directory: str, step: int, items: tuple[str, ...], targets: Mappi
   try:
     restored = reader.restore(step_dir, args=ocp.args.Composite(**args))
   except Exception as e:  # tensorstore, orbax and json raise many kinds (ValueError, RuntimeError, OSError, ...)
+    _quiet_closed_loop_callbacks()
     raise _Damaged(_reason(e)) from e
   finally:
     try:
@@ -351,6 +353,25 @@ def _read_step(directory: str, step: int, items: tuple[str, ...], targets: Mappi
   except Exception as e:  # noqa: BLE001 - a restored item of an unexpected form is damage too
     raise _Damaged(_reason(e)) from e
   return restored
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the "Event loop is closed" tracebacks that tensorstore callbacks print after a failed orbax read.
+
+  They come from background threads (as unraisable exceptions) once orbax has closed its event loop, say nothing
+  the CheckpointError does not, and would bury its one line. Only that exact error is dropped.
+  """
+  hook = sys.unraisablehook
+  if getattr(hook, "_msisynth_quiet", False):
+    return
+
+  def quiet(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    hook(unraisable)
+
+  quiet._msisynth_quiet = True
+  sys.unraisablehook = quiet
 
 
 def _reason(e: BaseException) -> str:

@@ -482,7 +482,12 @@ def restore_latest(manager_or_workdir, target_state=None, step: int | None = Non
       newer = sorted(s for s in manager.all_steps() if s > intact)
     logging.warning("%s: checkpoint step %d is damaged (%s); resuming from step %d, the newest intact one",
                     directory, step, e, intact)
-    _move_aside(directory, newer)
+    if jax.process_index() == 0:  # one process moves them; the others wait until it has
+      _move_aside(directory, newer)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("msisynth.checkpoint.move_aside")
     if isinstance(manager_or_workdir, ocp.CheckpointManager):
       manager_or_workdir.reload()
     step = intact

@@ -90,10 +90,14 @@ def test_summarise_pairs_differences_per_case():
     {"unet": {"mi_bits": 2.0, "nmi": 1.3, "ssim": 0.4, "psnr_db": 12.0},
      "pix2pix": {"mi_bits": 2.1, "nmi": 1.2, "ssim": float("nan"), "psnr_db": 13.0}},
   ]  # fmt: skip
+  # A NaN metric is an error, never dropped: dropping it would take the means over different case sets.
+  with pytest.raises(errors.DataError, match="not finite"):
+    ev.summarise(cases)
+  cases[1]["pix2pix"]["ssim"] = 0.3
   s = ev.summarise(cases)
   assert s["mi_bits"]["unet"] == {"mean": 1.5, "std": pytest.approx(np.std([1.0, 2.0], ddof=1)), "n": 2}
   assert s["mi_bits"]["difference"]["mean"] == pytest.approx(0.3)
-  assert s["ssim"]["pix2pix"]["n"] == 1 and s["ssim"]["difference"]["mean"] == pytest.approx(-0.1)
+  assert s["ssim"]["pix2pix"]["n"] == 2 and s["ssim"]["difference"]["mean"] == pytest.approx(-0.1)
 
 
 def test_same_preprocessor_compares_fitted_state():

@@ -514,8 +514,8 @@ def texture_features(image: np.ndarray, *, patch_size: int = 32, stride: int | N
 def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, *, scale: np.ndarray | None = None) -> float:
   """Unbiased squared MMD with KID's cubic polynomial kernel k(x, y) = (x·y / d + 1)³ (Bińkowski et al. 2018).
 
-  Features are standardised by `scale` ((2, d): mean and std) first, by default those of `features_b` (the real
-  images), so that every feature weighs alike. 0 in expectation when both sets come from one distribution; it can
+  Features are standardised by `scale` ((2, d): mean and std) first, by default those of both sets pooled, so
+  that every feature weighs alike. 0 in expectation when both sets come from one distribution; it can
   be slightly negative.
 
   Args:
@@ -535,9 +535,11 @@ def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, *, scale: np
   if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
     raise errors.DataError("KID of non-finite features")
   if scale is None:
-    scale = np.stack([y.mean(axis=0), y.std(axis=0)])
+    both = np.concatenate([x, y])
+    scale = np.stack([both.mean(axis=0), both.std(axis=0)])
   mu, sd = scale
-  sd = np.where(sd > 1e-12, sd, 1.0)
+  # A feature (nearly) constant over both sets carries no information: a floor keeps it from dominating.
+  sd = np.maximum(sd, 1e-3 * max(float(np.median(sd)), 1e-12) + 1e-9)
   x, y = (x - mu) / sd, (y - mu) / sd
   d = x.shape[1]
 

@@ -9,8 +9,8 @@ Commands (from the repository root):
 Variants:
   (none) / cpu  the CPU study sized for a 2-core machine: a depth-5 ngf-16 U-Net generator (+ a 2-layer PatchGAN
                 for pix2pix) on 32-pixel patches, batch 8, Adam 2e-4 (pix2pix's), `model_config.train.num_steps`
-                steps; 5 training seeds per model on each setting; 4 training slides, 4 held-out slides × 2
-                simulated neighbour sections = 8 benchmark cases; the real pair's held-out part in 64-pixel tiles;
+                steps; 5 training seeds per model on each setting; 4 training slides, 3 held-out slides × 2
+                simulated neighbour sections = 6 benchmark cases; the real pair's held-out part in 64-pixel tiles;
                 20 perturbed starts per route. The measured runtime is in docs/results.md (the study's own
                 timings table): about 25 minutes on a shared 2-core CPU.
   medium        the "medium model" CPU budget: the same generator trained 3,000 steps of batch 8. A single run at
@@ -50,20 +50,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.data.patch_size = 32
   m.data.upsample = 4
   m.data.min_tissue_fraction = 0.3
-  _steps(m, 300)
+  _steps(m, 200)
   config.model_config = m
 
   config.benchmark = ml_collections.ConfigDict(dict(
-    n_train_slides=4, n_test_slides=4, sims_per_test_slide=2, he_reduce=1, he_pixel_size_um=5.0,
+    n_train_slides=4, n_test_slides=3, sims_per_test_slide=2, he_reduce=1, he_pixel_size_um=5.0,
     msi_pixel_size_um=20.0, n_ions=40, n_components=8))  # fmt: skip
-  config.eval = ml_collections.ConfigDict(dict(mi_bins=16, kid_patch=16, tile=32, overlap=16))
+  config.eval = ml_collections.ConfigDict(dict(mi_bins=16, kid_patch=16, tile=32, overlap=8))
   config.registration = ml_collections.ConfigDict(dict(
-    routes=("synthetic", "msi_tic", "msi_pca1"), levels=3, max_iterations=None, max_samples=8192,
+    routes=("synthetic", "msi_tic", "msi_pca1"), levels=2, max_iterations=None, max_samples=4096,
     working_pixel_size_um=10.0))  # fmt: skip
   config.rough = ml_collections.ConfigDict(dict(rounds=2, losses=("l1", "shift_l1"), kind="unet", max_shift_px=3,
-                                                     max_test_cases=4))
+                                                     max_test_cases=3))
   config.bladder = ml_collections.ConfigDict(dict(
-    he_reduce=4, split_axis=1, test_fraction=0.4, n_components=8, case_tile=64, n_perturbations=20,
+    he_reduce=2, split_axis=1, test_fraction=0.4, n_components=8, case_tile=64, n_perturbations=20,
     perturb_rotation_deg=5.0, perturb_translation_um=75.0, perturb_scale=0.05))  # fmt: skip
 
   if variant == "medium":

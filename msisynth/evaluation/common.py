@@ -89,13 +89,13 @@ def train_model(config, workdir: str | os.PathLike, pairs, regions, preprocessor
 
 
 def score_images(fake: np.ndarray, real: np.ndarray, mask: np.ndarray, *, mi_bins: int, kid_patch: int,
-                 where: str) -> dict[str, float]:  # fmt: skip
+                 where: str, real_features: np.ndarray | None = None) -> dict[str, float]:  # fmt: skip
   """Every image measure of one case; DataError when any is not finite (never dropped).
 
   mi_bits: Miller–Madow-corrected MI of the luminance, `mi_bins` bins over [0, 1], in bits (the region must hold
   4 · bins² pixels); mi_plugin_bits the uncorrected value; mi_perm_bits the plug-in minus a 10-shuffle permutation
   null; nmi (100 bins), ssim, psnr_db inside the mask; kid the texture KID (lower is better) of patches of
-  `kid_patch` pixels.
+  `kid_patch` pixels (`real_features`: the real image's `texture_features`, when already computed).
   """
   from msisynth.evaluation import stats
 
@@ -110,11 +110,29 @@ def score_images(fake: np.ndarray, real: np.ndarray, mask: np.ndarray, *, mi_bin
     "nmi": float(metrics.normalized_mutual_information(fake, real, bins=100, value_range=(0.0, 1.0), mask=m)),
     "ssim": float(metrics.ssim(fake, real, max_val=1.0, mask=m)),
     "psnr_db": float(metrics.psnr(fake, real, max_val=1.0, mask=m)),
-    "kid": metrics.texture_kid(fake, real, mask=m, patch_size=kid_patch)["kid"],
+    "kid": _kid(fake, real, m, kid_patch, real_features),
     "n_pixels": int(m.sum()),
   }
   stats.check_finite(out, where)
   return out
+
+
+def real_texture_features(real: np.ndarray, mask: np.ndarray, kid_patch: int, max_patches: int = 1000):
+  """The real image's texture features for `score_images` (disjoint patches, at most `max_patches`)."""
+  f = metrics.texture_features(real, patch_size=kid_patch, mask=np.asarray(mask, bool))
+  return f, _subset(len(f), max_patches)
+
+
+def _subset(n: int, k: int) -> np.ndarray:
+  return np.linspace(0, n - 1, min(n, k)).round().astype(int) if n else np.zeros(0, int)
+
+
+def _kid(fake, real, mask, patch, real_features) -> float:
+  if real_features is None:
+    return metrics.texture_kid(fake, real, mask=mask, patch_size=patch)["kid"]
+  fb, keep = real_features
+  fa = metrics.texture_features(fake, patch_size=patch, mask=mask)
+  return metrics.kernel_distance(fa[keep], fb[keep])
 
 
 def register_route(fixed, moving, *, fixed_px, moving_px, moving_mask, rconfig, fixed_mask=None, initial=None):

@@ -229,6 +229,7 @@ def build_data(config, output_dir: pathlib.Path) -> EvalData:
     paired = data_lib.msiflow_pairs(d.get("data_dir"), val_fraction=float(d.val_fraction), split_axis=d.split_axis,
                                     gap_px=int(d.gap_px), seed=seed, upsample=upsample,
                                     min_val_band_px=-(-patch // upsample))  # fmt: skip
+    paired = soften_mask_channel(paired, float(config.eval.get("mask_channel_sigma_px", 2.0)))
     train_data = paired.train_dataset(seed=seed, augment=bool(d.augment), **dataset_kwargs)
     val_set = paired.val_dataset(**dataset_kwargs).validation_set()
     pair, region = paired.val_pairs[0], paired.val_regions[0]
@@ -287,6 +288,31 @@ def build_data(config, output_dir: pathlib.Path) -> EvalData:
            "he_pixel_size_um_assumed": float(d.he_pixel_size_um), "msi_pixel_size_um": float(d.msi_pixel_size_um),
            "cases": "held-out slides", "n_train_positions": train_data.num_positions}  # fmt: skip
   return EvalData(paired, train_data, val_set, list(test_pairs), cases, [], True, "H&E", slides, split)
+
+
+def soften_mask_channel(paired, sigma_px: float):
+  """The msiFlow target with its third channel (a near-binary urothelium mask: 98% of its pixels exactly 0 or 1)
+  smoothed by a Gaussian of `sigma_px` pair pixels, so that the discriminator cannot win on its hard edges alone.
+
+  0 keeps the channel as it is. The same Pair objects are shared by the training and validation lists (a spatial
+  split), so each is replaced once.
+  """
+  from scipy import ndimage
+
+  if sigma_px <= 0:
+    return paired
+  done = {}
+
+  def soft(pair):
+    if id(pair) not in done:
+      target = np.array(pair.histology, np.float32, copy=True)
+      target[..., 2] = ndimage.gaussian_filter(target[..., 2], sigma_px, mode="nearest")
+      meta = dict(pair.metadata, mask_channel_sigma_px=float(sigma_px))
+      done[id(pair)] = dataclasses.replace(pair, histology=np.clip(target, 0, 1), metadata=meta)
+    return done[id(pair)]
+
+  return dataclasses.replace(paired, train_pairs=[soft(p) for p in paired.train_pairs],
+                             val_pairs=[soft(p) for p in paired.val_pairs])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ training

@@ -144,9 +144,13 @@ def compare_synthesis(config, train_pairs, train_regions, test_pairs, test_masks
   if len(cases) < 2:
     raise errors.DataError(f"{label}: {len(cases)} evaluation cases; the paired tests need at least 2")
 
+  real_features = {name: common.real_texture_features(test_pairs[i].histology[w], m, int(e.kid_patch))
+                   for name, i, w, m in cases}  # fmt: skip
+
   def score_all(fakes):
     return {name: common.score_images(fakes[i][w], test_pairs[i].histology[w], m, mi_bins=int(e.mi_bins),
-                                      kid_patch=int(e.kid_patch), where=f"{label} {name}")  # fmt: skip
+                                      kid_patch=int(e.kid_patch), where=f"{label} {name}",
+                                      real_features=real_features[name])  # fmt: skip
             for name, i, w, m in cases}
 
   per_seed = {k: {} for k in MODELS}

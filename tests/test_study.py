@@ -69,3 +69,11 @@ def test_launchers_refuse_a_non_empty_output_folder(tmp_path, launcher):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert (tmp_path / "results.md").read_text() == "the user's own file"
+
+
+def test_landmark_start_is_rough_but_close(tiny):
+  _, sections, _ = tiny
+  exact = rough.landmark_transforms(sections[:1], noise_um=0.0)[0]
+  assert rough._tre_px(exact, sections[0]) == pytest.approx(0.0, abs=1e-6)
+  noisy = rough.landmark_transforms(sections[:1], noise_um=60.0, seed=1)[0]
+  assert 0.05 < rough._tre_px(noisy, sections[0]) < 10

@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     routes=("synthetic", "msi_tic", "msi_pca1"), levels=2, max_iterations=None, max_samples=4096,
     working_pixel_size_um=10.0))  # fmt: skip
   config.rough = ml_collections.ConfigDict(dict(rounds=2, losses=("l1", "shift_l1"), kind="unet", max_shift_px=3,
-                                                     max_test_cases=3))
+                                                     max_test_cases=3, init="direct", landmark_noise_um=60.0))
   config.bladder = ml_collections.ConfigDict(dict(
     he_reduce=2, split_axis=1, test_fraction=0.4, n_components=8, case_tile=64, n_perturbations=20,
     perturb_rotation_deg=5.0, perturb_translation_um=75.0, perturb_scale=0.05))  # fmt: skip

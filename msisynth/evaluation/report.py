@@ -66,9 +66,10 @@ def benchmark_registration_table(reg: dict, routes) -> list[str]:
 
 
 def rough_table(rough: dict) -> list[str]:
+  init = rough["initial"].get("init", "direct")
   lines = ["| loss | round | training pairs: median TRE (px) | held-out: median TRE (px) | held-out < 1 px |",
            "|---|---|---|---|---|",
-           f"| (direct TIC) | 0 | {_f(np.median(rough['initial']['train_tre_px']), '.2f')} | – | – |"]  # fmt: skip
+           f"| ({init}) | 0 | {_f(np.median(rough['initial']['train_tre_px']), '.2f')} | – | – |"]  # fmt: skip
   for loss, rounds in rough.items():
     if loss == "initial":
       continue

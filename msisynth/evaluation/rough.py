@@ -1,7 +1,8 @@
 """Training from rough alignments: users never start with registered pairs.
 
 Round 0 builds the training pairs from a rough alignment of each training section: a direct multimodal MI
-registration of the MSI's TIC image to the H&E (or landmarks, where given). Each later round
+registration of the MSI's TIC image to the H&E (`rough.init` "direct"), or an affine fitted to 4 noisy landmarks
+("landmarks"). Each later round
   1. trains a generator on the current pairs (optionally with the misalignment-tolerant `shift_l1` loss),
   2. synthesises H&E from every training section's MSI,
   3. registers the synthetic H&E to the real H&E (one modality), starting from the current transform, and
@@ -41,6 +42,25 @@ def initial_transforms(train, preprocessor, rconfig, *, upsample: int):
   return out
 
 
+def landmark_transforms(train, *, n_points: int = 4, noise_um: float = 60.0, seed: int = 0):
+  """Round 0 from landmarks: an affine fitted to `n_points` of each section's landmarks, the MSI side jittered by
+  Gaussian noise of `noise_um` µm (as hand-placed landmarks are: the real bladder pair's 4 leave 3-8 MSI px)."""
+  from msisynth.evaluation.bladder import fit_affine
+  from msisynth.register.transforms import AffineTransform
+
+  rng = np.random.default_rng(seed)
+  out = []
+  for s in train:
+    lm = s.landmarks
+    # Spread points: the extremes of x + y and x − y.
+    key = [lm[:, 0] + lm[:, 1], lm[:, 0] - lm[:, 1]]
+    idx = list(dict.fromkeys([int(np.argmin(key[0])), int(np.argmax(key[0])), int(np.argmin(key[1])),
+                              int(np.argmax(key[1]))]))[:n_points]  # fmt: skip
+    moving = lm[idx, 2:] + rng.normal(0, noise_um, (len(idx), 2))
+    out.append(AffineTransform(fit_affine(lm[idx, :2], moving)))
+  return out
+
+
 def alternate(config, train, test, preprocessor, workdir, seeds, rconfig) -> dict:
   """Runs the alternation for each reconstruction loss in `config.rough.losses`; TRE per round (MSI px).
 
@@ -62,10 +82,14 @@ def alternate(config, train, test, preprocessor, workdir, seeds, rconfig) -> dic
   u = int(config.model_config.data.upsample)
   r = config.rough
   t0 = time.perf_counter()
-  start = initial_transforms(train, preprocessor, rconfig, upsample=u)
-  out = {"initial": {"train_tre_px": [_tre_px(t, s) for t, s in zip(start, train)], "seconds": 0.0}}
+  init = str(r.get("init", "direct"))
+  if init == "landmarks":
+    start = landmark_transforms(train, noise_um=float(r.get("landmark_noise_um", 60.0)), seed=seeds.data)
+  else:
+    start = initial_transforms(train, preprocessor, rconfig, upsample=u)
+  out = {"initial": {"init": init, "train_tre_px": [_tre_px(t, s) for t, s in zip(start, train)], "seconds": 0.0}}
   out["initial"]["seconds"] = round(time.perf_counter() - t0, 1)
-  study._log(f"rough: round 0 (direct TIC registration) training-pair TRE {out['initial']['train_tre_px']}")
+  study._log(f"rough: round 0 ({init}) training-pair TRE {out['initial']['train_tre_px']}")
   for loss in r.losses:
     transforms = list(start)
     rounds = []

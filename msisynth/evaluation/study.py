@@ -406,6 +406,10 @@ def run_study(config, output_dir, *, parts=("benchmark", "rough", "bladder"), co
     results["bladder"] = bladder_study(config, seeds, work)
     results["timings_s"]["bladder"] = round(time.perf_counter() - t0, 1)
   results["timings_s"]["total"] = round(time.perf_counter() - start, 1)
+  import resource
+
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  results["timings_s"]["cpu_process"] = round(usage.ru_utime + usage.ru_stime, 1)
   results["hardware"] = paper.hardware()
 
   outputs.atomic_write(out / "results.json", json.dumps(outputs.json_ready(results), indent=2) + "\n")

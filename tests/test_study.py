@@ -77,3 +77,15 @@ def test_landmark_start_is_rough_but_close(tiny):
   assert rough._tre_px(exact, sections[0]) == pytest.approx(0.0, abs=1e-6)
   noisy = rough.landmark_transforms(sections[:1], noise_um=60.0, seed=1)[0]
   assert 0.05 < rough._tre_px(noisy, sections[0]) < 10
+
+
+def test_study_configs_keep_the_protocol():
+  for variant in ("cpu", "medium", "paper"):
+    c = study_config.get_config(variant)
+    assert len(c.seeds.train) >= 5 and len(set(c.seeds.train)) == len(c.seeds.train)
+    assert c.model_config.optim.learning_rate == 2e-4
+    assert c.bladder.n_perturbations >= 20
+  assert study_config.get_config("medium").model_config.train.num_steps == 3000
+  assert study_config.get_config("paper").model_config.model.depth == 8
+  with pytest.raises(ValueError, match="unknown study variant"):
+    study_config.get_config("huge")

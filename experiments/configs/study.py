@@ -7,19 +7,20 @@ Commands (from the repository root):
   python -m experiments.study --config=experiments/configs/study.py:paper --output_dir=runs/study_paper  # GPU
 
 Variants:
-  (none) / cpu  the CPU study sized for a 2-core machine: a depth-5 ngf-16 U-Net generator (+ a 2-layer PatchGAN
-                for pix2pix) on 32-pixel patches, batch 8, Adam 2e-4 (pix2pix's), `model_config.train.num_steps`
-                steps; 5 training seeds per model on each setting; 4 training slides, 3 held-out slides × 2
-                simulated neighbour sections = 6 benchmark cases; the real pair's held-out part in 64-pixel tiles;
-                20 perturbed starts per route. The measured runtime is in docs/results.md (the study's own
-                timings table): about 25 minutes on a shared 2-core CPU.
-  medium        the "medium model" CPU budget: the same generator trained 3,000 steps of batch 8. A single run at
-                this size measured 0.18 s per step on 2 cores in the CPU study (under load from other processes),
-                i.e. about 9 minutes per run, so one medium model trains well within 30 minutes on 2 cores; the
-                whole 5-seed study at this size is a multi-hour CPU job.
+  (none) / cpu  the CPU study sized for a 2-core machine: a depth-5 ngf-16 U-Net generator (455k parameters)
+                (+ a 2-layer PatchGAN for pix2pix) on 32-pixel patches, batch 8, Adam 2e-4 (pix2pix's), 200 steps;
+                5 training seeds per model on each setting; 4 training slides, 3 held-out slides × 2 simulated
+                neighbour sections = 6 benchmark cases; the real pair's held-out part in 64-pixel tiles; 20
+                perturbed starts per route. Measured: 2,057 s (34 min) wall end to end on the shared 2-core CPU at
+                a load average of 9-14 (simulation 73 s, benchmark 1,046 s, rough alignments 466 s, real pair
+                472 s); an idle machine should need well under half of that.
+  medium        the "medium model" CPU budget: the same generator trained 3,000 steps of batch 8. Measured per-step
+                rates in the CPU study (load average 9-14): pix2pix 7.6-21.6 steps/s, U-Net 5.0-13.7 steps/s, so
+                3,000 steps take 2.5-10 minutes on 2 cores, well inside 30 minutes (a rate measurement, not a
+                separate 3,000-step run). "Medium" is relative: 455k parameters against the paper's 54M.
   paper         the paper's scale: UNet-256 (depth 8, ngf 64) + 70×70 PatchGAN, 256-pixel patches, batch 1,
                 200k steps (100k constant + 100k linear decay), Adam 2e-4; on one GPU. Not run here (no GPU).
-  tiny          test size: 2 steps, 2 seeds, tiny networks, 1 training and 1 held-out slide, 3 perturbations.
+  tiny          test size: 2 steps, 2 seeds, tiny networks, 1 training and 1 held-out slide, 2 perturbations.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Nothing here imports JAX or matplotlib, so reading data does not pay for them.
 """
 
 from msisynth.io.histology import (
+  PixelSizeWarning,
   he_deconvolve,
+  histology_pixel_size_um,
   read_histology,
   read_image,
   resample_to_pixel_size,
@@ -14,7 +16,9 @@ from msisynth.io.histology import (
 from msisynth.io.imzml import imzml_info, mz_bin_edges, read_imzml, read_ion_image, write_imzml
 
 __all__ = [
+  "PixelSizeWarning",
   "he_deconvolve",
+  "histology_pixel_size_um",
   "imzml_info",
   "mz_bin_edges",
   "read_histology",

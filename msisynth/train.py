@@ -66,6 +66,8 @@ class StepHParams:
   gan_weight: float = 1.0
   l1_weight: float = 100.0
   mask_l1: bool = False
+  recon_loss: str = "l1"
+  max_shift_px: int = 2
 
   @property
   def use_gan(self) -> bool:
@@ -129,7 +131,8 @@ def step_hparams(config) -> StepHParams:
   if gan_weight < 0 or float(m.l1_weight) < 0:
     raise errors.ConfigError(f"loss weights must be >= 0, got gan_weight={gan_weight}, l1_weight={m.l1_weight}")
   return StepHParams(
-    gan_mode=m.gan_mode, gan_weight=gan_weight, l1_weight=float(m.l1_weight), mask_l1=bool(m.get("mask_l1", False))
+    gan_mode=m.gan_mode, gan_weight=gan_weight, l1_weight=float(m.l1_weight), mask_l1=bool(m.get("mask_l1", False)),
+    recon_loss=str(m.get("recon_loss", "l1")), max_shift_px=int(m.get("max_shift_px", 2)),
   )
 
 
@@ -355,7 +358,8 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
     if hp.use_gan:
       fake_logits, stats = score(d_params, d_batch_stats, fake_image)
     total, parts = losses.pix2pix_generator_loss(
-      fake_logits, fake_image, real, gan_weight=hp.gan_weight, l1_weight=hp.l1_weight, mode=hp.gan_mode, mask=mask
+      fake_logits, fake_image, real, gan_weight=hp.gan_weight, l1_weight=hp.l1_weight, mode=hp.gan_mode, mask=mask,
+      recon_loss=hp.recon_loss, max_shift=hp.max_shift_px,
     )
     return total, (parts, stats)
 

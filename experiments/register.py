@@ -59,9 +59,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("similarity", "mi", ["mi", "nmi", "ncc", "mse"], "Similarity measure.", **fv)
   flags.DEFINE_enum("kind", "affine", ["affine", "similarity", "rigid"], "Transform family.", **fv)
   flags.DEFINE_bool("flips", None, "Also start from 90° turns and mirror images (default: on with --msi).", **fv)
-  flags.DEFINE_integer("levels", 3, "Pyramid levels.", **fv)
+  flags.DEFINE_integer("levels", 3, "Pyramid levels.", lower_bound=1, **fv)
   flags.DEFINE_list("iterations", None, "Adam steps per level, coarse to fine (default 150,100,80).", **fv)
-  flags.DEFINE_integer("samples", 16384, "Pixels sampled per level.", **fv)
+  flags.DEFINE_integer("samples", 16384, "Pixels sampled per level.", lower_bound=1, **fv)
   flags.DEFINE_float("working_pixel_size_um", None, "Finest pixel size registration works at (µm); with --msi "
                      "default: msisynth.geometry.working_pixel_size_um.", **fv)  # fmt: skip
   flags.DEFINE_bool("simulated", False, "Mark the outputs as simulated data.", **fv)
@@ -88,8 +88,12 @@ def _check_flags(fv: flags.FlagValues) -> None:
     problems.append("--output_format applies to --msi only")
   if fv.moving and not fv.moving_pixel_size_um:
     problems.append("--moving needs --moving_pixel_size_um")
+  if fv.iterations and not all(v.strip().lstrip("-").isdigit() and int(v) > 0 for v in fv.iterations):
+    problems.append(f"--iterations must be positive integers, got {','.join(fv.iterations)}")
   if not fv.output_dir:
     problems.append("--output_dir is required")
+  if fv.iterations and not all(v.strip().isdigit() and int(v) > 0 for v in fv.iterations):
+    problems.append(f"--iterations must be positive integers, got {','.join(fv.iterations)}")
   if problems:
     raise errors.ConfigError("; ".join(problems))
 

@@ -309,22 +309,27 @@ def _carry_msi(
   """Warps every channel into histology space a chunk of channels at a time, into a .npy when `path` is given."""
   n_channels = msi.num_channels
   chunk = int(max(1, min(n_channels, max_chunk_bytes // max(1, shape[0] * shape[1] * 4))))
-  if path is not None:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
-  else:
+  if path is None:
     out = np.empty((shape[0], shape[1], n_channels), np.float32)
+    return out, _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+  # Into a temporary file beside `path`, renamed when complete: a kill leaves no half-written cube.
+  with outputs.atomic_path(path) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
+    mask = _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+    out.flush()
+    del out
+  return None, mask
+
+
+def _warp_channels(msi, transform, shape, pixel_size, chunk: int, out: np.ndarray) -> np.ndarray:
   mask = None
-  for start in range(0, n_channels, chunk):
-    part = msi.select_mz(slice(start, min(start + chunk, n_channels)))
+  for start in range(0, msi.num_channels, chunk):
+    part = msi.select_mz(slice(start, min(start + chunk, msi.num_channels)))
     warped = tf.warp_msi(part, transform, shape, pixel_size)
     out[:, :, start : start + part.num_channels] = warped.cube
     if mask is None:
       mask = np.asarray(warped.mask, bool)
-  if path is not None:
-    out.flush()
-    del out
-    return None, mask
-  return out, mask
+  return mask
 
 
 def _read_landmarks(path, histology_px, msi_px) -> np.ndarray:
@@ -757,6 +762,8 @@ def register_images(
   """
   fixed_px = geometry.pixel_size_yx(fixed_pixel_size_um, "fixed_pixel_size_um")
   moving_px = geometry.pixel_size_yx(moving_pixel_size_um, "moving_pixel_size_um")
+  # Every input is read and checked before anything is written.
+  points = None if landmarks is None else _read_landmarks(landmarks, fixed_px, moving_px)
   out = None
   if out_dir is not None:
     out = outputs.prepare_output_dir(out_dir, overwrite=overwrite, owner="msisynth.pipeline")
@@ -805,9 +812,7 @@ def register_images(
     "uncertainty_um": result.uncertainty_um,
     "registration": summary,
   }
-  points = None
-  if landmarks is not None:
-    points = _read_landmarks(landmarks, fixed_px, moving_px)
+  if points is not None:
     for key, t in (("before", identity), ("after", result.transform)):
       metrics[f"tre_{key}"] = _tre(t, points, moving_px)
   for warning in result.warnings:

@@ -1354,8 +1354,7 @@ class MSIPreprocessor:
       OutputExistsError: when the file exists and `overwrite` is False.
     """
     path = outputs.refuse_existing(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(self.to_dict()))
+    outputs.atomic_write(path, json.dumps(self.to_dict()))
     return path
 
   @classmethod

@@ -887,7 +887,7 @@ def _num(value) -> str:
 
 
 def _write_csv(path, header: list[str], rows: list[list], overwrite: bool) -> None:
-  buffer = io.StringIO()
+  buffer = io.StringIO(newline="")
   writer = csv.writer(buffer)
   writer.writerow(header)
   writer.writerows(rows)

@@ -8,6 +8,7 @@ MOVING transform T is scored by how far T(fixed point) lands from the matching m
 from __future__ import annotations
 
 import csv
+import io
 import os
 import pathlib
 from collections.abc import Sequence
@@ -97,10 +98,11 @@ def save_landmarks_csv(path: str | os.PathLike, landmarks_um: np.ndarray, *, ove
   if arr.ndim != 2 or arr.shape[1] != 4:
     raise errors.ConfigError(f"landmarks must be (N, 4), got shape {arr.shape}")
   path = outputs.refuse_existing(path, overwrite=overwrite)
-  with path.open("w", newline="", encoding="utf-8") as fh:
-    writer = csv.writer(fh)
-    writer.writerow(_UM_COLUMNS)
-    writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(_UM_COLUMNS)
+  writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  outputs.atomic_write(path, buffer.getvalue())
   return path
 
 

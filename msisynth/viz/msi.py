@@ -292,9 +292,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120, *, overwri
     raise errors.ConfigError(f"expected a matplotlib Figure, got {type(fig).__name__}")
   if not dpi > 0:
     raise errors.ConfigError(f"dpi must be > 0, got {dpi}")
-  path = outputs.refuse_existing(path, overwrite=overwrite)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  path = outputs.save_figure(fig, path, dpi=dpi, overwrite=overwrite)
   # A figure made through pyplot is registered there; release it. Figures made here are not, and are freed
   # with their last reference.
   if "matplotlib.pyplot" in sys.modules:

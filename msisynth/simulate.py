@@ -1197,7 +1197,7 @@ def simulate_benchmark_case(
   neighbour, field, neighbour_info = neighbour_section(
     seed, he, he_pixel_size_um=he_pixel_size_um, elastic_um=elastic_um, n_tears=n_tears, n_folds=n_folds
   )
-  sim = simulate_msi(seed, neighbour, he_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_pixel_size_um,
+  sim = simulate_msi(seed, neighbour, histology_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_pixel_size_um,
                      n_channels=n_ions, misalignment="random", max_rotation_deg=max_rotation_deg,
                      max_scale=max_scale, max_translation_um=max_translation_um, chemistry_seed=chemistry_seed,
                      class_centroids=class_centroids, he_name=he_name, n_landmarks=4)  # fmt: skip

@@ -1,0 +1,356 @@
+"""Compiled (numba) kernels of the imzML readers and of the sparse spectra: decoding, binning, windows, histograms.
+
+Every kernel takes plain NumPy arrays. Spectra come either as raw little-endian bytes of a memory-mapped `.ibd`
+window (byte offsets and value counts per spectrum, a type code per array) or as CSR arrays (indptr, m/z,
+intensity). Each spectrum writes only its own output row, so the loops over spectra run in parallel (`prange`)
+without locks.
+
+Bin membership is decided against the bin edges themselves (float64 comparisons, as `np.histogram` does), after
+a first guess from the regular or geometric formula: the result does not depend on the last bit of a logarithm.
+Within a spectrum, consecutive values that fall into the same channel are summed in float64 before they are
+added to the float32 output, so sorted spectra are binned as exactly as a float64 histogram cast to float32.
+
+Type codes: 0 float32, 1 float64, 2 int32, 3 int64 (see `TYPE_CODES`). Bin kinds: 0 arbitrary edges (binary
+search), 1 regular in m/z, 2 geometric (ppm).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+TYPE_CODES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1, np.dtype("<i4"): 2, np.dtype("<i8"): 3}
+ITEMSIZE = np.array([4, 8, 4, 8], np.int64)
+
+KIND_EDGES, KIND_LINEAR, KIND_GEOMETRIC = 0, 1, 2
+
+# Status flags returned per spectrum by the raw kernels.
+BAD_MZ = 1  # NaN or Inf m/z
+UNSORTED_MZ = 2  # m/z decreases somewhere
+BAD_INTENSITY = 4  # NaN or Inf intensity
+
+_OPTS = dict(cache=True, nogil=True)
+
+
+@nb.njit(**_OPTS)
+def decode(buf, offset, n, code):
+  """float64 (n,) values of type `code` at byte `offset` of the uint8 buffer `buf` (any alignment)."""
+  if code == 0:
+    return buf[offset : offset + 4 * n].copy().view(np.float32).astype(np.float64)
+  if code == 1:
+    return buf[offset : offset + 8 * n].copy().view(np.float64)
+  if code == 2:
+    return buf[offset : offset + 4 * n].copy().view(np.int32).astype(np.float64)
+  return buf[offset : offset + 8 * n].copy().view(np.int64).astype(np.float64)
+
+
+@nb.njit(**_OPTS)
+def locate(m, edges, kind, loglo, lo, scale):
+  """Bin of value m: k with edges[k] <= m < edges[k + 1]; -1 below the first edge, nbins at or above the last.
+
+  The last edge itself belongs to the last bin, as in `np.histogram`.
+  """
+  nbins = edges.size - 1
+  if kind == 0:
+    k = np.searchsorted(edges, m, side="right") - 1
+  else:
+    t = (np.log(m) - loglo) * scale if kind == 2 else (m - lo) * scale
+    if not t > -1.0:  # also catches NaN
+      return -1
+    if t > nbins + 1.0:
+      return nbins
+    k = int(np.floor(t))
+    if k > nbins:
+      k = nbins
+    while k >= 0 and m < edges[k]:
+      k -= 1
+    while k < nbins and m >= edges[k + 1]:
+      k += 1
+  if k == nbins and m == edges[nbins]:
+    k = nbins - 1
+  return k
+
+
+@nb.njit(**_OPTS)
+def _accumulate_edges(mz, intensity, out, row, edges, kind, loglo, lo, scale, clip, remap):
+  """Adds one spectrum into out[row, :] by bins; values outside the bins are clipped in (clip) or dropped.
+
+  With a non-empty `remap`, bin k goes to output column remap[k] (dropped when negative).
+  """
+  nbins = edges.size - 1
+  use_remap = remap.size > 0
+  current = -2
+  acc = 0.0
+  for j in range(mz.size):
+    k = locate(mz[j], edges, kind, loglo, lo, scale)
+    if k < 0 or k >= nbins:
+      if not clip:
+        continue
+      k = 0 if k < 0 else nbins - 1
+    if use_remap:
+      k = remap[k]
+      if k < 0:
+        continue
+    if k != current:
+      if current >= 0:
+        out[row, current] += acc
+      current = k
+      acc = 0.0
+    acc += intensity[j]
+  if current >= 0:
+    out[row, current] += acc
+
+
+@nb.njit(**_OPTS)
+def _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs):
+  """Adds one spectrum into out[row, :] by windows [lows[k], highs[k]] (inclusive, sorted by low, may overlap)."""
+  nw = lows.size
+  for j in range(mz.size):
+    m = mz[j]
+    k = np.searchsorted(cummax_highs, m, side="left")
+    while k < nw and lows[k] <= m:
+      if m <= highs[k]:
+        out[row, k] += intensity[j]
+      k += 1
+
+
+@nb.njit(**_OPTS)
+def _accumulate_columns(values, out, row, dest):
+  """Adds column j of a spectrum into out[row, dest[j]] (dest < 0: dropped); for continuous files."""
+  for j in range(values.size):
+    d = dest[j]
+    if d >= 0:
+      out[row, d] += values[j]
+
+
+@nb.njit(**_OPTS)
+def _status(mz, intensity, zero_bad):
+  """Status flags of one spectrum; with zero_bad, non-finite intensities are set to 0 in place."""
+  flags = 0
+  for j in range(mz.size):
+    if not np.isfinite(mz[j]):
+      flags |= BAD_MZ
+    elif j > 0 and mz[j] < mz[j - 1]:
+      flags |= UNSORTED_MZ
+  for j in range(intensity.size):
+    if not np.isfinite(intensity[j]):
+      flags |= BAD_INTENSITY
+      if zero_bad:
+        intensity[j] = 0.0
+  return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, out, mode,
+            edges, kind, loglo, lo, scale, clip, remap, lows, highs, cummax_highs, zero_bad):  # fmt: skip
+  """Bins spectra read from raw .ibd bytes into out[rows[i], :]; returns per-spectrum status flags.
+
+  mode 0: bins (edges, kind, loglo, lo, scale, clip); mode 1: windows (lows, highs, cummax_highs). Spectra with
+  non-finite m/z are not binned (their flags say so); non-finite intensities are binned as 0 when `zero_bad`, and
+  otherwise make the spectrum skipped too.
+  """
+  n = lengths.size
+  flags = np.zeros(n, np.int32)
+  for i in nb.prange(n):
+    count = lengths[i]
+    if count <= 0:
+      continue
+    mz = decode(mz_buf, mz_off[i], count, mz_code)
+    intensity = decode(int_buf, int_off[i], count, int_code)
+    f = _status(mz, intensity, zero_bad)
+    flags[i] = f
+    if (f & BAD_MZ) or ((f & BAD_INTENSITY) and not zero_bad):
+      continue
+    if mode == 0:
+      _accumulate_edges(mz, intensity, out, rows[i], edges, kind, loglo, lo, scale, clip, remap)
+    else:
+      _accumulate_windows(mz, intensity, out, rows[i], lows, highs, cummax_highs)
+  return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
+  """Continuous spectra: `count` intensities at each int_off[i] added to out[rows[i], dest[j]]; returns flags."""
+  n = int_off.size
+  flags = np.zeros(n, np.int32)
+  identity = dest.size == out.shape[1] and dest.size == count
+  if identity:
+    for j in range(dest.size):
+      if dest[j] != j:
+        identity = False
+        break
+  for i in nb.prange(n):
+    values = decode(int_buf, int_off[i], count, int_code)
+    f = 0
+    for j in range(count):
+      if not np.isfinite(values[j]):
+        f = BAD_INTENSITY
+        if zero_bad:
+          values[j] = 0.0
+    flags[i] = f
+    if f and not zero_bad:
+      continue
+    r = rows[i]
+    if identity:
+      for j in range(count):
+        out[r, j] = values[j]
+    else:
+      _accumulate_columns(values, out, r, dest)
+  return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def gather_raw(buf, off, lengths, code, out, starts):
+  """Decodes spectra from raw bytes into one flat array: out[starts[i]:starts[i] + lengths[i]]."""
+  for i in nb.prange(off.size):
+    count = lengths[i]
+    if count > 0:
+      values = decode(buf, off[i], count, code)
+      for j in range(count):
+        out[starts[i] + j] = values[j]
+
+
+@nb.njit(parallel=True, **_OPTS)
+def bin_csr(indptr, mz, intensity, pixels, rows, out, mode, edges, kind, loglo, lo, scale, clip, remap, lows,
+            highs, cummax_highs):  # fmt: skip
+  """Bins CSR spectra `pixels` into out[rows[i], :] (mode as `bin_raw`)."""
+  for i in nb.prange(pixels.size):
+    p = pixels[i]
+    a, b = indptr[p], indptr[p + 1]
+    if b <= a:
+      continue
+    m = mz[a:b].astype(np.float64)
+    v = intensity[a:b].astype(np.float64)
+    if mode == 0:
+      _accumulate_edges(m, v, out, rows[i], edges, kind, loglo, lo, scale, clip, remap)
+    else:
+      _accumulate_windows(m, v, out, rows[i], lows, highs, cummax_highs)
+
+
+@nb.njit(**_OPTS)
+def _histogram_one(mz, intensity, edges, kind, loglo, lo, scale, total, count, mz_sum, maximum):
+  nbins = edges.size - 1
+  current = -2
+  acc = 0.0
+  n = mz.size
+  for j in range(n + 1):
+    k = -3
+    v = 0.0
+    if j < n:
+      k = locate(mz[j], edges, kind, loglo, lo, scale)
+      if k < 0 or k >= nbins:
+        continue
+      v = intensity[j]
+      mz_sum[k] += v * mz[j]
+    if k != current:
+      if current >= 0:
+        total[current] += acc
+        if acc != 0.0:
+          count[current] += 1
+        if acc > maximum[current]:
+          maximum[current] = acc
+      current = k
+      acc = 0.0
+    acc += v
+
+
+@nb.njit(**_OPTS)
+def histogram_csr(indptr, mz, intensity, edges, kind, loglo, lo, scale, total, count, mz_sum, maximum):
+  """Per bin over all pixels: summed intensity, pixels present (nonzero), intensity-weighted m/z sum, and the
+  largest per-pixel value. Values outside the bins are dropped; each pixel's peaks must be sorted by m/z."""
+  for p in range(indptr.size - 1):
+    a, b = indptr[p], indptr[p + 1]
+    if b > a:
+      _histogram_one(mz[a:b].astype(np.float64), intensity[a:b].astype(np.float64), edges, kind, loglo, lo, scale,
+                     total, count, mz_sum, maximum)  # fmt: skip
+
+
+@nb.njit(**_OPTS)
+def histogram_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, edges, kind, loglo, lo, scale,
+                  total, count, mz_sum, maximum, zero_bad):  # fmt: skip
+  """`histogram_csr` over spectra read from raw .ibd bytes; returns per-spectrum status flags (see `bin_raw`)."""
+  n = lengths.size
+  flags = np.zeros(n, np.int32)
+  for i in range(n):
+    c = lengths[i]
+    if c <= 0:
+      continue
+    mz = decode(mz_buf, mz_off[i], c, mz_code)
+    intensity = decode(int_buf, int_off[i], c, int_code)
+    f = _status(mz, intensity, zero_bad)
+    flags[i] = f
+    if (f & BAD_MZ) or ((f & BAD_INTENSITY) and not zero_bad):
+      continue
+    if f & UNSORTED_MZ:
+      order = np.argsort(mz, kind="mergesort")
+      mz = mz[order]
+      intensity = intensity[order]
+    _histogram_one(mz, intensity, edges, kind, loglo, lo, scale, total, count, mz_sum, maximum)
+  return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def window_sums_csr(indptr, mz, intensity, lo, hi, out):
+  """out[p] = sum of the intensities of pixel p with lo <= m/z <= hi (an ion image over CSR spectra)."""
+  for p in nb.prange(indptr.size - 1):
+    s = 0.0
+    for j in range(indptr[p], indptr[p + 1]):
+      m = mz[j]
+      if m >= lo and m <= hi:
+        s += intensity[j]
+    out[p] = s
+
+
+@nb.njit(parallel=True, **_OPTS)
+def row_sums_csr(indptr, intensity, out):
+  """Per-pixel total ion count over CSR spectra."""
+  for p in nb.prange(indptr.size - 1):
+    s = 0.0
+    for j in range(indptr[p], indptr[p + 1]):
+      s += intensity[j]
+    out[p] = s
+
+
+@nb.njit(parallel=True, **_OPTS)
+def sort_rows_csr(indptr, mz, intensity):
+  """Sorts each pixel's peaks by m/z in place (stable); returns how many pixels needed it."""
+  n = indptr.size - 1
+  changed = np.zeros(n, np.int64)
+  for p in nb.prange(n):
+    a, b = indptr[p], indptr[p + 1]
+    unsorted = False
+    for j in range(a + 1, b):
+      if mz[j] < mz[j - 1]:
+        unsorted = True
+        break
+    if unsorted:
+      order = np.argsort(mz[a:b], kind="mergesort")
+      m = mz[a:b][order]
+      v = intensity[a:b][order]
+      mz[a:b] = m
+      intensity[a:b] = v
+      changed[p] = 1
+  return changed.sum()
+
+
+@nb.njit(**_OPTS)
+def window_groups(mz_off, mz_end, int_off, int_end, cap):
+  """Splits spectra (in the given order) into consecutive groups whose m/z and intensity byte spans each stay
+  within `cap` bytes; returns the group boundaries (starts, then the total)."""
+  n = mz_off.size
+  bounds = [0]
+  if n == 0:
+    return np.array(bounds, np.int64)
+  a0, a1, b0, b1 = mz_off[0], mz_end[0], int_off[0], int_end[0]
+  for i in range(1, n):
+    na0 = min(a0, mz_off[i])
+    na1 = max(a1, mz_end[i])
+    nb0 = min(b0, int_off[i])
+    nb1 = max(b1, int_end[i])
+    if na1 - na0 > cap or nb1 - nb0 > cap:
+      bounds.append(i)
+      a0, a1, b0, b1 = mz_off[i], mz_end[i], int_off[i], int_end[i]
+    else:
+      a0, a1, b0, b1 = na0, na1, nb0, nb1
+  bounds.append(n)
+  return np.array(bounds, np.int64)

@@ -57,7 +57,7 @@ def choose_channels(index, selected, *, channels, max_channels, mz_range, nan_po
   fine = imzml._BinPlan.create(lo, hi, fine_ppm, "ppm", data_range=mz_range is None)
   fine_edges = fine.edges()
   hist = _engine.histogram_processed(
-    index, selected, _engine.KernelAxis.bins(fine_edges, geometric=True, lo=fine.lo, scale=fine.scale),
+    index, selected, _engine.KernelAxis.bins(fine_edges),
     nan_policy=nan_policy, show_progress=progress,
   )  # fmt: skip
   num_pixels = int(np.count_nonzero(index.intensity_lengths[selected] > 0))
@@ -96,8 +96,7 @@ def choose_channels(index, selected, *, channels, max_channels, mz_range, nan_po
       )  # fmt: skip
     check_size(int(occupied.sum()))
     remap = np.where(occupied, np.cumsum(occupied) - 1, -1)
-    axis = _engine.KernelAxis.bins(coarse_edges, geometric=True, lo=fine.lo, scale=fine.scale / factor,
-                                   clip=fine.data_range, remap=remap)  # fmt: skip
+    axis = _engine.KernelAxis.bins(coarse_edges, clip=fine.data_range, remap=remap)
     mz = (0.5 * (coarse_edges[:-1] + coarse_edges[1:]))[occupied]
     binning = {**base, "method": "bins", "bin_width": float(bin_ppm), "bin_unit": "ppm",
                "empty_bins_dropped": int(occupied.size - occupied.sum())}  # fmt: skip

@@ -17,45 +17,53 @@ from msisynth.io import _ibd, _kernels
 
 _EMPTY_F = np.zeros(1, np.float64)
 _EMPTY_I = np.zeros(0, np.int64)
+_EMPTY_T = np.zeros(1, np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelAxis:
-  """Output channels as the kernels see them: bins (edges with a fast first guess) or windows [low, high]."""
+  """Output channels as the kernels see them: bins between edges, or windows [low, high] (with search tables)."""
 
   mode: int  # 0 bins, 1 windows
   num_channels: int
   edges: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_F)
-  kind: int = _kernels.KIND_EDGES
-  loglo: float = 0.0
-  lo: float = 0.0
-  scale: float = 1.0
+  table: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_T)
+  tlo: float = 0.0
+  tinv: float = 0.0
   clip: bool = False
   remap: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_I)
   lows: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_F)
   highs: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_F)
   cummax_highs: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_F)
+  wtable: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_T)
+  wtlo: float = 0.0
+  wtinv: float = 0.0
 
   @classmethod
-  def bins(cls, edges: np.ndarray, *, geometric: bool | None = None, lo: float = 0.0, scale: float = 1.0,
-           clip: bool = False, remap: np.ndarray | None = None) -> KernelAxis:  # fmt: skip
-    """Bins between `edges`; with `geometric` True/False, edges of a ppm/Da plan from `lo` at 1/`scale` width."""
+  def bins(cls, edges: np.ndarray, *, clip: bool = False, remap: np.ndarray | None = None) -> KernelAxis:
+    """Bins between `edges` (strictly increasing); values outside are clipped into the end bins or dropped.
+
+    With `remap`, bin k goes to output channel remap[k] (dropped when negative).
+    """
     edges = np.ascontiguousarray(edges, np.float64)
-    kind = _kernels.KIND_EDGES if geometric is None else (_kernels.KIND_GEOMETRIC if geometric else _kernels.KIND_LINEAR)
+    table, tlo, tinv = _kernels.search_table(edges, right=True)
     remap = _EMPTY_I if remap is None else np.ascontiguousarray(remap, np.int64)
     num = int(remap.max()) + 1 if remap.size else edges.size - 1
-    return cls(0, num, edges, kind, math.log(lo) if lo > 0 else 0.0, float(lo), float(scale), bool(clip), remap)
+    return cls(0, num, edges, table, tlo, tinv, bool(clip), remap)
 
   @classmethod
   def windows(cls, lows: np.ndarray, highs: np.ndarray) -> KernelAxis:
     """Inclusive windows, sorted by their low edge (they may overlap)."""
     lows = np.ascontiguousarray(lows, np.float64)
     highs = np.ascontiguousarray(highs, np.float64)
-    return cls(1, int(lows.size), lows=lows, highs=highs, cummax_highs=np.maximum.accumulate(highs))
+    cummax = np.maximum.accumulate(highs)
+    wtable, wtlo, wtinv = _kernels.search_table(cummax, right=False)
+    return cls(1, int(lows.size), lows=lows, highs=highs, cummax_highs=cummax, wtable=wtable, wtlo=wtlo,
+               wtinv=wtinv)  # fmt: skip
 
   def args(self) -> tuple:
-    return (self.mode, self.edges, self.kind, self.loglo, self.lo, self.scale, self.clip, self.remap, self.lows,
-            self.highs, self.cummax_highs)  # fmt: skip
+    return (self.mode, self.edges, self.table, self.tlo, self.tinv, self.clip, self.remap, self.lows, self.highs,
+            self.cummax_highs, self.wtable, self.wtlo, self.wtinv)  # fmt: skip
 
 
 def _code(dtype: np.dtype) -> int:
@@ -142,8 +150,8 @@ def histogram_processed(index, ids, axis: KernelAxis, *, nan_policy="raise", sho
       lengths * int_dt.itemsize,
     ):  # fmt: skip
       flags = _kernels.histogram_raw(
-        mbuf, mrel, _code(mz_dt), ibuf, irel, _code(int_dt), lengths[start:stop], axis.edges, axis.kind, axis.loglo,
-        axis.lo, axis.scale, hist.total, hist.count, hist.mz_sum, hist.maximum, nan_policy == "zero",
+        mbuf, mrel, _code(mz_dt), ibuf, irel, _code(int_dt), lengths[start:stop], axis.edges, axis.table, axis.tlo,
+        axis.tinv, hist.total, hist.count, hist.mz_sum, hist.maximum, nan_policy == "zero",
       )  # fmt: skip
       _raise_flags(index, ids[start:stop], flags, nan_policy, allow_unsorted)
       if show_progress:

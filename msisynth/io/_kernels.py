@@ -5,13 +5,13 @@ window (byte offsets and value counts per spectrum, a type code per array) or as
 intensity). Each spectrum writes only its own output row, so the loops over spectra run in parallel (`prange`)
 without locks.
 
-Bin membership is decided against the bin edges themselves (float64 comparisons, as `np.histogram` does), after
-a first guess from the regular or geometric formula: the result does not depend on the last bit of a logarithm.
+Bin membership is decided against the bin edges themselves (float64 comparisons, as `np.histogram` does), from a
+first guess out of a lookup table over the m/z range (`search_table`): no logarithm, no binary search, and a
+result that does not depend on the last bit of a logarithm.
 Within a spectrum, consecutive values that fall into the same channel are summed in float64 before they are
 added to the float32 output, so sorted spectra are binned as exactly as a float64 histogram cast to float32.
 
-Type codes: 0 float32, 1 float64, 2 int32, 3 int64 (see `TYPE_CODES`). Bin kinds: 0 arbitrary edges (binary
-search), 1 regular in m/z, 2 geometric (ppm).
+Type codes: 0 float32, 1 float64, 2 int32, 3 int64 (see `TYPE_CODES`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import numpy as np
 
 TYPE_CODES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1, np.dtype("<i4"): 2, np.dtype("<i8"): 3}
 ITEMSIZE = np.array([4, 8, 4, 8], np.int64)
-
-KIND_EDGES, KIND_LINEAR, KIND_GEOMETRIC = 0, 1, 2
 
 # Status flags returned per spectrum by the raw kernels.
 BAD_MZ = 1  # NaN or Inf m/z
@@ -44,49 +42,121 @@ def decode(buf, offset, n, code):
   return buf[offset : offset + 8 * n].copy().view(np.int64).astype(np.float64)
 
 
-@nb.njit(**_OPTS)
-def locate(m, edges, kind, loglo, lo, scale):
+def search_table(arr: np.ndarray, right: bool, max_entries: int = 1 << 22) -> tuple[np.ndarray, float, float]:
+  """A lookup table that turns a search in the sorted array `arr` into a multiply, a load and a short walk.
+
+  Bucket b covers [lo + b / inv, lo + (b + 1) / inv) and holds the search position of its start (side "right":
+  entries <= start; "left": entries < start). Buckets are no wider than the narrowest gap of `arr` (at most
+  `max_entries` of them), so a value lies at most a step or two from its bucket's position.
+  """
+  arr = np.asarray(arr, np.float64)
+  if arr.size < 2 or not arr[-1] > arr[0]:
+    return np.zeros(1, np.int64), float(arr[0]) if arr.size else 0.0, 0.0
+  gaps = np.diff(arr)
+  positive = gaps[gaps > 0]
+  span = float(arr[-1] - arr[0])
+  width = max(float(positive.min()) if positive.size else span, span / max_entries)
+  count = int(np.ceil(span / width)) + 1
+  starts = arr[0] + np.arange(count) * width
+  table = np.searchsorted(arr, starts, side="right" if right else "left").astype(np.int64)
+  return table, float(arr[0]), 1.0 / width
+
+
+@nb.njit(inline="always", **_OPTS)
+def _bucket(m, table, tlo, tinv):
+  b = int((m - tlo) * tinv)
+  if b < 0:
+    b = 0
+  elif b >= table.size:
+    b = table.size - 1
+  return table[b]
+
+
+@nb.njit(inline="always", **_OPTS)
+def search_right(m, arr, table, tlo, tinv):
+  """np.searchsorted(arr, m, side="right") through a `search_table(arr, right=True)`."""
+  n = arr.size
+  if not m >= arr[0]:  # also NaN
+    return 0
+  if m >= arr[n - 1]:
+    return n
+  k = _bucket(m, table, tlo, tinv)
+  while k > 0 and arr[k - 1] > m:
+    k -= 1
+  while arr[k] <= m:  # stops at n - 1 at the latest: m < arr[n - 1]
+    k += 1
+  return k
+
+
+@nb.njit(inline="always", **_OPTS)
+def search_left(m, arr, table, tlo, tinv):
+  """np.searchsorted(arr, m, side="left") through a `search_table(arr, right=False)`."""
+  n = arr.size
+  if not m > arr[0]:
+    return 0
+  if m > arr[n - 1]:
+    return n
+  k = _bucket(m, table, tlo, tinv)
+  while k > 0 and arr[k - 1] >= m:
+    k -= 1
+  while arr[k] < m:  # stops at n - 1 at the latest: m <= arr[n - 1]
+    k += 1
+  return k
+
+
+@nb.njit(inline="always", **_OPTS)
+def locate(m, edges, table, tlo, tinv):
   """Bin of value m: k with edges[k] <= m < edges[k + 1]; -1 below the first edge, nbins at or above the last.
 
   The last edge itself belongs to the last bin, as in `np.histogram`.
   """
   nbins = edges.size - 1
-  if kind == 0:
-    k = np.searchsorted(edges, m, side="right") - 1
-  else:
-    t = (np.log(m) - loglo) * scale if kind == 2 else (m - lo) * scale
-    if not t > -1.0:  # also catches NaN
-      return -1
-    if t > nbins + 1.0:
-      return nbins
-    k = int(np.floor(t))
-    if k > nbins:
-      k = nbins
-    while k >= 0 and m < edges[k]:
-      k -= 1
-    while k < nbins and m >= edges[k + 1]:
-      k += 1
+  k = search_right(m, edges, table, tlo, tinv) - 1
   if k == nbins and m == edges[nbins]:
     k = nbins - 1
   return k
 
 
+# The searches below are written out inside each loop rather than called: a call that passes arrays costs an
+# atomic reference-count update per value, several times the cost of the search itself.
+
+
 @nb.njit(**_OPTS)
-def _accumulate_edges(mz, intensity, out, row, edges, kind, loglo, lo, scale, clip, remap):
+def _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
   """Adds one spectrum into out[row, :] by bins; values outside the bins are clipped in (clip) or dropped.
 
   With a non-empty `remap`, bin k goes to output column remap[k] (dropped when negative).
   """
-  nbins = edges.size - 1
+  n_edges = edges.size
+  nbins = n_edges - 1
+  first, last = edges[0], edges[nbins]
+  n_table = table.size
   use_remap = remap.size > 0
   current = -2
   acc = 0.0
   for j in range(mz.size):
-    k = locate(mz[j], edges, kind, loglo, lo, scale)
-    if k < 0 or k >= nbins:
-      if not clip:
+    m = mz[j]
+    # k = searchsorted(edges, m, "right") - 1, the last edge itself in the last bin (as np.histogram).
+    if not m >= first:  # also NaN
+      if not clip or m != m:
         continue
-      k = 0 if k < 0 else nbins - 1
+      k = 0
+    elif m >= last:
+      if m > last and not clip:
+        continue
+      k = nbins - 1
+    else:
+      b = int((m - tlo) * tinv)
+      if b < 0:
+        b = 0
+      elif b >= n_table:
+        b = n_table - 1
+      k = table[b]
+      while k > 0 and edges[k - 1] > m:
+        k -= 1
+      while edges[k] <= m:
+        k += 1
+      k -= 1
     if use_remap:
       k = remap[k]
       if k < 0:
@@ -102,12 +172,32 @@ def _accumulate_edges(mz, intensity, out, row, edges, kind, loglo, lo, scale, cl
 
 
 @nb.njit(**_OPTS)
-def _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs):
+def _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtable, wtlo, wtinv):
   """Adds one spectrum into out[row, :] by windows [lows[k], highs[k]] (inclusive, sorted by low, may overlap)."""
   nw = lows.size
+  n_table = wtable.size
+  top = cummax_highs[nw - 1]
+  bottom = cummax_highs[0]
   for j in range(mz.size):
     m = mz[j]
-    k = np.searchsorted(cummax_highs, m, side="left")
+    # k = searchsorted(cummax_highs, m, "left"): windows before it end below m.
+    if not m > bottom:
+      if m != m:
+        continue
+      k = 0
+    elif m > top:
+      continue
+    else:
+      b = int((m - wtlo) * wtinv)
+      if b < 0:
+        b = 0
+      elif b >= n_table:
+        b = n_table - 1
+      k = wtable[b]
+      while k > 0 and cummax_highs[k - 1] >= m:
+        k -= 1
+      while cummax_highs[k] < m:
+        k += 1
     while k < nw and lows[k] <= m:
       if m <= highs[k]:
         out[row, k] += intensity[j]
@@ -141,11 +231,12 @@ def _status(mz, intensity, zero_bad):
 
 
 @nb.njit(parallel=True, **_OPTS)
-def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, out, mode,
-            edges, kind, loglo, lo, scale, clip, remap, lows, highs, cummax_highs, zero_bad):  # fmt: skip
+def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, out, mode, edges, table, tlo, tinv,
+            clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv, zero_bad):  # fmt: skip
   """Bins spectra read from raw .ibd bytes into out[rows[i], :]; returns per-spectrum status flags.
 
-  mode 0: bins (edges, kind, loglo, lo, scale, clip); mode 1: windows (lows, highs, cummax_highs). Spectra with
+  mode 0: bins (edges and their `search_table`, clip, remap); mode 1: windows (lows, highs, cummax_highs and its
+  `search_table`). Spectra with
   non-finite m/z are not binned (their flags say so); non-finite intensities are binned as 0 when `zero_bad`, and
   otherwise make the spectrum skipped too.
   """
@@ -162,9 +253,9 @@ def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, 
     if (f & BAD_MZ) or ((f & BAD_INTENSITY) and not zero_bad):
       continue
     if mode == 0:
-      _accumulate_edges(mz, intensity, out, rows[i], edges, kind, loglo, lo, scale, clip, remap)
+      _accumulate_edges(mz, intensity, out, rows[i], edges, table, tlo, tinv, clip, remap)
     else:
-      _accumulate_windows(mz, intensity, out, rows[i], lows, highs, cummax_highs)
+      _accumulate_windows(mz, intensity, out, rows[i], lows, highs, cummax_highs, wtable, wtlo, wtinv)
   return flags
 
 
@@ -211,8 +302,8 @@ def gather_raw(buf, off, lengths, code, out, starts):
 
 
 @nb.njit(parallel=True, **_OPTS)
-def bin_csr(indptr, mz, intensity, pixels, rows, out, mode, edges, kind, loglo, lo, scale, clip, remap, lows,
-            highs, cummax_highs):  # fmt: skip
+def bin_csr(indptr, mz, intensity, pixels, rows, out, mode, edges, table, tlo, tinv, clip, remap, lows, highs,
+            cummax_highs, wtable, wtlo, wtinv):  # fmt: skip
   """Bins CSR spectra `pixels` into out[rows[i], :] (mode as `bin_raw`)."""
   for i in nb.prange(pixels.size):
     p = pixels[i]
@@ -222,14 +313,16 @@ def bin_csr(indptr, mz, intensity, pixels, rows, out, mode, edges, kind, loglo, 
     m = mz[a:b].astype(np.float64)
     v = intensity[a:b].astype(np.float64)
     if mode == 0:
-      _accumulate_edges(m, v, out, rows[i], edges, kind, loglo, lo, scale, clip, remap)
+      _accumulate_edges(m, v, out, rows[i], edges, table, tlo, tinv, clip, remap)
     else:
-      _accumulate_windows(m, v, out, rows[i], lows, highs, cummax_highs)
+      _accumulate_windows(m, v, out, rows[i], lows, highs, cummax_highs, wtable, wtlo, wtinv)
 
 
 @nb.njit(**_OPTS)
-def _histogram_one(mz, intensity, edges, kind, loglo, lo, scale, total, count, mz_sum, maximum):
+def _histogram_one(mz, intensity, edges, table, tlo, tinv, total, count, mz_sum, maximum):
   nbins = edges.size - 1
+  first, last = edges[0], edges[nbins]
+  n_table = table.size
   current = -2
   acc = 0.0
   n = mz.size
@@ -237,11 +330,25 @@ def _histogram_one(mz, intensity, edges, kind, loglo, lo, scale, total, count, m
     k = -3
     v = 0.0
     if j < n:
-      k = locate(mz[j], edges, kind, loglo, lo, scale)
-      if k < 0 or k >= nbins:
+      m = mz[j]
+      if not (m >= first and m <= last):
         continue
+      if m == last:
+        k = nbins - 1
+      else:
+        b = int((m - tlo) * tinv)
+        if b < 0:
+          b = 0
+        elif b >= n_table:
+          b = n_table - 1
+        k = table[b]
+        while k > 0 and edges[k - 1] > m:
+          k -= 1
+        while edges[k] <= m:
+          k += 1
+        k -= 1
       v = intensity[j]
-      mz_sum[k] += v * mz[j]
+      mz_sum[k] += v * m
     if k != current:
       if current >= 0:
         total[current] += acc
@@ -255,19 +362,19 @@ def _histogram_one(mz, intensity, edges, kind, loglo, lo, scale, total, count, m
 
 
 @nb.njit(**_OPTS)
-def histogram_csr(indptr, mz, intensity, edges, kind, loglo, lo, scale, total, count, mz_sum, maximum):
+def histogram_csr(indptr, mz, intensity, edges, table, tlo, tinv, total, count, mz_sum, maximum):
   """Per bin over all pixels: summed intensity, pixels present (nonzero), intensity-weighted m/z sum, and the
   largest per-pixel value. Values outside the bins are dropped; each pixel's peaks must be sorted by m/z."""
   for p in range(indptr.size - 1):
     a, b = indptr[p], indptr[p + 1]
     if b > a:
-      _histogram_one(mz[a:b].astype(np.float64), intensity[a:b].astype(np.float64), edges, kind, loglo, lo, scale,
-                     total, count, mz_sum, maximum)  # fmt: skip
+      _histogram_one(mz[a:b].astype(np.float64), intensity[a:b].astype(np.float64), edges, table, tlo, tinv, total,
+                     count, mz_sum, maximum)  # fmt: skip
 
 
 @nb.njit(**_OPTS)
-def histogram_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, edges, kind, loglo, lo, scale,
-                  total, count, mz_sum, maximum, zero_bad):  # fmt: skip
+def histogram_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, edges, table, tlo, tinv, total,
+                  count, mz_sum, maximum, zero_bad):  # fmt: skip
   """`histogram_csr` over spectra read from raw .ibd bytes; returns per-spectrum status flags (see `bin_raw`)."""
   n = lengths.size
   flags = np.zeros(n, np.int32)
@@ -285,7 +392,7 @@ def histogram_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, 
       order = np.argsort(mz, kind="mergesort")
       mz = mz[order]
       intensity = intensity[order]
-    _histogram_one(mz, intensity, edges, kind, loglo, lo, scale, total, count, mz_sum, maximum)
+    _histogram_one(mz, intensity, edges, table, tlo, tinv, total, count, mz_sum, maximum)
   return flags
 
 

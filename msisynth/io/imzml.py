@@ -345,6 +345,17 @@ def _scan_spectrum_list(path: pathlib.Path, header: _Header) -> dict[str, np.nda
   }
 
 
+def _compiled_scan(path: pathlib.Path, header: _Header) -> dict[str, np.ndarray] | None:
+  """The spectrum list by the compiled scanner (`msisynth.io._scan`), or None when it leaves the file to the
+  general tokenizer."""
+  from msisynth.io import _scan
+
+  fields = _scan.scan_spectrum_list(path, header.mz_group, header.intensity_group, _fix_wrapped_offsets)
+  if fields is None or (header.spectrum_count is not None and header.spectrum_count != fields["coords"].shape[0]):
+    return None
+  return fields
+
+
 def _parse_with_pyimzml(path: pathlib.Path) -> dict[str, np.ndarray]:
   from pyimzml.ImzMLParser import ImzMLParser
 
@@ -395,7 +406,9 @@ def _open_index(path: str | os.PathLike, *, check_uuid: bool = True, parser: str
   ibd_size = ibd_path.stat().st_size
   if parser not in ("auto", "pyimzml"):
     raise errors.ConfigError(f"parser must be 'auto' or 'pyimzml', got {parser!r}")
-  fields = _scan_spectrum_list(path, header) if parser == "auto" else None
+  fields = _compiled_scan(path, header) if parser == "auto" else None
+  if fields is None and parser == "auto":
+    fields = _scan_spectrum_list(path, header)
   if fields is None:
     if parser == "auto":
       logging.info("%s: spectrum list not recognised by the fast scanner; parsing it with pyimzml", path)
@@ -1314,8 +1327,7 @@ def _read_continuous_windows(index, selected, rows, cols, allocate, out_mz, wind
 
 
 def _kernel_bins(plan: _BinPlan, remap: np.ndarray | None = None) -> _engine.KernelAxis:
-  return _engine.KernelAxis.bins(plan.edges(), geometric=plan.geometric, lo=plan.lo, scale=plan.scale,
-                                 clip=plan.data_range, remap=remap)  # fmt: skip
+  return _engine.KernelAxis.bins(plan.edges(), clip=plan.data_range, remap=remap)
 
 
 def _occupied_bins(index, selected, plan: _BinPlan, nan_policy, progress) -> np.ndarray:

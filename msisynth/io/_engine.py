@@ -159,6 +159,26 @@ def histogram_processed(index, ids, axis: KernelAxis, *, nan_policy="raise", sho
   return hist
 
 
+def mz_extremes(index, ids) -> np.ndarray:
+  """(n, 2) first and last m/z of each spectrum ids[i] (NaN for empty ones), through the memory map."""
+  ids = np.asarray(ids, np.int64)
+  order = np.argsort(index.mz_offsets[ids], kind="stable")
+  o_ids = ids[order]
+  lengths = index.mz_lengths[o_ids]
+  out = np.full((ids.size, 2), np.nan)
+  o_out = np.full((ids.size, 2), np.nan)
+  dt = index.header.mz_dtype
+  nbytes = lengths * dt.itemsize
+  for start, stop, mbuf, mrel, _, _ in _ibd.windows(index.ibd_path, index.mz_offsets[o_ids], nbytes,
+                                                    index.mz_offsets[o_ids], np.zeros(ids.size, np.int64),
+                                                    populate=False):  # fmt: skip
+    part = np.empty((stop - start, 2))
+    _kernels.extremes_raw(mbuf, mrel, _code(dt), lengths[start:stop], part)
+    o_out[start:stop] = part
+  out[order] = o_out
+  return out
+
+
 def copy_continuous(index, ids, rows, out, c0: int, count: int, dest: np.ndarray, *, nan_policy="raise",
                     num_threads=None, show_progress=True) -> None:  # fmt: skip
   """Continuous spectra: the file's channels c0:c0 + count of spectrum ids[i] added to out[rows[i], dest]."""

@@ -172,6 +172,66 @@ def _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, re
 
 
 @nb.njit(**_OPTS)
+def _bin_checked(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
+  """`_accumulate_edges` that also returns the status flags of the spectrum (one pass over the values)."""
+  nbins = edges.size - 1
+  first, last = edges[0], edges[nbins]
+  n_table = table.size
+  use_remap = remap.size > 0
+  current = -2
+  acc = 0.0
+  flags = 0
+  previous = -np.inf
+  for j in range(mz.size):
+    m = mz[j]
+    v = np.float64(intensity[j])
+    if m < previous:
+      flags |= UNSORTED_MZ
+    previous = m
+    if v - v != 0.0:  # NaN or Inf
+      flags |= BAD_INTENSITY
+    if not m >= first:
+      if m != m or m == -np.inf:
+        flags |= BAD_MZ
+        continue
+      if not clip:
+        continue
+      k = 0
+    elif m >= last:
+      if m == np.inf:
+        flags |= BAD_MZ
+        continue
+      if m > last and not clip:
+        continue
+      k = nbins - 1
+    else:
+      b = int((m - tlo) * tinv)
+      if b < 0:
+        b = 0
+      elif b >= n_table:
+        b = n_table - 1
+      k = table[b]
+      while k > 0 and edges[k - 1] > m:
+        k -= 1
+      while edges[k] <= m:
+        k += 1
+      k -= 1
+    if use_remap:
+      k = remap[k]
+      if k < 0:
+        continue
+    if k != current:
+      if current >= 0:
+        out[row, current] += acc
+      current = k
+      acc = 0.0
+    acc += v
+  if current >= 0:
+    out[row, current] += acc
+  return flags
+
+
+@nb.njit(**_OPTS)
 def _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtable, wtlo, wtinv):
   """Adds one spectrum into out[row, :] by windows [lows[k], highs[k]] (inclusive, sorted by low, may overlap)."""
   nw = lows.size
@@ -230,15 +290,43 @@ def _status(mz, intensity, zero_bad):
   return flags
 
 
+@nb.njit(**_OPTS)
+def _status_of(mz, intensity):
+  """Status flags of one spectrum, without changing it."""
+  flags = 0
+  previous = -np.inf
+  for j in range(mz.size):
+    m = mz[j]
+    if not np.isfinite(m):
+      flags |= BAD_MZ
+    elif m < previous:
+      flags |= UNSORTED_MZ
+    previous = m
+  for j in range(intensity.size):
+    if not np.isfinite(intensity[j]):
+      flags |= BAD_INTENSITY
+      break
+  return flags
+
+
+@nb.njit(**_OPTS)
+def _accumulate(mz, intensity, out, row, mode, edges, table, tlo, tinv, clip, remap, lows, highs, cummax_highs,
+                wtable, wtlo, wtinv):  # fmt: skip
+  if mode == 0:
+    _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap)
+  else:
+    _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtable, wtlo, wtinv)
+
+
 @nb.njit(parallel=True, **_OPTS)
 def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, out, mode, edges, table, tlo, tinv,
             clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv, zero_bad):  # fmt: skip
   """Bins spectra read from raw .ibd bytes into out[rows[i], :]; returns per-spectrum status flags.
 
   mode 0: bins (edges and their `search_table`, clip, remap); mode 1: windows (lows, highs, cummax_highs and its
-  `search_table`). Spectra with
-  non-finite m/z are not binned (their flags say so); non-finite intensities are binned as 0 when `zero_bad`, and
-  otherwise make the spectrum skipped too.
+  `search_table`). Spectra with non-finite m/z are not binned (their flags say so); non-finite intensities are
+  binned as 0 when `zero_bad`, and otherwise make the spectrum skipped too. The common layout (float64 m/z,
+  float32 intensities) is read in place, unaligned; others are decoded to float64 first.
   """
   n = lengths.size
   flags = np.zeros(n, np.int32)
@@ -246,17 +334,50 @@ def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, 
     count = lengths[i]
     if count <= 0:
       continue
+    if mz_code == 1 and int_code == 0:
+      mz_view = mz_buf[mz_off[i] : mz_off[i] + 8 * count].view(np.float64)
+      int_view = int_buf[int_off[i] : int_off[i] + 4 * count].view(np.float32)
+      if mode == 0:
+        # One pass that bins and checks; a spectrum with bad values is undone and redone below.
+        f = _bin_checked(mz_view, int_view, out, rows[i], edges, table, tlo, tinv, clip, remap)
+        flags[i] = f
+        if f == 0 or f == UNSORTED_MZ:
+          continue
+        for c in range(out.shape[1]):
+          out[rows[i], c] = 0.0
+        if f & BAD_MZ or not zero_bad:
+          continue
+      f = _status_of(mz_view, int_view)
+      flags[i] = f
+      if f & BAD_MZ or (f & BAD_INTENSITY and not zero_bad):
+        continue
+      if not f & BAD_INTENSITY:
+        _accumulate(mz_view, int_view, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs,
+                    cummax_highs, wtable, wtlo, wtinv)  # fmt: skip
+        continue
     mz = decode(mz_buf, mz_off[i], count, mz_code)
     intensity = decode(int_buf, int_off[i], count, int_code)
     f = _status(mz, intensity, zero_bad)
     flags[i] = f
     if (f & BAD_MZ) or ((f & BAD_INTENSITY) and not zero_bad):
       continue
-    if mode == 0:
-      _accumulate_edges(mz, intensity, out, rows[i], edges, table, tlo, tinv, clip, remap)
-    else:
-      _accumulate_windows(mz, intensity, out, rows[i], lows, highs, cummax_highs, wtable, wtlo, wtinv)
+    _accumulate(mz, intensity, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs, cummax_highs,
+                wtable, wtlo, wtinv)  # fmt: skip
   return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def extremes_raw(mz_buf, mz_off, mz_code, lengths, out):
+  """out[i] = (first, last) m/z of spectrum i (NaN for empty ones)."""
+  for i in nb.prange(lengths.size):
+    count = lengths[i]
+    if count <= 0:
+      out[i, 0] = np.nan
+      out[i, 1] = np.nan
+      continue
+    size = 8 if (mz_code == 1 or mz_code == 3) else 4
+    out[i, 0] = decode(mz_buf, mz_off[i], 1, mz_code)[0]
+    out[i, 1] = decode(mz_buf, mz_off[i] + (count - 1) * size, 1, mz_code)[0]
 
 
 @nb.njit(parallel=True, **_OPTS)

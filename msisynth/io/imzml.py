@@ -961,16 +961,13 @@ def _check_sorted(mz: np.ndarray, index: _Index, spectrum_ids: np.ndarray, lengt
 
 def _data_mz_range(index: _Index, selected: np.ndarray) -> tuple[float, float]:
   """Smallest and largest m/z over the selected spectra, from the first and last value of each m/z array."""
-  dtype = index.header.mz_dtype
   lengths = index.mz_lengths[selected]
   nonempty = selected[lengths > 0]
   if nonempty.size == 0:
     return (math.nan, math.nan)
   if index.continuous:
     nonempty = nonempty[:1]
-  offsets = index.mz_offsets[nonempty]
-  last = offsets + (index.mz_lengths[nonempty] - 1) * dtype.itemsize
-  values = _read_scalars(index.ibd_path, np.concatenate([offsets, last]), dtype).astype(np.float64)
+  values = _engine.mz_extremes(index, nonempty)
   if not np.all(np.isfinite(values)):
     raise errors.ImzMLError("some m/z arrays start or end with NaN/Inf", index.path)
   return float(values.min()), float(values.max())

@@ -215,11 +215,13 @@ def run_case(name: str, path: pathlib.Path, read_kwargs: dict, threads: int | No
   }
   result["speed_target_met"] = result["speedup"] >= 10
   result["memory_target_met"] = memory.peak_delta <= 1.5 * cube_bytes + 200e6
-  print(f"[{name}] {path.name}: ibd {result['ibd_mb']:.0f} MB, cube {tuple(msi.cube.shape)} = {result['cube_mb']:.0f} MB")
+  shape = tuple(msi.cube.shape)
+  print(f"[{name}] {path.name}: ibd {result['ibd_mb']:.0f} MB, cube {shape} = {result['cube_mb']:.0f} MB")
   print(f"  msisynth read_imzml  {msisynth_s:7.2f} s wall {msisynth_cpu_s:7.2f} s CPU ({result['threads']} threads)")
   print(f"  pyimzml loop         {loop_s:7.2f} s wall {loop_cpu_s:7.2f} s CPU")
   met = "met" if result["speed_target_met"] else "NOT met"
-  print(f"  speedup              {result['speedup']:7.1f} x wall {result['speedup_cpu']:7.1f} x CPU (target >= 10 x: {met})")
+  print(f"  speedup              {result['speedup']:7.1f} x wall {result['speedup_cpu']:7.1f} x CPU "
+        f"(target >= 10 x: {met})")  # fmt: skip
   met = "met" if result["memory_target_met"] else "NOT met"
   print(f"  peak RSS of read     {result['peak_rss_delta_mb']:7.0f} MB above start "
         f"(limit 1.5 x cube + 200 MB = {result['memory_limit_mb']:.0f} MB: {met})")  # fmt: skip
@@ -297,7 +299,8 @@ def default_read(path: pathlib.Path, threads: int | None) -> dict:
             "peak_width_ppm": b.get("peak_width_ppm"), "seconds": seconds,
             "peak_rss_delta_mb": memory.peak_delta / 1e6, "target_mb": 2 * 1024**3 / 1e6,
             "target_met": memory.peak_delta <= 2 * 1024**3}  # fmt: skip
-  print(f"[default] {path.name}: cube {tuple(msi.cube.shape)} by {b['method']} (peak width {b.get('peak_width_ppm'):.3g}"
+  print(f"[default] {path.name}: cube {tuple(msi.cube.shape)} by {b['method']} (peak width "
+        f"{b.get('peak_width_ppm'):.3g}"
         f" ppm) in {seconds:.2f} s; peak RSS {memory.peak_delta / 1e6:.0f} MB (target <= 2 GiB: "
         f"{'met' if result['target_met'] else 'NOT met'})")  # fmt: skip
   return result

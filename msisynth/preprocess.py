@@ -1148,9 +1148,9 @@ class MSIPreprocessor:
 
   Steps, in order: (1) channel selection — each stored m/z is mapped onto the section's m/z axis within
   `config.tol` (see `PreprocessConfig.mz_mapping`); (2) per-pixel normalisation over those channels;
-  (3) hotspot clipping at per-channel thresholds, then the variance-stabilising transform; (4) projection on a PCA basis (after subtracting the mean),
-  NMF weights on fixed components, or nothing; (5) per-channel linear scaling of the stored quantile range to
-  [-1, 1] with clipping. Unmeasured pixels (`MSIImage.mask` False) are -1.
+  (3) hotspot clipping at per-channel thresholds, then the variance-stabilising transform; (4) projection on a
+  PCA basis (after subtracting the mean), NMF weights on fixed components, or nothing; (5) per-channel linear
+  scaling of the stored quantile range to [-1, 1] with clipping. Unmeasured pixels (`MSIImage.mask` False) are -1.
 
   `fit` learns the state below from one section; `transform` applies that state and never refits. The state is
   NumPy only, and `to_dict` / `from_dict` round-trip it exactly.

@@ -48,7 +48,7 @@ def test_sparse_read_holds_every_peak_and_matches_the_reader(tmp_path):
   # Binning onto any axis equals np.histogram per pixel and the dense reader.
   edges = np.linspace(250.0, 850.0, 61)
   dense = s.bin(edges=edges, drop_empty=False)
-  for i, (x, y, mz, intensity) in enumerate(spectra):
+  for x, y, mz, intensity in spectra:
     np.testing.assert_allclose(dense.cube[y - 1, x - 1], np.histogram(mz, edges, weights=intensity)[0], rtol=1e-5)
   read = imzml.read_imzml(path, bin_width=100.0, progress=False)
   np.testing.assert_allclose(s.bin(bin_width=100.0).cube, read.cube, rtol=1e-6)
@@ -136,7 +136,8 @@ def test_default_read_bins_feature_lists_at_the_data_resolution(tmp_path):
 def test_default_read_of_a_large_processed_file_stays_small(tmp_path):
   """A tiny version of the 120 x 120 x 1,500-peak case: the cube has at most max_channels channels."""
   rng = np.random.default_rng(2)
-  spectra = [(x + 1, y + 1, np.sort(rng.uniform(100, 1000, 300)), rng.random(300)) for y in range(12) for x in range(12)]
+  spectra = [(x + 1, y + 1, np.sort(rng.uniform(100, 1000, 300)), rng.random(300))
+             for y in range(12) for x in range(12)]  # fmt: skip
   path = _write(tmp_path / "random.imzML", spectra)
   msi = imzml.read_imzml(path, max_channels=200, progress=False)
   assert msi.num_channels <= 200

@@ -292,11 +292,12 @@ def test_scale_to_range_matches_formula_and_sets_lo_off_mask():
 
 
 def _by_hand(p, msi):
-  """The stored transform applied with NumPy, from the stored state (PCA, TIC, hotspot clipping)."""
+  """The stored transform applied with NumPy, from the stored state (PCA, TIC, hotspot clipping, sqrt)."""
   x = msi.cube.astype(np.float64)
   tic = x.sum(-1, keepdims=True)
   x = np.where(tic > 0, x / np.where(tic > 0, tic, 1.0), 0.0)
   x = np.minimum(x, p.hotspot_thresholds)
+  x = np.sqrt(x)  # the default variance transform
   f = (x - p.mean) @ p.components.T
   y = -1.0 + 2.0 * np.clip((f - p.scale_lo) / (p.scale_hi - p.scale_lo), 0.0, 1.0)
   return np.where(msi.mask[..., None], y, -1.0)

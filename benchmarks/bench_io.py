@@ -153,7 +153,9 @@ def m2aia_anchor(path: pathlib.Path) -> dict:
     import m2aia
   except Exception as e:  # noqa: BLE001 - report whatever stops it
     return {"error": f"import m2aia failed: {type(e).__name__}: {e}"}
+  cwd = os.getcwd()
   try:
+    os.chdir(path.parent)  # pyM2aia writes a preferences file into the working directory
     start, cpu = time.perf_counter(), time.process_time()
     reader = m2aia.ImzMLReader(str(path))
     reader.Load()
@@ -172,6 +174,8 @@ def m2aia_anchor(path: pathlib.Path) -> dict:
             "spectrum_type": kind, "intensity_sum": total}  # fmt: skip
   except Exception as e:  # noqa: BLE001
     return {"error": f"{type(e).__name__}: {e}"}
+  finally:
+    os.chdir(cwd)
 
 
 def warm_up_memory(nbytes: int) -> None:

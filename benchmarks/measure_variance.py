@@ -70,7 +70,7 @@ def score(msi, fit_mask, targets=None, target_mask=None) -> dict:
     p = pp.MSIPreprocessor(config).fit(msi, fit_mask)
     x = p._normalized(msi)
     x = pp.clip_hotspots(x, p.hotspot_thresholds, msi.mask)
-    if option != "none":
+    if option != "none":  # as MSIPreprocessor does before a reduction
       x = pp.stabilize_variance(x, option, p.variance_scale, msi.mask)
     scores = np.asarray(pp.pca_transform(x, p.components, p.mean, mask=msi.mask))
     row = {"neighbour_corr": neighbour_corr(scores, fit_mask), "channels": effective_channels(p.components),

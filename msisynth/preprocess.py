@@ -1027,8 +1027,8 @@ class PreprocessConfig:
     hotspot_quantile: per-channel clip quantile in (0, 1], or None for no clipping.
     hotspot_nonzero: take each channel's clip quantile over the pixels where the ion is present (nonzero), so
       ions present in a small part of the tissue keep their contrast (see `hotspot_thresholds`).
-    variance: variance-stabilising transform after clipping, before the reduction: "none", "sqrt", "log1p" or
-      "pareto" (see `stabilize_variance`). The default, "sqrt", was chosen by measurement on the real sections
+    variance: variance-stabilising transform after clipping, before the reduction (not applied with
+      reduction="none"): "none", "sqrt", "log1p" or "pareto" (see `stabilize_variance`). The default, "sqrt", was chosen by measurement on the real sections
       shipped with msisynth (`benchmarks/measure_variance.py`, results in benchmarks/results/variance.json):
       with TIC normalisation, hotspot clipping and PCA(3), the spatial coherence of the PC images (correlation of
       neighbouring pixels) was 0.936 / 0.952 / 0.949 / 0.952 for none / sqrt / log1p / pareto on the msight
@@ -1283,7 +1283,7 @@ class MSIPreprocessor:
           hotspot_thresholds(x, cfg.hotspot_quantile, fit_mask, nonzero=cfg.hotspot_nonzero), np.float32
         )
         x = clip_hotspots(x, self.hotspot_thresholds, msi.mask)
-      if cfg.variance != "none":
+      if self._stabilizes:
         self.variance_scale = fit_variance_scale(x, cfg.variance, fit_mask)
         x = stabilize_variance(x, cfg.variance, self.variance_scale, msi.mask)
 
@@ -1333,7 +1333,7 @@ class MSIPreprocessor:
       x = self._normalized(msi)
       if self.hotspot_thresholds is not None:
         x = clip_hotspots(x, self.hotspot_thresholds, msi.mask)
-      if self.config.variance != "none":
+      if self._stabilizes:
         x = stabilize_variance(x, self.config.variance, self.variance_scale, msi.mask)
       features = self._features(x, msi.mask)
       out = apply_range(features, self.scale_lo, self.scale_hi, -1.0, 1.0, mask=msi.mask)
@@ -1355,6 +1355,11 @@ class MSIPreprocessor:
     return self._select(msi, self._check_msi(msi))
 
   # -- internals ---------------------------------------------------------------------------------------------------
+
+  @property
+  def _stabilizes(self) -> bool:
+    """The variance transform prepares a reduction; without one the channels are scaled as they are."""
+    return self.config.variance != "none" and self.config.reduction != "none"
 
   def _check_fitted(self) -> None:
     if not self.is_fitted:
@@ -1510,7 +1515,7 @@ class MSIPreprocessor:
     problems = []
     if self.hotspot_thresholds is not None and self.hotspot_thresholds.shape != (c,):
       problems.append(f"hotspot_thresholds {self.hotspot_thresholds.shape} != ({c},)")
-    want = {"pareto": (c,), "log1p": (1,)}.get(self.config.variance)
+    want = {"pareto": (c,), "log1p": (1,)}.get(self.config.variance) if self._stabilizes else None
     got = None if self.variance_scale is None else self.variance_scale.shape
     if got != want:
       problems.append(f"variance_scale {got} != {want} for variance={self.config.variance!r}")

@@ -1,6 +1,6 @@
 """Peak picking as MSI practitioners do it: on the mean spectrum, or per pixel with alignment and filtering.
 
-Two routes, both NumPy only (no JAX), so the imzML reader can use them:
+Two routes, NumPy and numba only (no JAX), so the imzML reader can use them:
 
 - `pick_peaks_mean`: on one (mean) spectrum on a fine m/z axis. Optional Gaussian smoothing; a noise level from
   the median absolute deviation (MAD); local maxima whose signal-to-noise ratio reaches `snr`; optionally a
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numba as nb
 import numpy as np
 
 from msisynth import errors
@@ -160,32 +161,48 @@ def deisotope(
   return keep
 
 
+@nb.njit(cache=True)
 def _windows(axis: np.ndarray, y: np.ndarray, tops: np.ndarray, baseline: float) -> tuple[np.ndarray, ...]:
-  """Half-maximum points, FWHM (ppm) and valley bounds of each top of y (tops sorted)."""
+  """FWHM (ppm, NaN when a side never falls to half height before the next top) and valley bounds of each top.
+
+  The valley between two neighbouring tops is the lowest point between them (nearest this top on ties).
+  """
   n = y.size
   k = tops.size
-  half = baseline + 0.5 * (y[tops] - baseline)
   fwhm = np.full(k, np.nan)
-  # Valleys between neighbouring tops: the lowest point between them.
-  valley_lo = np.empty(k, np.int64)
-  valley_hi = np.empty(k, np.int64)
+  valley_lo = np.zeros(k, np.int64)
+  valley_hi = np.full(k, n - 1, np.int64)
   for t in range(k):
-    i = int(tops[t])
-    a = int(tops[t - 1]) if t > 0 else 0
-    b = int(tops[t + 1]) if t + 1 < k else n - 1
-    seg_l = y[a : i + 1]
-    seg_r = y[i : b + 1]
-    # The lowest point between two tops; on ties, the one nearest this top.
-    valley_lo[t] = a + seg_l.size - 1 - int(np.argmin(seg_l[::-1])) if t > 0 else 0
-    valley_hi[t] = i + int(np.argmin(seg_r)) if t + 1 < k else n - 1
-    below_l = np.flatnonzero(seg_l[::-1] < half[t])
-    below_r = np.flatnonzero(seg_r < half[t])
-    if below_l.size and below_r.size:
-      jl = i - int(below_l[0])  # first channel below half on the left
-      jr = i + int(below_r[0])
+    i = tops[t]
+    a = tops[t - 1] if t > 0 else 0
+    b = tops[t + 1] if t + 1 < k else n - 1
+    if t > 0:
+      best = i
+      for j in range(i, a - 1, -1):
+        if y[j] < y[best]:
+          best = j
+      valley_lo[t] = best
+    if t + 1 < k:
+      best = i
+      for j in range(i, b + 1):
+        if y[j] < y[best]:
+          best = j
+      valley_hi[t] = best
+    half = baseline + 0.5 * (y[i] - baseline)
+    jl = -1
+    for j in range(i, a - 1, -1):
+      if y[j] < half:
+        jl = j
+        break
+    jr = -1
+    for j in range(i, b + 1):
+      if y[j] < half:
+        jr = j
+        break
+    if jl >= 0 and jr >= 0:
       # Linear interpolation of the half-maximum crossings.
-      xl = np.interp(half[t], [y[jl], y[jl + 1]], [axis[jl], axis[jl + 1]])
-      xr = np.interp(half[t], [y[jr], y[jr - 1]], [axis[jr], axis[jr - 1]])
+      xl = axis[jl] + (half - y[jl]) / (y[jl + 1] - y[jl]) * (axis[jl + 1] - axis[jl])
+      xr = axis[jr] + (half - y[jr]) / (y[jr - 1] - y[jr]) * (axis[jr - 1] - axis[jr])
       fwhm[t] = (xr - xl) / axis[i] * 1e6
   return fwhm, valley_lo, valley_hi
 
@@ -269,7 +286,7 @@ def pick_peaks_mean(
   empty = Peaks(*(np.zeros(0) for _ in range(6)), None if pixel_counts is None else np.zeros(0), noise, "mean")
   if tops.size == 0:
     return empty
-  fwhm, valley_lo, valley_hi = _windows(axis, y, tops, baseline)
+  fwhm, valley_lo, valley_hi = _windows(axis, y, tops.astype(np.int64), float(baseline))
   centre = axis[tops]
   reach = np.where(np.isfinite(fwhm), window_fwhm * fwhm * 1e-6 * centre, 0.0)
   step_lo = np.where(tops > 0, centre - axis[np.maximum(tops - 1, 0)], 0.0)

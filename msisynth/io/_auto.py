@@ -24,13 +24,13 @@ from absl import logging
 from msisynth import errors, peaks
 from msisynth.io import _engine
 
-FINE_BIN_PPM = 1.0
+FINE_BIN_PPM = 2.0
 MIN_BIN_PPM = 2.0
 # The fine axis never exceeds this many bins (it widens instead): 4 float64 arrays of 2^23 = 256 MB.
 _MAX_FINE_BINS = 1 << 23
 
 DEFAULT_PEAK_OPTIONS = {
-  "smooth_sigma": 2.0,
+  "smooth_sigma": 1.0,
   "snr": 3.0,
   "min_pixel_fraction": 0.01,
   "deisotope_peaks": False,
@@ -65,7 +65,7 @@ def choose_channels(index, selected, *, channels, max_channels, mz_range, nan_po
   mean = hist.total / max(num_pixels, 1)
   found = peaks.pick_peaks_mean(
     centres, mean, smooth_sigma=opts["smooth_sigma"], snr=opts["snr"], pixel_counts=hist.count,
-    num_pixels=max(num_pixels, 1), min_pixel_fraction=opts["min_pixel_fraction"], top_n=None,
+    num_pixels=max(num_pixels, 1), min_pixel_fraction=opts["min_pixel_fraction"], top_n=max_channels,
     deisotope_peaks=opts["deisotope_peaks"], window_fwhm=opts["window_fwhm"], mz_weighted=hist.mz_sum,
     totals=hist.total,
   )  # fmt: skip

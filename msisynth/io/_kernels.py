@@ -42,12 +42,12 @@ def decode(buf, offset, n, code):
   return buf[offset : offset + 8 * n].copy().view(np.int64).astype(np.float64)
 
 
-def search_table(arr: np.ndarray, right: bool, max_entries: int = 1 << 22) -> tuple[np.ndarray, float, float]:
+def search_table(arr: np.ndarray, right: bool, max_entries: int = 1 << 20) -> tuple[np.ndarray, float, float]:
   """A lookup table that turns a search in the sorted array `arr` into a multiply, a load and a short walk.
 
-  Bucket b covers [lo + b / inv, lo + (b + 1) / inv) and holds the search position of its start (side "right":
-  entries <= start; "left": entries < start). Buckets are no wider than the narrowest gap of `arr` (at most
-  `max_entries` of them), so a value lies at most a step or two from its bucket's position.
+  Bucket b covers [lo + b / inv, lo + (b + 1) / inv) and holds about the search position of its start (the
+  kernels walk from there to the exact position, so rounding here costs a step, never a wrong answer). Buckets
+  are no wider than the narrowest gap of `arr` unless that needs more than `max_entries` of them.
   """
   arr = np.asarray(arr, np.float64)
   if arr.size < 2 or not arr[-1] > arr[0]:
@@ -57,9 +57,11 @@ def search_table(arr: np.ndarray, right: bool, max_entries: int = 1 << 22) -> tu
   span = float(arr[-1] - arr[0])
   width = max(float(positive.min()) if positive.size else span, span / max_entries)
   count = int(np.ceil(span / width)) + 1
-  starts = arr[0] + np.arange(count) * width
-  table = np.searchsorted(arr, starts, side="right" if right else "left").astype(np.int64)
-  return table, float(arr[0]), 1.0 / width
+  inv = 1.0 / width
+  # Entries of arr below the start of each bucket: a count per bucket, accumulated (no search).
+  bucket = np.clip(np.floor((arr - arr[0]) * inv).astype(np.int64) + 1, 0, count)
+  table = np.cumsum(np.bincount(bucket, minlength=count + 1))[:count].astype(np.int64)
+  return table, float(arr[0]), inv
 
 
 @nb.njit(inline="always", **_OPTS)

@@ -1066,7 +1066,7 @@ def read_imzml(
       (every non-empty bin of `bin_width`, default 10 ppm).
     max_channels: most channels "auto" and "peaks" give.
     peak_options: overrides of the peak picking of "auto", "peaks" and "bins": smooth_sigma (fine-axis
-      channels of 1 ppm), snr, min_pixel_fraction, deisotope_peaks, window_fwhm.
+      channels of 2 ppm), snr, min_pixel_fraction, deisotope_peaks, window_fwhm.
     z: the z position to read from a 3D file; None for 2D files.
     nan_policy: "raise" (default) on NaN/Inf intensities, naming the pixel; "zero" reads them as 0.
     check_uuid: refuse an .ibd whose UUID differs from the one the .imzML names.

@@ -1030,12 +1030,12 @@ class PreprocessConfig:
     variance: variance-stabilising transform after clipping, before the reduction (not applied with
       reduction="none"): "none", "sqrt", "log1p" or "pareto" (see `stabilize_variance`). The default, "sqrt",
       was chosen by measurement on the real sections shipped with msisynth (`benchmarks/measure_variance.py`,
-      results in benchmarks/results/variance.json): with TIC normalisation, hotspot clipping and PCA(3), the spatial coherence of the PC images (correlation of
-      neighbouring pixels) was 0.936 / 0.952 / 0.949 / 0.952 for none / sqrt / log1p / pareto on the msight
-      MALDI-TOF section (421 ions), 0.171 / 0.230 / 0.225 / 0.171 on the mouse-brain amyloid-beta images, and
-      sqrt also fitted the registered msiFlow microscopy best (R^2 0.004, against 0.002 with no transform; all
-      options are near zero there). sqrt is best or tied best on each, spreads the PCA loadings over 31 ions
-      instead of 9 on msight, and needs no fitted state.
+      results in benchmarks/results/variance.json): with TIC normalisation, hotspot clipping and PCA(3), the
+      spatial coherence of the PC images (correlation of neighbouring pixels) was 0.936 / 0.952 / 0.949 / 0.952
+      for none / sqrt / log1p / pareto on the msight MALDI-TOF section (421 ions), 0.171 / 0.230 / 0.225 /
+      0.171 on the mouse-brain amyloid-beta images, and sqrt also fitted the registered msiFlow microscopy best
+      (R^2 0.004, against 0.002 with no transform; all options are near zero there). sqrt is best or tied best
+      on each, spreads the PCA loadings over 31 ions instead of 9 on msight, and needs no fitted state.
     reduction: "pca", "nmf" or "none".
     n_components: k, the number of output channels of "pca" and "nmf".
     scale_quantiles: per-output-channel (low, high) quantiles mapped to [-1, 1].

@@ -16,8 +16,15 @@ Type codes: 0 float32, 1 float64, 2 int32, 3 int64 (see `TYPE_CODES`).
 
 from __future__ import annotations
 
+import os
+
 import numba as nb
 import numpy as np
+
+# numba's "workqueue" threads sleep between parallel loops; the OpenMP layer's spin, burning CPU that the other
+# work of a busy machine needs. Users who set NUMBA_THREADING_LAYER keep their choice.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+  nb.config.THREADING_LAYER = "workqueue"
 
 TYPE_CODES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1, np.dtype("<i4"): 2, np.dtype("<i8"): 3}
 ITEMSIZE = np.array([4, 8, 4, 8], np.int64)
@@ -156,6 +163,7 @@ def _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, re
       k = table[b]
       while k > 0 and edges[k - 1] > m:
         k -= 1
+      k += edges[k] <= m  # the usual single step, without a branch to mispredict
       while edges[k] <= m:
         k += 1
       k -= 1
@@ -215,6 +223,7 @@ def _bin_checked(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
       k = table[b]
       while k > 0 and edges[k - 1] > m:
         k -= 1
+      k += edges[k] <= m  # the usual single step, without a branch to mispredict
       while edges[k] <= m:
         k += 1
       k -= 1
@@ -394,6 +403,32 @@ def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
         identity = False
         break
   for i in nb.prange(n):
+    r = rows[i]
+    if int_code == 0:
+      # float32 intensities (the usual layout): read in place, unaligned, and copied straight to the output.
+      view = int_buf[int_off[i] : int_off[i] + 4 * count].view(np.float32)
+      bad = False
+      if identity:
+        for j in range(count):
+          v = view[j]
+          if v - v != 0.0:
+            bad = True
+          out[r, j] = v
+      else:
+        for j in range(count):
+          v = view[j]
+          if v - v != 0.0:
+            bad = True
+          d = dest[j]
+          if d >= 0:
+            out[r, d] += v
+      if not bad:
+        continue
+      flags[i] = BAD_INTENSITY
+      for j in range(out.shape[1]):
+        out[r, j] = 0.0
+      if not zero_bad:
+        continue
     values = decode(int_buf, int_off[i], count, int_code)
     f = 0
     for j in range(count):
@@ -404,7 +439,6 @@ def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
     flags[i] = f
     if f and not zero_bad:
       continue
-    r = rows[i]
     if identity:
       for j in range(count):
         out[r, j] = values[j]

@@ -4,7 +4,21 @@ import pathlib
 
 from setuptools import find_packages, setup
 
-_README = pathlib.Path(__file__).with_name("README.md")
+_ROOT = pathlib.Path(__file__).resolve().parent
+_README = _ROOT / "README.md"
+_EXPORT = ["spatialdata>=0.4,<0.8", "anndata>=0.10", "geopandas>=0.14", "shapely>=2.0"]
+
+
+def _data_files() -> list[tuple[str, list[str]]]:
+    """The shipped data (data/), installed under <prefix>/share/msisynth/data, where msisynth.datasets finds it."""
+    folders: dict[str, list[str]] = {}
+    for path in sorted((_ROOT / "data").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            rel = path.relative_to(_ROOT)
+            target = pathlib.PurePosixPath("share", "msisynth", *rel.parent.parts)
+            folders.setdefault(str(target), []).append(rel.as_posix())
+    return sorted(folders.items())
+
 
 setup(
     name="msisynth",
@@ -33,7 +47,11 @@ setup(
         "dm-pix>=0.4.3",
         "absl-py>=2.0",
         "matplotlib>=3.7",
+        "tqdm>=4.66",
+        # Decoders for compressed TIFFs (LZW, Deflate, JPEG, JPEG 2000), as slide scanners and OME-TIFF writers save.
+        "imagecodecs>=2023.1",
     ],
+    data_files=_data_files(),
     extras_require={
         "dev": [
             "pytest>=8",
@@ -43,7 +61,12 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "psutil>=5.9",
+            *_EXPORT,
+            # Builds the wheel in tests/test_datasets.py (the shipped data must travel in it).
+            "wheel>=0.40",
         ],
+        # SpatialData / OME-Zarr output (msisynth.export); tested with spatialdata 0.7.3.
+        "export": _EXPORT,
         "tensorboard": ["tensorboardX>=2.6"],
     },
 )

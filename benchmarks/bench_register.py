@@ -1,6 +1,6 @@
 r"""Benchmark: msisynth's JAX mutual-information affine registration against SimpleITK's, on semi-synthetic cases.
 
-Cases: square crops of the real H&E slides in ../shared/data/he (resized to each size; the slides are about
+Cases: square crops of the real H&E slides in data/he (resized to each size; the slides are about
 550 × 680 px, so 1024² and 2048² cases are upsampled and smoother than real scans at that size) warped by a random
 known affine (rotation ≤ 15°, scales 0.9–1.1, shear ≤ 0.05, shift ≤ 8 % of the size, about the centre), then
 given another intensity curve (gamma 0.7–1.4), a slight blur and noise (σ = 0.02). Both methods register the same
@@ -45,7 +45,7 @@ _CASES = flags.DEFINE_integer("cases", 3, "Cases per size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the cases.")
 _METHODS = flags.DEFINE_list("methods", ["msisynth", "simpleitk"], "Methods to run.")
 _SITK_SAMPLES = flags.DEFINE_enum("sitk_samples", "match", ["match", "all"], "SimpleITK's metric sampling.")
-_DATA = flags.DEFINE_string("data", None, "Folder of H&E PNGs (default ../shared/data/he beside the repository).")
+_DATA = flags.DEFINE_string("data", None, "Folder of H&E PNGs (default: the shipped data/he).")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/bench_register.json", "Result file (overwritten).")
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", 16384, "Pixels sampled per level (both methods with 'match').")
 
@@ -184,7 +184,7 @@ def main(argv):
 
   import msisynth
 
-  data = pathlib.Path(_DATA.value) if _DATA.value else REPO.parent / "shared" / "data" / "he"
+  data = pathlib.Path(_DATA.value) if _DATA.value else msisynth.datasets.data_dir() / "he"
   slides = _slides(data)
   rng = np.random.default_rng(_SEED.value)
   results = {

@@ -66,6 +66,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("simulated", False, "Mark the outputs as simulated data.", **fv)
   flags.DEFINE_string("output_dir", None, "Output folder.", **fv)
   flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output_dir.", **fv)
+  flags.DEFINE_list("output_format", ["npy"], "With --msi, what to write besides the report: any of npy, "
+                    "spatialdata, ome_tiff, geojson (msisynth.export).", **fv)  # fmt: skip
 
 
 def _check_flags(fv: flags.FlagValues) -> None:
@@ -264,6 +266,13 @@ def run(fv: flags.FlagValues) -> dict:
         raise errors.DataError("file exists; pass --overwrite to replace it", path)
       np.save(path, array)
     metrics["msi_in_histology"] = {"shape": list(carried.cube.shape), "pixel_size_um": list(out_px)}
+    from msisynth import export
+
+    formats = [f for f in export.check_output_format(fv.output_format) if f != "npy"]
+    exported = export.write_exports(out, formats, histology=fixed, histology_pixel_size_um=fixed_px, msi=msi,
+                                    transform=result.transform, msi_pixel_size_um=moving_px, simulated=bool(tag),
+                                    name=pathlib.Path(fv.msi).stem, overwrite=overwrite)  # fmt: skip
+    metrics["exports"] = {k: p.name for k, p in exported.items()}
 
   path = out / "metrics.json"
   if path.exists() and not overwrite:

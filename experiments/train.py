@@ -29,11 +29,20 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and images (resumed if present).")
 flags.mark_flags_as_required(["config", "workdir"])
+# Several processes (hosts): these flags, or MSISYNTH_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, or a
+# cluster JAX detects (SLURM); see docs/scaling.md.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (default: from the environment).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from msisynth import distributed
+
+  # Before any JAX computation (the data pipeline below runs some).
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from msisynth import train
 
   train.quiet_orbax_logs()

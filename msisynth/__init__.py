@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 # Stage modules, in the order data flows (docs/architecture.md).
 _SUBMODULES = (
     "errors", "types", "io", "datasets", "preprocess", "simulate", "data", "models", "losses", "train",
-    "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "viz",
+    "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "batch", "export", "distributed",
+    "viz",
 )
 
 _EXPORTS = {

@@ -84,7 +84,7 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.cluster import vq
 
-from msisynth import errors
+from msisynth import errors, progress
 from msisynth import io as msi_io
 from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
@@ -698,7 +698,8 @@ def simulate_msi(
 
   expected = np.empty((msi_h * msi_w, n_channels), np.float32)
   chunk = 16
-  for start in range(0, n_channels, chunk):
+  starts = range(0, n_channels, chunk)
+  for start in progress.track(starts, desc="simulating MSI channels", total=len(starts), unit="block"):
     index = slice(start, min(start + chunk, n_channels))
     outside = chemistry.channels(background_features, index)
     y = np.empty(crop_shape + (len(outside),), np.float32)

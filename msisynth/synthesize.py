@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msisynth import checkpoint, errors, models, preprocess
+from msisynth import checkpoint, errors, models, preprocess, progress
 from msisynth import io as msi_io
 from msisynth.types import MSIImage
 
@@ -197,7 +197,8 @@ def synthesize_tiled(
 
   # One batch is in flight on the device while the previous one is accumulated on the host.
   pending = None
-  for start in range(0, len(origins), batch):
+  starts = range(0, len(origins), batch)
+  for start in progress.track(starts, desc="synthesising tiles", total=len(starts), unit="batch"):
     chunk = origins[start : start + batch]
     tiles = np.zeros((batch, th, tw, x.shape[2]), np.float32)
     for k, (y0, x0) in enumerate(chunk):

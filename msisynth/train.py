@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from msisynth import checkpoint, errors, losses, metrics, models
+from msisynth import checkpoint, distributed, errors, losses, metrics, models, progress
 
 Batch = Mapping[str, Any]
 MODEL_KINDS = ("pix2pix", "unet")
@@ -173,13 +174,13 @@ def num_data_devices(batch_size: int, num_devices: int | None = None) -> int:
   """The largest number of devices, at most `num_devices` (default: all local), that divides `batch_size`."""
   if batch_size < 1:
     raise errors.ConfigError(f"batch size must be >= 1, got {batch_size}")
-  n = jax.local_device_count() if num_devices is None else num_devices
+  n = jax.device_count() if num_devices is None else num_devices
   return max(d for d in range(1, min(n, batch_size) + 1) if batch_size % d == 0)
 
 
 @functools.cache
 def _mesh(n: int) -> jax.sharding.Mesh:
-  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:n])
+  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
 
 
 def data_mesh(batch_size: int, num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -192,7 +193,8 @@ def data_mesh(batch_size: int, num_devices: int | None = None) -> jax.sharding.M
   Returns:
     The mesh; a batch of `batch_size` splits evenly over it.
   """
-  available = jax.local_device_count() if num_devices is None else min(num_devices, jax.local_device_count())
+  # Every process's devices (msisynth.distributed): one host, or several after jax.distributed.initialize.
+  available = jax.device_count() if num_devices is None else min(num_devices, jax.device_count())
   n = num_data_devices(batch_size, available)
   if n < available:
     logging.log_first_n(
@@ -459,8 +461,10 @@ class MetricWriter:
 
   def __init__(self, workdir: str | os.PathLike, resume_step: int = 0):
     self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+    # In a job of several processes only the first writes (every process computes the same replicated metrics).
+    self._primary = jax.process_index() == 0
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    if os.path.exists(self.path):
+    if self._primary and os.path.exists(self.path):
       # Lines written after the checkpoint we resume from belong to a run that was cut off: drop them.
       with open(self.path) as f:
         kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -468,6 +472,8 @@ class MetricWriter:
         f.writelines(kept)
     self._tb = None
     try:
+      if not self._primary:
+        raise ImportError
       import tensorboardX  # optional extra: pip install msisynth[tensorboard]
 
       self._tb = tensorboardX.SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
@@ -475,6 +481,8 @@ class MetricWriter:
       pass
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._primary:
+      return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -489,6 +497,23 @@ class MetricWriter:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop.
+
+
+def _format_eta(seconds: float | None) -> str:
+  if seconds is None or not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _process_batch_fn(data, get_batch: Callable[[int], Batch], rows: slice, batch_size: int):
+  """This process's rows of the batch at each step: all of it on one process, still a function of (seed, step)."""
+  if rows == slice(0, batch_size):
+    return get_batch
+  batch = getattr(data, "batch", None)
+  if batch is not None and "rows" in inspect.signature(batch).parameters:
+    return lambda step: batch(step, rows=rows)  # reads only these patches
+  return lambda step: {k: np.asarray(v)[rows] for k, v in get_batch(step).items()}
 
 
 def _batch_fn(data) -> Callable[[int], Batch]:
@@ -540,8 +565,8 @@ def evaluate(
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
     if mesh is not None:
-      chunk = jax.device_put(chunk, batch_sharding(mesh))
-    fakes.append(np.asarray(eval_step(state, chunk))[: batch_size - pad])
+      chunk = distributed.replicated_batch({"msi": chunk}, batch_sharding(mesh))["msi"]
+    fakes.append(distributed.to_host(eval_step(state, chunk))[: batch_size - pad])
   fake = np.concatenate(fakes)
   real = np.asarray(val_batch["histology"], np.float32)
   real01, fake01 = (real + 1) / 2, (fake + 1) / 2
@@ -719,6 +744,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
     writer = MetricWriter(workdir, resume_step=start)
     step_fn = compiled_train_step(mesh)
     shard = batch_sharding(mesh)
+    # Each process produces only the rows of the global batch its devices hold (all of it on one process).
+    rows = distributed.process_rows(shard, batch_size)
+    local_batch = _process_batch_fn(train_data, get_batch, rows, batch_size)
     log_every = max(int(tc.log_every), 1)
     pending: list[tuple[int, dict]] = []
     last_saved = start or None
@@ -736,17 +764,29 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
       means["steps_per_s"] = rate
       means["images_per_s"] = rate * batch_size
       writer.write(step, means)
-      logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in means.items()))
+      eta = _format_eta((num_steps - step) / rate if rate > 0 else None)
+      logging.info(
+        "step %d/%d (%.0f%%, ETA %s): %s",
+        step,
+        num_steps,
+        100.0 * step / max(num_steps, 1),
+        eta,
+        ", ".join(f"{k}={v:.4g}" for k, v in means.items()),
+      )
+      bar.set_postfix_str(f"g_loss={means.get('g_loss', float('nan')):.4g}, ETA {eta}")
       pending, t0, t0_step = [], now, step
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-      ahead = {start: pool.submit(lambda: first)}
+    bar_context = progress.bar(desc=f"training {config.model.kind}", total=num_steps - start, unit="step")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, bar_context as bar:
+      first_local = {k: v[rows] for k, v in first.items()}
+      ahead = {start: pool.submit(lambda: first_local)}
       for step in range(start, num_steps):
         for s in range(step + 1, min(step + 3, num_steps)):
           if s not in ahead:
-            ahead[s] = pool.submit(get_batch, s)
-        batch = jax.device_put(dict(ahead.pop(step).result()), shard)
+            ahead[s] = pool.submit(local_batch, s)
+        batch = distributed.global_batch(ahead.pop(step).result(), shard, batch_size)
         state, step_metrics = step_fn(state, batch)
+        bar.update(1)
         done = step + 1
         pending.append((done, step_metrics))
         is_last = done == num_steps
@@ -761,7 +801,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
           val_scores, fake = evaluate(state, val_batch, batch_size=max(batch_size, 8), mesh=mesh)
           writer.write(done, val_scores)
           logging.info("step %d: %s", done, ", ".join(f"{k}={v:.4g}" for k, v in val_scores.items()))
-        if image_now:
+        if image_now and jax.process_index() == 0:
           from msisynth.viz import training as viz_training
 
           viz_training.save_image_grid(

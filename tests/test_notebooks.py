@@ -1,5 +1,6 @@
-"""The Colab notebooks: committed without outputs, up to date with colab/make_notebooks.py, and each runs top to
-bottom with the small settings (MSISYNTH_NOTEBOOK_SMALL=1) and writes its figures and results.
+"""The Colab notebooks (the .ipynb files are the source): committed without outputs, set up on Colab by cloning
+the repository, which holds the data, and each runs top to bottom with the small settings
+(MSISYNTH_NOTEBOOK_SMALL=1) and writes its figures and results.
 
 Select with `pytest -m notebooks`; they also run in the default suite. The notebooks run in order with one shared
 output folder, so notebook 3 reuses the generator notebook 2 trained (run alone, it trains a tiny one itself).
@@ -7,7 +8,6 @@ The kernel is the interpreter running the tests, through a kernelspec written to
 neither the system's nor the virtual environment's Jupyter set-up matters or changes.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -95,7 +95,7 @@ def _colab_files() -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory, shared_data):
+def kernel_env(tmp_path_factory, shipped_data):
   """Environment for the kernels: this interpreter as the python3 kernel, small settings, one output folder."""
   jupyter_path = tmp_path_factory.mktemp("jupyter")
   spec_dir = jupyter_path / "kernels" / "python3"
@@ -110,7 +110,6 @@ def kernel_env(tmp_path_factory, shared_data):
     "JUPYTER_PATH": os.pathsep.join([str(jupyter_path), os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep),
     "MSISYNTH_NOTEBOOK_SMALL": "1",
     "MSISYNTH_NOTEBOOK_OUTPUT": str(tmp_path_factory.mktemp("notebook_output")),
-    "MSISYNTH_DATA": str(shared_data),
     "JAX_PLATFORMS": "cpu",
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     # The small settings train for three steps: compiling fast matters more than running fast.
@@ -139,13 +138,18 @@ def test_committed_without_outputs(name):
   assert "if IN_COLAB:" in first_code and '"google.colab" in sys.modules' in first_code
 
 
-def test_notebooks_match_their_builder():
-  spec = importlib.util.spec_from_file_location("make_notebooks", COLAB / "make_notebooks.py")
-  make_notebooks = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(make_notebooks)
-  for name in NOTEBOOKS:
-    committed = (COLAB / f"{name}.ipynb").read_text(encoding="utf-8")
-    assert committed == make_notebooks.render(name), f"{name}: run python colab/make_notebooks.py"
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_colab_setup_clones_the_repository_with_its_data(name):
+  """On Colab the first code cell clones the repository (data included) and installs it: no manual data step."""
+  nb = _load(name)
+  first_code = next(c.source for c in nb.cells if c.cell_type == "code")
+  colab_branch = first_code[first_code.index("if IN_COLAB:") :].split("\nelif")[0]
+  assert '"git", "clone"' in colab_branch and "REPO_URL" in colab_branch
+  assert '"pip", "install"' in colab_branch and '"-e", str(REPO_DIR)' in colab_branch
+  text = "\n".join(c.source for c in nb.cells)
+  for manual in ("google.colab import drive", "drive.mount", "MyDrive", "unzip", "shared/data"):
+    assert manual not in text, f"{name}: {manual!r}"
+  assert not (COLAB / "make_notebooks.py").exists()  # the notebooks are the source, not generated
 
 
 def test_kernel_runs_this_interpreter(in_env):

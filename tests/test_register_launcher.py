@@ -111,9 +111,11 @@ def test_launcher_msi_route_carries_the_cube(images, tmp_path, monkeypatch):
     f"--checkpoint={tmp_path}",
     f"--output_dir={out}",
     "--output_pixel_size_um=2",
+    "--output_format=npy,spatialdata",
     *SPEED,
   ]
   metrics = launcher.run(_flags(argv))
+  assert metrics["exports"] == {"spatialdata": "section.zarr"} and (out / "section.zarr").is_dir()
   assert metrics["simulated"] and metrics["registration"]["start"]  # flips on by default for MSI
   carried = np.load(out / "msi_in_histology.npy")
   assert carried.shape == (64, 64, 3)

@@ -71,3 +71,19 @@ def test_plot_mean_spectrum_and_save_rules(tmp_path):
   assert _is_png(path)
   with pytest.raises(errors.ConfigError):
     viz_msi.plot_mean_spectrum(msi.mz, spectrum, peaks=[10])
+
+
+def test_plot_msi_histology_pairs(tmp_path):
+  he = np.random.default_rng(1).random((20, 30, 3)).astype(np.float32)
+  msi = MSIImage(_msi().cube, _msi().mz, _msi().mask, pixel_size_um=(10.0, 10.0))
+  fig = viz_msi.plot_msi_histology_pairs([("a", he, msi, 504.0), ("b", he, _msi(simulated=True), 501.0)],
+                                         histology_pixel_sizes_um=[2.0, None])  # fmt: skip
+  assert len(fig.axes) == 6
+  titles = [ax.get_title() for ax in fig.axes]
+  assert titles[:3] == ["a: histology", "a: MSI TIC", "a: m/z 504.0000"]
+  assert [ax.get_xlabel() for ax in fig.axes] == ["µm", "µm", "µm", "pixels", "pixels", "pixels"]
+  assert fig.axes[0].get_images()[0].get_extent()[1] == pytest.approx(29.5 * 2.0)
+  assert "(simulated)" in fig._suptitle.get_text()
+  assert _is_png(viz_msi.save_figure(fig, tmp_path / "pairs.png"))
+  with pytest.raises(errors.ConfigError):
+    viz_msi.plot_msi_histology_pairs([("a", he[..., 0], msi, 504.0)])

@@ -4,7 +4,9 @@ Nothing here imports JAX or matplotlib, so reading data does not pay for them.
 """
 
 from msisynth.io.histology import (
+  PixelSizeWarning,
   he_deconvolve,
+  histology_pixel_size_um,
   read_histology,
   read_image,
   resample_to_pixel_size,
@@ -15,8 +17,10 @@ from msisynth.io.imzml import imzml_info, mz_bin_edges, read_imzml, read_ion_ima
 from msisynth.io.sparse import SparseMSI, read_imzml_sparse
 
 __all__ = [
+  "PixelSizeWarning",
   "SparseMSI",
   "he_deconvolve",
+  "histology_pixel_size_um",
   "imzml_info",
   "mz_bin_edges",
   "read_histology",

@@ -38,7 +38,8 @@ DEFAULT_PEAK_OPTIONS = {
 }
 
 
-def choose_channels(index, selected, *, channels, max_channels, mz_range, nan_policy, progress, options, check_size):
+def choose_channels(index, selected, *, channels, max_channels, mz_range, nan_policy, progress, options, check_size,
+                    check_range=False):  # fmt: skip
   """Returns (KernelAxis, channel m/z, binning metadata) for a processed file."""
   from msisynth.io import imzml  # the bin plans live there
 
@@ -60,6 +61,8 @@ def choose_channels(index, selected, *, channels, max_channels, mz_range, nan_po
     index, selected, _engine.KernelAxis.bins(fine_edges),
     nan_policy=nan_policy, show_progress=progress,
   )  # fmt: skip
+  if check_range and hist.unsorted:
+    raise imzml._MzOutsideRange()  # unsorted m/z arrays: the range from first/last values may be too narrow
   num_pixels = int(np.count_nonzero(index.intensity_lengths[selected] > 0))
   centres = hist.centres
   mean = hist.total / max(num_pixels, 1)

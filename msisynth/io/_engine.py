@@ -69,10 +69,14 @@ def _code(dtype: np.dtype) -> int:
   return _kernels.TYPE_CODES[np.dtype(dtype).newbyteorder("<")]
 
 
-def _raise_flags(index, ids: np.ndarray, flags: np.ndarray, nan_policy: str, allow_unsorted: bool) -> None:
+def _raise_flags(index, ids: np.ndarray, flags: np.ndarray, nan_policy: str, allow_unsorted: bool) -> int:
+  """Raises on the first bad spectrum; returns how many spectra have unsorted m/z arrays."""
   bad = np.flatnonzero(flags & _kernels.BAD_MZ)
   if bad.size:
-    raise errors.ImzMLError(f"{index.position(ids[bad[0]])}: NaN or Inf m/z values", index.path)
+    raise errors.ImzMLError(f"{index.position(ids[bad[0]])}: NaN or Inf in its m/z array", index.path)
+  bad = np.flatnonzero(flags & _kernels.NONPOSITIVE_MZ)
+  if bad.size:
+    raise errors.ImzMLError(f"{index.position(ids[bad[0]])}: m/z <= 0 in its m/z array", index.path)
   if not allow_unsorted:
     bad = np.flatnonzero(flags & _kernels.UNSORTED_MZ)
     if bad.size:
@@ -86,6 +90,7 @@ def _raise_flags(index, ids: np.ndarray, flags: np.ndarray, nan_policy: str, all
         f"{index.position(ids[bad[0]])}: NaN or Inf intensities (pass nan_policy='zero' to read them as 0)",
         index.path,
       )
+  return int(np.count_nonzero(flags & _kernels.UNSORTED_MZ))
 
 
 def _file_order(index, ids: np.ndarray, rows: np.ndarray | None = None):
@@ -94,8 +99,12 @@ def _file_order(index, ids: np.ndarray, rows: np.ndarray | None = None):
 
 
 def bin_processed(index, ids, rows, out, axis: KernelAxis, *, nan_policy="raise", num_threads=None,
-                  show_progress=True, allow_unsorted=False, desc="binning spectra") -> None:  # fmt: skip
-  """Bins each spectrum ids[i] (own m/z array) into out[rows[i], :] (out is (P, C) float32, C-contiguous)."""
+                  show_progress=True, allow_unsorted=True, desc="binning spectra") -> int:  # fmt: skip
+  """Bins each spectrum ids[i] (own m/z array) into out[rows[i], :] (out is (P, C) float32, C-contiguous).
+
+  Returns the number of spectra whose m/z arrays are not sorted (binned by value all the same).
+  """
+  unsorted = 0
   ids, rows = _file_order(index, np.asarray(ids, np.int64), np.asarray(rows, np.int64))
   lengths = np.minimum(index.mz_lengths[ids], index.intensity_lengths[ids])
   keep = lengths > 0
@@ -109,9 +118,10 @@ def bin_processed(index, ids, rows, out, axis: KernelAxis, *, nan_policy="raise"
     ):  # fmt: skip
       flags = _kernels.bin_raw(mbuf, mrel, mz_code, ibuf, irel, int_code, lengths[start:stop], rows[start:stop], out,
                                *axis.args(), nan_policy == "zero")  # fmt: skip
-      _raise_flags(index, ids[start:stop], flags, nan_policy, allow_unsorted)
+      unsorted += _raise_flags(index, ids[start:stop], flags, nan_policy, allow_unsorted)
       if show_progress:
         b.update(stop - start)
+  return unsorted
 
 
 @dataclasses.dataclass
@@ -123,6 +133,7 @@ class Histogram:
   count: np.ndarray
   mz_sum: np.ndarray
   maximum: np.ndarray
+  unsorted: int = 0  # spectra whose m/z arrays are not sorted
 
   @classmethod
   def zeros(cls, edges: np.ndarray) -> Histogram:
@@ -135,7 +146,7 @@ class Histogram:
 
 
 def histogram_processed(index, ids, axis: KernelAxis, *, nan_policy="raise", show_progress=True,
-                        allow_unsorted=False) -> Histogram:  # fmt: skip
+                        allow_unsorted=True) -> Histogram:  # fmt: skip
   """`Histogram` of the spectra `ids` on the bins of `axis` (values outside the bins are dropped)."""
   ids, _ = _file_order(index, np.asarray(ids, np.int64))
   lengths = np.minimum(index.mz_lengths[ids], index.intensity_lengths[ids])
@@ -152,7 +163,7 @@ def histogram_processed(index, ids, axis: KernelAxis, *, nan_policy="raise", sho
         mbuf, mrel, _code(mz_dt), ibuf, irel, _code(int_dt), lengths[start:stop], axis.edges, axis.table, axis.tlo,
         axis.tinv, hist.total, hist.count, hist.mz_sum, hist.maximum, nan_policy == "zero",
       )  # fmt: skip
-      _raise_flags(index, ids[start:stop], flags, nan_policy, allow_unsorted)
+      hist.unsorted += _raise_flags(index, ids[start:stop], flags, nan_policy, allow_unsorted)
       if show_progress:
         b.update(stop - start)
   return hist
@@ -225,7 +236,10 @@ def gather_processed(index, ids, *, nan_policy="raise", num_threads=None, show_p
     return int(np.searchsorted(indptr, int(np.flatnonzero(bad)[0]), side="right") - 1)
 
   if not np.isfinite(mz.sum(dtype=np.float64)):
-    raise errors.ImzMLError(f"{index.position(ids[first_pixel(~np.isfinite(mz))])}: NaN or Inf m/z values", index.path)
+    raise errors.ImzMLError(f"{index.position(ids[first_pixel(~np.isfinite(mz))])}: NaN or Inf in its m/z array",
+                            index.path)  # fmt: skip
+  if mz.size and mz.min() <= 0:
+    raise errors.ImzMLError(f"{index.position(ids[first_pixel(mz <= 0)])}: m/z <= 0 in its m/z array", index.path)
   if not np.isfinite(intensity.sum(dtype=np.float64)):
     finite = np.isfinite(intensity)
     if not finite.all():

@@ -33,6 +33,7 @@ ITEMSIZE = np.array([4, 8, 4, 8], np.int64)
 BAD_MZ = 1  # NaN or Inf m/z
 UNSORTED_MZ = 2  # m/z decreases somewhere
 BAD_INTENSITY = 4  # NaN or Inf intensity
+NONPOSITIVE_MZ = 8  # m/z <= 0
 
 _OPTS = dict(cache=True, nogil=True)
 
@@ -204,6 +205,9 @@ def _bin_checked(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
       if m != m or m == -np.inf:
         flags |= BAD_MZ
         continue
+      if m <= 0:
+        flags |= NONPOSITIVE_MZ
+        continue
       if not clip:
         continue
       k = 0
@@ -291,7 +295,9 @@ def _status(mz, intensity, zero_bad):
   for j in range(mz.size):
     if not np.isfinite(mz[j]):
       flags |= BAD_MZ
-    elif j > 0 and mz[j] < mz[j - 1]:
+    elif mz[j] <= 0:
+      flags |= NONPOSITIVE_MZ
+    if j > 0 and mz[j] < mz[j - 1]:
       flags |= UNSORTED_MZ
   for j in range(intensity.size):
     if not np.isfinite(intensity[j]):
@@ -310,7 +316,9 @@ def _status_of(mz, intensity):
     m = mz[j]
     if not np.isfinite(m):
       flags |= BAD_MZ
-    elif m < previous:
+    elif m <= 0:
+      flags |= NONPOSITIVE_MZ
+    if m < previous:
       flags |= UNSORTED_MZ
     previous = m
   for j in range(intensity.size):
@@ -356,11 +364,11 @@ def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, 
           continue
         for c in range(out.shape[1]):
           out[rows[i], c] = 0.0
-        if f & BAD_MZ or not zero_bad:
+        if f & (BAD_MZ | NONPOSITIVE_MZ) or not zero_bad:
           continue
       f = _status_of(mz_view, int_view)
       flags[i] = f
-      if f & BAD_MZ or (f & BAD_INTENSITY and not zero_bad):
+      if f & (BAD_MZ | NONPOSITIVE_MZ) or (f & BAD_INTENSITY and not zero_bad):
         continue
       if not f & BAD_INTENSITY:
         _accumulate(mz_view, int_view, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs,
@@ -370,7 +378,7 @@ def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, 
     intensity = decode(int_buf, int_off[i], count, int_code)
     f = _status(mz, intensity, zero_bad)
     flags[i] = f
-    if (f & BAD_MZ) or ((f & BAD_INTENSITY) and not zero_bad):
+    if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
       continue
     _accumulate(mz, intensity, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs, cummax_highs,
                 wtable, wtlo, wtinv)  # fmt: skip
@@ -543,7 +551,7 @@ def histogram_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, 
     intensity = decode(int_buf, int_off[i], c, int_code)
     f = _status(mz, intensity, zero_bad)
     flags[i] = f
-    if (f & BAD_MZ) or ((f & BAD_INTENSITY) and not zero_bad):
+    if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
       continue
     if f & UNSORTED_MZ:
       order = np.argsort(mz, kind="mergesort")

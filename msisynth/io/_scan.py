@@ -21,7 +21,8 @@ _OPTS = dict(cache=True, nogil=True)
 # Accessions that, inside the spectrum list, mean per-array settings this scan does not interpret.
 _QUIRKS = (
   b"MS:1000521", b"MS:1000523", b"MS:1000519", b"MS:1000522", b"IMS:1000141", b"IMS:1000142", b"MS:1000574",
-  b"MS:1000576", b"MS:1000514", b"MS:1000515",
+  b"MS:1000576", b"MS:1000514", b"MS:1000515", b"MS:1002312", b"MS:1002313", b"MS:1002314", b"MS:1002746",
+  b"MS:1002747", b"MS:1002748",
 )  # fmt: skip
 _WANTED = (b"IMS:1000050", b"IMS:1000051", b"IMS:1000052", b"IMS:1000102", b"IMS:1000103")
 

@@ -5,22 +5,50 @@ Layout: images are NumPy arrays, row-major, (H, W) or (H, W, C) with channels la
 (docs/architecture.md); `resample_to_pixel_size` keeps that point fixed.
 
 Readers: TIFF through tifffile (8/16/32-bit integer or float, channels first or last, planar microscopy
-stacks); PNG, JPEG and other formats through Pillow. Pillow decodes 16-bit-per-channel RGB PNGs to 8 bits
-(16-bit grey PNGs and TIFFs keep their precision). Nothing here imports JAX or matplotlib; scikit-image and
-SciPy are imported when a function needs them.
+stacks; LZW, Deflate, JPEG and JPEG 2000 compression through imagecodecs); PNG, JPEG and other formats through
+Pillow. Pillow decodes 16-bit-per-channel RGB PNGs to 8 bits (16-bit grey PNGs and TIFFs keep their precision).
+
+Slide-sized images: `read_histology(path, pixel_size_um=...)` reads a downsampled copy. From a pyramidal TIFF
+(OME-TIFF sub-resolutions, SVS, any TIFF whose series has levels) it decodes only the level nearest the
+requested pixel size (the coarsest that is not coarser) and downsamples from there; a large single-level TIFF
+is decoded into a temporary memory-mapped file and reduced strip by strip. An image too large to decode in
+the memory available gets an ImageReadError that says what to do, never a bare MemoryError. The pixel size
+comes from the file's metadata (`histology_pixel_size_um`: OME PhysicalSize, Aperio MPP, ImageJ units, TIFF
+resolution in centimetres) unless the caller gives it; a recorded size that cannot be right for the recorded
+objective raises a `PixelSizeWarning`.
+
+Nothing here imports JAX or matplotlib; scikit-image and SciPy are imported when a function needs them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pathlib
+import re
+import warnings
 
 import numpy as np
 
 from msisynth import errors
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class _OmeFallbackFilter(logging.Filter):
+  """Drops tifffile's note that it reads an OME-TIFF with interleaved storage as a plain TIFF series.
+
+  Microscope software (the msight H&E is one) writes such files; tifffile then reads them correctly as a plain
+  series, and msisynth reads the OME-XML itself, so the note, logged at every opening, is noise.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "OME series cannot handle discontiguous storage" not in record.getMessage()
+
+
+if not any(isinstance(f, _OmeFallbackFilter) for f in logging.getLogger("tifffile").filters):
+  logging.getLogger("tifffile").addFilter(_OmeFallbackFilter())
 # Largest image Pillow may decode here (pixels); Pillow's own default refuses whole-slide-sized images.
 _MAX_PIXELS = 1 << 31
 
@@ -88,6 +116,286 @@ def _load(path: str | os.PathLike) -> tuple[pathlib.Path, np.ndarray]:
   return path, data
 
 
+class PixelSizeWarning(UserWarning):
+  """A pixel size recorded in an image file cannot be right (it disagrees with the recorded objective)."""
+
+
+# Camera pixels lie in this range (µm), so recorded pixel size x objective magnification must too.
+_SENSOR_PIXEL_UM = (1.0, 30.0)
+# Pixel sizes outside this range (µm) are not those of a microscope image.
+_PLAUSIBLE_PIXEL_UM = (0.02, 1000.0)
+# Inch-based TIFF/PNG resolutions below this many pixels per inch are screen or print defaults (72, 96, 300
+# dpi), not a physical size: 1270 dpi is 20 µm per pixel.
+_MIN_PHYSICAL_DPI = 1270.0
+_UNITS_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\u03bcm": 1.0, "mm": 1e3,
+             "cm": 1e4, "m": 1e6}  # fmt: skip
+_MAGNIFICATION = re.compile(r"(?<![A-Za-z0-9.])(\d{1,3}(?:\.\d+)?)\s*[xX](?![A-Za-z0-9])")
+# Decoding into a temporary memory-mapped file instead of memory above this many bytes, when downsampling.
+_MEMMAP_BYTES = 1 << 28
+
+
+def _local(tag: str) -> str:
+  return tag.rsplit("}", 1)[-1]
+
+
+def _ome_pixel_size(xml: str) -> tuple[tuple[float, float] | None, list[tuple[float, str]]]:
+  """(y, x) µm of the first OME Image and the magnifications it mentions ((value, where) pairs)."""
+  import xml.etree.ElementTree as ET
+
+  try:
+    root = ET.fromstring(xml)
+  except ET.ParseError:
+    return None, []
+  elements = list(root.iter())
+  image = next((e for e in elements if _local(e.tag) == "Image"), None)
+  if image is None:
+    return None, []
+  pixels = next((e for e in image.iter() if _local(e.tag) == "Pixels"), None)
+  size = None
+  if pixels is not None:
+    try:
+      px = float(pixels.get("PhysicalSizeX")) * _UNITS_UM.get(pixels.get("PhysicalSizeXUnit", "µm"), math.nan)
+      py = float(pixels.get("PhysicalSizeY", pixels.get("PhysicalSizeX")))
+      py *= _UNITS_UM.get(pixels.get("PhysicalSizeYUnit", pixels.get("PhysicalSizeXUnit", "µm")), math.nan)
+      if np.isfinite(px) and np.isfinite(py) and px > 0 and py > 0:
+        size = (py, px)
+    except (TypeError, ValueError):
+      size = None
+  mags = [(float(m), "in the image name") for m in _MAGNIFICATION.findall(image.get("Name", ""))]
+  # The objective of the instrument the image refers to (or its ObjectiveSettings).
+  refs = {e.get("ID") for e in image.iter() if _local(e.tag) in ("InstrumentRef", "ObjectiveSettings")}
+  for element in elements:
+    if _local(element.tag) == "Instrument" and element.get("ID") in refs:
+      objectives = [e for e in element.iter() if _local(e.tag) == "Objective"]
+    elif _local(element.tag) == "Objective" and element.get("ID") in refs:
+      objectives = [element]
+    else:
+      continue
+    for objective in objectives:
+      try:
+        mags.append((float(objective.get("NominalMagnification")), "its objective's nominal magnification"))
+      except (TypeError, ValueError):
+        pass
+  return size, mags
+
+
+def _tiff_pixel_size(tif) -> tuple[tuple[float, float] | None, list[tuple[float, str]]]:
+  page = tif.pages[0]
+  if tif.is_ome and tif.ome_metadata:
+    size, mags = _ome_pixel_size(tif.ome_metadata)
+    if size is not None:
+      return size, mags
+  description = page.description or ""
+  if tif.is_svs:
+    mpp = re.search(r"MPP\s*=\s*([0-9.]+)", description)
+    mag = re.search(r"AppMag\s*=\s*([0-9.]+)", description)
+    mags = [(float(mag.group(1)), "its AppMag")] if mag else []
+    if mpp and float(mpp.group(1)) > 0:
+      return (float(mpp.group(1)), float(mpp.group(1))), mags
+  try:
+    xres, yres = (float(v) for v in page.resolution)
+    unit = int(page.resolutionunit)
+  except (TypeError, ValueError, AttributeError):
+    return None, []
+  if not (xres > 0 and yres > 0):
+    return None, []
+  if tif.is_imagej:
+    unit_name = str((tif.imagej_metadata or {}).get("unit", "")).strip().lower().replace("\\u00b5", "\u00b5")
+    if unit_name in _UNITS_UM:
+      return (_UNITS_UM[unit_name] / yres, _UNITS_UM[unit_name] / xres), []
+    return None, []
+  if unit == 3:  # centimetre
+    return (1e4 / yres, 1e4 / xres), []
+  if unit == 2 and min(xres, yres) >= _MIN_PHYSICAL_DPI:  # inch, at a microscope's resolution
+    return (25400.0 / yres, 25400.0 / xres), []
+  return None, []
+
+
+def histology_pixel_size_um(path: str | os.PathLike) -> tuple[float, float] | None:
+  """The pixel size an image file records, (y, x) µm, or None when it records none.
+
+  Read from OME-XML `PhysicalSizeX/Y` (with their units), Aperio SVS `MPP`, ImageJ TIFFs in microns, TIFF
+  resolution tags in centimetres (or inches at over 1270 dpi; 72-300 dpi are screen defaults, not sizes), and
+  PNG/JPEG resolution at over 1270 dpi. A recorded size that cannot be right raises a `PixelSizeWarning` (it is
+  still returned): outside 0.02-1000 µm, or one that would need camera pixels outside 1-30 µm with the
+  magnification the file records (objective, or a "2X" in the OME image name).
+
+  Args:
+    path: the image file.
+
+  Returns:
+    (py, px) µm, or None.
+
+  Raises:
+    ImageReadError: missing or unreadable file.
+  """
+  path = _as_path(path)
+  mags: list[tuple[float, str]] = []
+  try:
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+      import tifffile
+
+      with tifffile.TiffFile(path) as tif:
+        size, mags = _tiff_pixel_size(tif)
+    else:
+      from PIL import Image
+
+      with Image.open(path) as im:
+        dpi = im.info.get("dpi")
+      size = None
+      if dpi and min(float(v) for v in dpi) >= _MIN_PHYSICAL_DPI:
+        size = (25400.0 / float(dpi[1]), 25400.0 / float(dpi[0]))
+  except errors.ImageReadError:
+    raise
+  except Exception as e:  # tifffile and Pillow raise assorted errors on corrupt files
+    raise errors.ImageReadError(f"cannot read the image's metadata ({type(e).__name__}: {e})", path) from e
+  if size is None:
+    return None
+  px = size[1]
+  if not (_PLAUSIBLE_PIXEL_UM[0] <= min(size) and max(size) <= _PLAUSIBLE_PIXEL_UM[1]):
+    warnings.warn(
+      f"{path}: the recorded pixel size {size} µm is not that of a microscope image; pass the pixel size yourself",
+      PixelSizeWarning,
+      stacklevel=2,
+    )
+  for mag, where in mags:
+    sensor = px * mag
+    if mag > 0 and not _SENSOR_PIXEL_UM[0] <= sensor <= _SENSOR_PIXEL_UM[1]:
+      warnings.warn(
+        f"{path}: the file records {px:g} µm per pixel, but with the {mag:g}x objective ({where}) that would need "
+        f"camera pixels of {sensor:.3g} µm, and cameras have pixels of {_SENSOR_PIXEL_UM[0]:g}-"
+        f"{_SENSOR_PIXEL_UM[1]:g} µm: the recorded size is probably wrong. Give the pixel size yourself "
+        "(image_pixel_size_um=), e.g. from landmarks or a scale bar",
+        PixelSizeWarning,
+        stacklevel=2,
+      )
+      break
+  return size
+
+
+def _available_bytes() -> int | None:
+  """Memory the system can still give (MemAvailable on Linux), or None when unknown."""
+  try:
+    with open("/proc/meminfo") as fh:
+      for line in fh:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _header(path: pathlib.Path) -> dict:
+  """Size of the full-resolution image without decoding it: height, width, channels, itemsize, format, levels."""
+  try:
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+      import tifffile
+
+      with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        shape = dict(zip(series.axes, series.shape))
+        channels = int(np.prod([n for a, n in shape.items() if a not in "YX"], dtype=np.int64))
+        return {"height": shape.get("Y", 0), "width": shape.get("X", 0), "channels": max(channels, 1),
+                "itemsize": series.dtype.itemsize, "format": "TIFF", "levels": len(series.levels)}  # fmt: skip
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+      Image.MAX_IMAGE_PIXELS = None  # only the header is read here; _read_pillow applies the limit
+      with Image.open(path) as im:
+        width, height = im.size
+        bands = len(im.getbands())
+        itemsize = 2 if "16" in im.mode else 4 if im.mode in ("I", "F") else 1
+        fmt = im.format or path.suffix.lstrip(".").upper()
+    finally:
+      Image.MAX_IMAGE_PIXELS = limit
+    return {"height": height, "width": width, "channels": bands, "itemsize": itemsize, "format": fmt, "levels": 1}
+  except Exception as e:  # unreadable headers surface as the decoder's own error later
+    del e
+    return {}
+
+
+def _check_decodable(path: pathlib.Path, header: dict, *, downsampled: bool) -> None:
+  """Refuses, with a message that says what to do, an image whose decoding would not fit in memory."""
+  if not header:
+    return
+  pixels = int(header["height"]) * int(header["width"])
+  decoded = pixels * int(header["channels"]) * int(header["itemsize"])
+  # Decoded array, its float32 copy and the float32 RGB result; a downsampled read keeps only the decoded one.
+  need = decoded if downsampled else decoded + pixels * int(header["channels"]) * 4 + pixels * 3 * 4
+  available = _available_bytes()
+  if available is None or need <= available:
+    return
+  size = f"{header['width']} x {header['height']} {header['format']}"
+  if header["format"] == "TIFF" and not downsampled:
+    hint = "pass pixel_size_um= to read a downsampled copy (a pyramidal TIFF decodes only the level needed)"
+  else:
+    hint = (
+      f"{header['format']} cannot be decoded in parts: convert it to a tiled, pyramidal TIFF (e.g. `vips tiffsave "
+      f"{path.name} slide.tif --tile --pyramid --compression=jpeg`) and read that with pixel_size_um="
+    )
+  raise errors.ImageReadError(
+    f"decoding this {size} image needs about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of "
+    f"memory available; {hint}",
+    path,
+  )
+
+
+def _arrange(data: np.ndarray, axes: str) -> np.ndarray:
+  """Drops singleton axes other than Y and X, and puts a remaining non-spatial axis last (as _read_tiff does)."""
+  keep = [i for i, a in enumerate(axes) if data.shape[i] != 1 or a in "YX"]
+  data = data.reshape([data.shape[i] for i in keep])
+  axes = "".join(axes[i] for i in keep)
+  if data.ndim == 3 and axes.endswith("YX"):
+    data = np.moveaxis(data, 0, -1)
+  return data
+
+
+def _read_downsampled(
+  path: pathlib.Path, native: tuple[float, float], target: tuple[float, float]
+) -> tuple[np.ndarray, tuple[float, float]]:
+  """Decodes the coarsest stored level that is not coarser than `target` (µm): (raw array, its pixel size)."""
+  header = _header(path)
+  try:
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+      import tifffile
+
+      with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        axes = levels[0].axes
+        base = dict(zip(axes, levels[0].shape))
+        chosen, size = levels[0], native
+        for level in levels[1:]:
+          shape = dict(zip(level.axes, level.shape))
+          step = (native[0] * base["Y"] / shape["Y"], native[1] * base["X"] / shape["X"])
+          if step[0] <= target[0] * (1 + 1e-6) and step[1] <= target[1] * (1 + 1e-6):
+            chosen, size = level, step
+        nbytes = int(np.prod(chosen.shape, dtype=np.int64)) * chosen.dtype.itemsize
+        coarse = min(target[0] / size[0], target[1] / size[1]) >= 2
+        available = _available_bytes()
+        memmap = coarse and nbytes > _MEMMAP_BYTES and (available is None or nbytes > available // 4)
+        if not memmap and available is not None and nbytes > available:
+          _check_decodable(path, {**header, "height": dict(zip(chosen.axes, chosen.shape))["Y"],
+                                  "width": dict(zip(chosen.axes, chosen.shape))["X"]}, downsampled=True)  # fmt: skip
+        data = chosen.asarray(out="memmap" if memmap else None)
+        return _arrange(data, chosen.axes), size
+    _check_decodable(path, header, downsampled=True)
+    return _read_pillow(path), native
+  except MemoryError as e:
+    raise errors.ImageReadError(
+      "not enough memory to decode this image; convert it to a tiled, pyramidal TIFF and read that with "
+      "pixel_size_um=",
+      path,
+    ) from e
+  except (errors.ImageReadError, errors.ConfigError):
+    raise
+  except Exception as e:  # tifffile / Pillow errors on corrupt files
+    raise errors.ImageReadError(f"cannot read image ({type(e).__name__}: {e})", path) from e
+
+
 def _to_unit_float(data: np.ndarray, path: pathlib.Path) -> np.ndarray:
   """Scales by the dtype's range: uint8 / 255, uint16 / 65535, uint32 / (2**32 - 1); bool and floats as is."""
   if data.dtype == bool:
@@ -121,24 +429,69 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
   return _to_unit_float(data, path)
 
 
-def read_histology(path: str | os.PathLike) -> np.ndarray:
-  """Reads a histology image (H&E or any brightfield stain) as RGB in [0, 1].
+def read_histology(
+  path: str | os.PathLike,
+  pixel_size_um: float | tuple[float, float] | None = None,
+  *,
+  image_pixel_size_um: float | tuple[float, float] | None = None,
+) -> np.ndarray:
+  """Reads a histology image (H&E or any brightfield stain) as RGB in [0, 1], optionally downsampled.
 
   Grey images are replicated to three channels; an alpha channel is composited over white (the colour of an
   empty slide); 16-bit images keep their precision where the decoder does (TIFF, grey PNG).
 
+  With `pixel_size_um`, the image is returned at that pixel size (`resample_to_pixel_size`, pixel (0, 0)'s
+  centre kept). Pyramidal TIFFs (OME-TIFF, SVS) are read from the level nearest the requested size, so a whole
+  slide is never decoded at full resolution; memory stays near the size of that level.
+
   Args:
-    path: PNG, JPEG, TIFF or another format Pillow reads; 8- or 16-bit, grey, grey+alpha, RGB or RGBA.
+    path: PNG, JPEG, TIFF (uncompressed, LZW, Deflate, JPEG, JPEG 2000; pyramidal or not) or another format
+      Pillow reads; 8- or 16-bit, grey, grey+alpha, RGB or RGBA.
+    pixel_size_um: pixel size of the result, µm (a number or a (y, x) pair); None: the file's own pixels.
+    image_pixel_size_um: pixel size of the file's full-resolution image, µm. Always wins over the file's
+      metadata; needed with `pixel_size_um` when the file records none (`histology_pixel_size_um`).
 
   Returns:
     float32 (H, W, 3) in [0, 1].
 
   Raises:
-    ImageReadError: missing or unreadable file, unsupported pixel type, a float image outside [0, 1], or a
-      channel count other than 1-4 (use `read_image` for multi-channel microscopy).
+    ImageReadError: missing or unreadable file, unsupported pixel type, a float image outside [0, 1], a
+      channel count other than 1-4 (use `read_image` for multi-channel microscopy), or an image too large to
+      decode in the memory available (the message says how to read it).
+    ConfigError: bad pixel sizes, or `pixel_size_um` for a file that records no pixel size and no
+      `image_pixel_size_um`.
   """
-  path, data = _load(path)
-  image = _to_unit_float(data, path)
+  path = _as_path(path)
+  if pixel_size_um is None:
+    _check_decodable(path, _header(path), downsampled=False)
+    try:
+      path, data = _load(path)
+    except MemoryError as e:
+      raise errors.ImageReadError("not enough memory to decode this image; pass pixel_size_um= to read it "
+                                  "downsampled", path) from e  # fmt: skip
+    image = _to_unit_float(data, path)
+  else:
+    target = _pair(pixel_size_um, "pixel_size_um")
+    native = _pair(image_pixel_size_um, "image_pixel_size_um") if image_pixel_size_um is not None else None
+    if native is None:
+      native = histology_pixel_size_um(path)
+    if native is None:
+      raise errors.ConfigError(
+        f"{path}: the file records no pixel size; pass image_pixel_size_um= (the scanner's, e.g. 0.25 µm at 40x, "
+        "0.5 µm at 20x) to read it at pixel_size_um"
+      )
+    data, level_size = _read_downsampled(path, native, target)
+    if not np.allclose(level_size, target, rtol=1e-9):
+      resampled = resample_to_pixel_size(data, level_size, target)
+    else:
+      resampled = data.astype(np.float32)
+    if data.dtype in (np.uint8, np.uint16, np.uint32):
+      resampled /= np.float32(np.iinfo(data.dtype).max)
+    elif data.dtype.kind not in "fb":
+      raise errors.ImageReadError(f"unsupported pixel type {data.dtype}", path)
+    elif not np.all(np.isfinite(resampled)):
+      raise errors.ImageReadError("image holds NaN or Inf values", path)
+    image = resampled
   if data.dtype.kind == "f" and (image.min() < 0 or image.max() > 1):
     raise errors.ImageReadError(
       f"float image with values in [{image.min():.4g}, {image.max():.4g}], expected [0, 1]", path

@@ -14,9 +14,20 @@ Layout of the result: an `MSIImage` whose cube is (H, W, C) float32 with row = y
 x - min(x) in imzML pixel coordinates; pixels without a spectrum are 0 and False in the mask.
 
 The XML metadata is read with pyimzml (`pyimzml.metadata.Metadata`); the spectrum list (positions, offsets,
-lengths) is scanned with a fast byte-level tokenizer, checked for consistency, and read with pyimzml's
-`ImzMLParser` instead when the file's layout is one the tokenizer does not recognise. The binary file is read in
-chunks of spectra with vectorised NumPy code, so memory stays near the size of the output cube.
+lengths) is scanned with a fast byte-level tokenizer, checked for consistency, and read with an XML parser
+instead when the file's layout is one the tokenizer does not recognise. The binary file is read in chunks of
+spectra with vectorised NumPy code, so memory stays near the size of the output cube.
+
+Real exporters' files are read as they are written:
+- unsorted m/z arrays are valid: a processed spectrum's peaks are binned by value (as if sorted), and an
+  unsorted shared axis of a continuous file is permuted once into increasing order; exactly repeated m/z values
+  are merged into one channel (intensities summed). Both are logged. NaN, Inf or m/z <= 0 stay errors that name
+  the spectrum.
+- cvParams inside a <binaryDataArray> (array type, number format, compression) take precedence over the
+  referenceable param group, as the mzML schema says.
+- zlib-compressed arrays are decompressed once into a temporary copy of the .ibd (removed when no longer used).
+- a file declared continuous is checked spectrum by spectrum: every m/z array must be the shared one, or a
+  byte-identical copy; spectra with axes of their own make it read as processed, with a warning.
 
 Imports at import time: NumPy and absl only (pyimzml when a file is opened; never JAX or matplotlib).
 """
@@ -64,6 +75,16 @@ _PRECISIONS = {
   "IMS:1000142": "<i8",
 }
 _ZLIB_COMPRESSION = "MS:1000574"
+_NO_COMPRESSION = "MS:1000576"
+# Compressions of the mzML vocabulary that msisynth does not decode (MS-Numpress, alone or with zlib).
+_OTHER_COMPRESSIONS = {
+  "MS:1002312": "MS-Numpress linear prediction",
+  "MS:1002313": "MS-Numpress positive integer",
+  "MS:1002314": "MS-Numpress short logged float",
+  "MS:1002746": "MS-Numpress linear prediction followed by zlib",
+  "MS:1002747": "MS-Numpress positive integer followed by zlib",
+  "MS:1002748": "MS-Numpress short logged float followed by zlib",
+}
 _MZ_ARRAY = "MS:1000514"
 _INTENSITY_ARRAY = "MS:1000515"
 _CONTINUOUS = "IMS:1000030"
@@ -92,16 +113,18 @@ class _Header:
   """What the XML says before the spectrum list."""
 
   declared_mode: str | None
-  mz_group: str
-  intensity_group: str
-  mz_dtype: np.dtype
-  intensity_dtype: np.dtype
+  mz_group: str | None  # None when no referenceableParamGroup declares the array (its cvParams are inline)
+  intensity_group: str | None
+  mz_dtype: np.dtype | None  # None when the group does not say (inline cvParams must)
+  intensity_dtype: np.dtype | None
   spectrum_count: int | None
   pixel_size_um: tuple[float, float] | None
   uuid: str | None
   polarity: str | None
   spectrum_type: str | None
   instrument: str | None
+  mz_zlib: bool = False  # the group declares zlib compression
+  intensity_zlib: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +141,10 @@ class _Index:
   intensity_offsets: np.ndarray
   intensity_lengths: np.ndarray
   continuous: bool  # all spectra share one m/z array.
+  # (low, high) m/z over every spectrum when known exactly (set after unsorted m/z arrays are found), else None.
+  mz_extent: tuple[float, float] | None = None
+  # Keeps a temporary decompressed copy of the .ibd alive as long as an index refers to it.
+  owner: Any = None
 
   @property
   def num_spectra(self) -> int:
@@ -171,24 +198,27 @@ def _parse_header(path: pathlib.Path) -> _Header:
 
   groups = meta.referenceable_param_groups
 
-  def group_for(accession: str, what: str) -> str:
+  def group_for(accession: str, what: str) -> str | None:
     ids = [gid for gid, group in groups.items() if accession in group.param_by_accession]
-    if not ids:
-      raise errors.ImzMLError(
-        f"no referenceableParamGroup declares the {what} array ({accession}); not an imzML file?", path
-      )
     if len(ids) > 1:
       raise errors.ImzMLError(f"several referenceableParamGroups declare the {what} array: {ids}", path)
-    group = groups[ids[0]]
-    if _ZLIB_COMPRESSION in group.param_by_accession:
-      raise errors.ImzMLError(f"the {what} arrays are zlib-compressed, which is not supported", path)
-    return ids[0]
+    # No group: each <binaryDataArray> must then say what it holds (checked when the spectrum list is read).
+    return ids[0] if ids else None
 
-  def dtype_of(group_id: str, what: str) -> np.dtype:
+  def dtype_of(group_id: str | None, what: str) -> np.dtype | None:
+    if group_id is None:
+      return None
     found = [np.dtype(dt) for acc, dt in _PRECISIONS.items() if acc in groups[group_id].param_by_accession]
-    if len(found) != 1:
-      raise errors.ImzMLError(f"the {what} array's number format is missing or ambiguous", path)
-    return found[0]
+    if len(found) > 1:
+      raise errors.ImzMLError(f"the {what} array's number format is ambiguous", path)
+    return found[0] if found else None
+
+  def zlib_of(group_id: str | None, what: str) -> bool:
+    params = {} if group_id is None else groups[group_id].param_by_accession
+    other = [name for acc, name in _OTHER_COMPRESSIONS.items() if acc in params]
+    if other:
+      raise errors.ImzMLError(f"the {what} arrays use {other[0]} compression, which msisynth does not decode", path)
+    return _ZLIB_COMPRESSION in params
 
   mz_group = group_for(_MZ_ARRAY, "m/z")
   intensity_group = group_for(_INTENSITY_ARRAY, "intensity")
@@ -239,6 +269,8 @@ def _parse_header(path: pathlib.Path) -> _Header:
     polarity=polarity,
     spectrum_type=spectrum_type,
     instrument=instrument,
+    mz_zlib=zlib_of(mz_group, "m/z"),
+    intensity_zlib=zlib_of(intensity_group, "intensity"),
   )
 
 
@@ -275,6 +307,12 @@ def _spectrum_list_blocks(path: pathlib.Path) -> Iterator[bytes]:
       carry = buf[cut:]
 
 
+# Accessions that, inside the spectrum list, can only be per-array cvParams (array type, number format,
+# compression); their presence sends the file to the XML parser, which applies them.
+_INLINE_ARRAY_PARAMS = tuple(
+  f'"{acc}"'.encode()
+  for acc in (*_PRECISIONS, _ZLIB_COMPRESSION, _NO_COMPRESSION, *_OTHER_COMPRESSIONS, _MZ_ARRAY, _INTENSITY_ARRAY)
+)
 _SCAN_VALUES = re.compile(rb'accession="(IMS:100005[012]|IMS:100010[23])"[^>]*?value="([^"]*)"')
 
 
@@ -293,6 +331,8 @@ def _scan_spectrum_list(path: pathlib.Path, header: _Header) -> dict[str, np.nda
   Returns None when the spectrum list is laid out in a way the tokenizer does not recognise (attributes in an
   unusual order, single quotes, inline array types, ...); the caller then uses pyimzml's parser.
   """
+  if header.mz_group is None or header.intensity_group is None or header.mz_zlib or header.intensity_zlib:
+    return None
   # A pattern that starts with a literal is scanned far faster by `re`; "ref" is case-sensitive, so attributes
   # such as cvRef or dataProcessingRef do not match.
   refs = re.compile(
@@ -301,6 +341,8 @@ def _scan_spectrum_list(path: pathlib.Path, header: _Header) -> dict[str, np.nda
   mz_ref = header.mz_group.encode()
   parts: dict[str, list[np.ndarray]] = {k: [] for k in ("x", "y", "z", "offset", "length", "is_mz")}
   for block in _spectrum_list_blocks(path):
+    if any(accession in block for accession in _INLINE_ARRAY_PARAMS):
+      return None  # cvParams inside <binaryDataArray> override the groups: the XML parser reads them
     tokens = _SCAN_VALUES.findall(block)
     kinds = refs.findall(block)
     if not tokens:
@@ -345,11 +387,198 @@ def _scan_spectrum_list(path: pathlib.Path, header: _Header) -> dict[str, np.nda
   }
 
 
+def _parse_spectrum_list_xml(path: pathlib.Path, header: _Header) -> dict[str, Any]:
+  """Reads the spectrum list with an XML parser, applying each <binaryDataArray>'s own cvParams.
+
+  As the mzML schema says, a cvParam inside a <binaryDataArray> (array type, number format, compression)
+  takes precedence over the referenceable param group it refers to. Returns the fields of `_Index`, plus the
+  encoded byte lengths and zlib flags of every array and the number formats of the m/z and intensity arrays
+  (which must each be the same in every spectrum).
+  """
+  groups: dict[str, dict[str, str]] = {}
+  coords: list[tuple[int, int, int]] = []
+  arrays = {kind: {k: [] for k in ("offset", "length", "encoded", "zlib", "dtype")} for kind in ("mz", "intensity")}
+  precisions = {acc: np.dtype(dt) for acc, dt in _PRECISIONS.items()}
+  known = {_ZLIB_COMPRESSION, _NO_COMPRESSION, *_OTHER_COMPRESSIONS}
+
+  def params_of(element) -> dict[str, str]:
+    return {cv.get("accession", ""): cv.get("value", "") for cv in element.findall(_NS + "cvParam")}
+
+  def spectrum_error(message: str) -> errors.ImzMLError:
+    return errors.ImzMLError(f"spectrum {len(coords)}: {message}", path)
+
+  try:
+    with open(path, "rb") as fh:
+      spectrum_list = None
+      for event, elem in ET.iterparse(fh, events=("start", "end")):
+        tag = elem.tag
+        if event == "start":
+          if tag == _NS + "spectrumList":
+            spectrum_list = elem
+          continue
+        if tag == _NS + "referenceableParamGroup":
+          groups[elem.get("id", "")] = params_of(elem)
+        elif tag == _NS + "spectrum":
+          position = {acc: None for acc in ("IMS:1000050", "IMS:1000051", "IMS:1000052")}
+          for cv in elem.iter(_NS + "cvParam"):
+            if cv.get("accession") in position:
+              position[cv.get("accession")] = cv.get("value")
+          try:
+            x, y = int(position["IMS:1000050"]), int(position["IMS:1000051"])
+            z = 1 if position["IMS:1000052"] is None else int(position["IMS:1000052"])
+          except (TypeError, ValueError) as e:
+            raise spectrum_error("missing or non-integer pixel position") from e
+          found = set()
+          for bda in elem.iter(_NS + "binaryDataArray"):
+            merged: dict[str, str] = {}
+            for ref in bda.findall(_NS + "referenceableParamGroupRef"):
+              merged.update(groups.get(ref.get("ref", ""), {}))
+            inline = params_of(bda)
+            # Inline number format and compression replace the group's (not add to them).
+            if any(acc in precisions for acc in inline):
+              merged = {k: v for k, v in merged.items() if k not in precisions}
+            if any(acc in known for acc in inline):
+              merged = {k: v for k, v in merged.items() if k not in known}
+            merged.update(inline)
+            kind = "mz" if _MZ_ARRAY in merged else "intensity" if _INTENSITY_ARRAY in merged else None
+            if kind is None:
+              continue  # another array type (charge, noise, ...): not used
+            if kind in found:
+              raise spectrum_error(f"two {kind} arrays")
+            found.add(kind)
+            dtypes = [dt for acc, dt in precisions.items() if acc in merged]
+            if len(dtypes) != 1:
+              raise spectrum_error(f"the {kind} array's number format is missing or ambiguous")
+            other = [name for acc, name in _OTHER_COMPRESSIONS.items() if acc in merged]
+            if other:
+              raise spectrum_error(f"the {kind} array uses {other[0]} compression, which msisynth does not decode")
+            zlib_array = _ZLIB_COMPRESSION in merged
+            try:
+              offset = int(merged["IMS:1000102"])
+              length = int(merged["IMS:1000103"])
+              encoded = int(merged["IMS:1000104"]) if merged.get("IMS:1000104", "") != "" else -1
+            except (KeyError, ValueError) as e:
+              raise spectrum_error(f"the {kind} array's external offset or length is missing or not an integer") from e
+            if zlib_array and encoded < 0:
+              raise spectrum_error(f"the zlib-compressed {kind} array has no external encoded length (IMS:1000104)")
+            table = arrays[kind]
+            table["offset"].append(offset)
+            table["length"].append(length)
+            table["encoded"].append(encoded)
+            table["zlib"].append(zlib_array)
+            table["dtype"].append(dtypes[0])
+          if found != {"mz", "intensity"}:
+            raise spectrum_error("needs one m/z and one intensity array")
+          coords.append((x, y, z))
+          elem.clear()
+          if spectrum_list is not None:
+            spectrum_list.remove(elem)  # keeps memory flat on files with millions of spectra
+  except ET.ParseError as e:
+    raise errors.ImzMLError(f"cannot read the spectrum list: not well-formed XML ({e}); truncated file?", path) from e
+  if not coords:
+    raise errors.ImzMLError("the imzML file lists no spectra", path)
+  out: dict[str, Any] = {"coords": np.asarray(coords, dtype=np.int64).reshape(-1, 3)}
+  for kind, name in (("mz", "m/z"), ("intensity", "intensity")):
+    table = arrays[kind]
+    kinds = set(table["dtype"])
+    if len(kinds) > 1:
+      raise errors.ImzMLError(
+        f"the {name} arrays use several number formats ({', '.join(sorted(d.name for d in kinds))}); msisynth "
+        "reads files whose arrays of one kind share one format",
+        path,
+      )
+    out[f"{kind}_offsets"] = _fix_wrapped_offsets(np.asarray(table["offset"], np.int64))
+    out[f"{kind}_lengths"] = np.asarray(table["length"], np.int64)
+    out[f"{kind}_encoded"] = np.asarray(table["encoded"], np.int64)
+    out[f"{kind}_zlib"] = np.asarray(table["zlib"], bool)
+    out[f"{kind}_dtype"] = kinds.pop()
+  return out
+
+
+class _TemporaryFolder:
+  """A folder deleted when the last reference to this object goes."""
+
+  def __init__(self, prefix: str):
+    import weakref
+
+    self.path = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    weakref.finalize(self, shutil.rmtree, self.path, True)
+
+
+def _inflate_ibd(
+  path: pathlib.Path, ibd_path: pathlib.Path, fields: dict[str, Any], header: _Header
+) -> tuple[pathlib.Path, Any]:
+  """Writes the arrays, zlib-decompressed where compressed, to a temporary .ibd and points the index at it.
+
+  Arrays that share bytes in the original file (a continuous file's one m/z array) share them in the copy.
+  The first 16 bytes (the UUID) are copied as they are.
+
+  Returns:
+    (path of the temporary .ibd, the object that keeps it alive); `fields` offsets are updated in place.
+  """
+  import zlib
+
+  folder = _TemporaryFolder(prefix=f"msisynth-{path.stem}-")
+  out_path = folder.path / ibd_path.name
+  ibd_size = ibd_path.stat().st_size
+  total = {"mz": 0, "intensity": 0}
+  with open(ibd_path, "rb") as src, open(out_path, "wb") as dst:
+    dst.write(src.read(16))
+    position = 16
+    for kind, name in (("mz", "m/z"), ("intensity", "intensity")):
+      dtype = header.mz_dtype if kind == "mz" else header.intensity_dtype
+      itemsize = dtype.itemsize
+      offsets, lengths = fields[f"{kind}_offsets"], fields[f"{kind}_lengths"]
+      encoded, compressed = fields[f"{kind}_encoded"], fields[f"{kind}_zlib"]
+      new_offsets = np.empty_like(offsets)
+      done: dict[tuple[int, int, bool], int] = {}
+      for i in range(offsets.size):
+        key = (int(offsets[i]), int(encoded[i]), bool(compressed[i]))
+        expected = int(lengths[i]) * itemsize
+        if expected <= 0 or key in done:
+          new_offsets[i] = done.get(key, position)
+          continue
+        nbytes = key[1] if key[2] else expected
+        x, y, z = (int(v) for v in fields["coords"][i])
+        where = f"spectrum {i} at imzML position (x={x}, y={y}" + (f", z={z})" if z != 1 else ")")
+        if key[0] < 0 or key[0] + nbytes > ibd_size:
+          raise errors.ImzMLError(
+            f"{where}: its {name} array spans bytes {key[0]}-{key[0] + nbytes} but {ibd_path.name} has only "
+            f"{ibd_size} bytes (truncated .ibd?)",
+            path,
+          )
+        src.seek(key[0])
+        data = src.read(nbytes)
+        if key[2]:
+          try:
+            data = zlib.decompress(data)
+          except zlib.error as e:
+            raise errors.ImzMLError(f"{where}: its zlib-compressed {name} array does not decompress ({e})", path) from e
+          total[kind] += 1
+        if len(data) != expected:
+          raise errors.ImzMLError(
+            f"{where}: its {name} array holds {len(data)} bytes, expected {lengths[i]} values of "
+            f"{dtype.name}",
+            path,
+          )
+        dst.write(data)
+        done[key] = new_offsets[i] = position
+        position += len(data)
+      fields[f"{kind}_offsets"] = new_offsets
+  logging.info(
+    "%s: decompressed %d zlib m/z and %d intensity arrays into a temporary %.1f MB copy of the .ibd",
+    path.name, total["mz"], total["intensity"], position / 1e6,
+  )  # fmt: skip
+  return out_path, folder
+
+
 def _compiled_scan(path: pathlib.Path, header: _Header) -> dict[str, np.ndarray] | None:
   """The spectrum list by the compiled scanner (`msisynth.io._scan`), or None when it leaves the file to the
   general tokenizer."""
   from msisynth.io import _scan
 
+  if header.mz_group is None or header.intensity_group is None or header.mz_zlib or header.intensity_zlib:
+    return None
   fields = _scan.scan_spectrum_list(path, header.mz_group, header.intensity_group, _fix_wrapped_offsets)
   if fields is None or (header.spectrum_count is not None and header.spectrum_count != fields["coords"].shape[0]):
     return None
@@ -406,14 +635,33 @@ def _open_index(path: str | os.PathLike, *, check_uuid: bool = True, parser: str
   ibd_size = ibd_path.stat().st_size
   if parser not in ("auto", "pyimzml"):
     raise errors.ConfigError(f"parser must be 'auto' or 'pyimzml', got {parser!r}")
-  fields = _compiled_scan(path, header) if parser == "auto" else None
-  if fields is None and parser == "auto":
-    fields = _scan_spectrum_list(path, header)
-  if fields is None:
-    if parser == "auto":
-      logging.info("%s: spectrum list not recognised by the fast scanner; parsing it with pyimzml", path)
+  owner = None
+  if parser == "pyimzml":
+    if header.mz_zlib or header.intensity_zlib:
+      raise errors.ImzMLError("zlib-compressed arrays are read with parser='auto' only", path)
     fields = _parse_with_pyimzml(path)
-  index = _Index(path=path, ibd_path=ibd_path, ibd_size=ibd_size, header=header, continuous=False, **fields)
+  else:
+    fields = _compiled_scan(path, header)
+    if fields is None:
+      fields = _scan_spectrum_list(path, header)
+    if fields is None:
+      logging.info("%s: spectrum list not recognised by the fast scanner; reading it with the XML parser", path)
+      fields = _parse_spectrum_list_xml(path, header)
+      dtypes = {"mz_dtype": fields.pop("mz_dtype"), "intensity_dtype": fields.pop("intensity_dtype")}
+      header = dataclasses.replace(header, **dtypes)
+      if check_uuid:
+        _check_uuid(path, ibd_path, ibd_size, header)
+      if fields["mz_zlib"].any() or fields["intensity_zlib"].any():
+        ibd_path, owner = _inflate_ibd(path, ibd_path, fields, header)
+        ibd_size = ibd_path.stat().st_size
+      for key in ("mz_encoded", "intensity_encoded", "mz_zlib", "intensity_zlib"):
+        del fields[key]
+  for dtype, what in ((header.mz_dtype, "m/z"), (header.intensity_dtype, "intensity")):
+    if dtype is None:
+      raise errors.ImzMLError(f"the {what} array's number format is not declared", path)
+  index = _Index(
+    path=path, ibd_path=ibd_path, ibd_size=ibd_size, header=header, continuous=False, owner=owner, **fields
+  )
   _validate_index(index, check_uuid)
   return dataclasses.replace(index, continuous=_is_continuous(index))
 
@@ -422,8 +670,8 @@ def _is_continuous(index: _Index) -> bool:
   """Whether all spectra share one m/z array.
 
   True when every non-empty spectrum points at the same m/z array. A file declared continuous whose spectra
-  point at separate copies counts as continuous when the first, middle and last copies are identical;
-  otherwise it is read as processed (and says so in the log).
+  point at separate copies counts as continuous only when every copy holds the same bytes as the first; when
+  some spectra have their own axes the file is read as processed, with a warning that names the first.
   """
   nonempty = np.flatnonzero(index.mz_lengths > 0)
   if nonempty.size == 0:
@@ -431,29 +679,57 @@ def _is_continuous(index: _Index) -> bool:
   lengths = index.mz_lengths[nonempty]
   if not np.all(lengths == lengths[0]):
     if index.header.declared_mode == "continuous":
+      first = int(nonempty[np.flatnonzero(lengths != lengths[0])[0]])
       logging.warning(
-        "%s: declared continuous but its m/z arrays differ in length; reading it as processed", index.path
-      )
+        "%s: declared continuous but its m/z arrays differ in length (%s has %d values, the first %d); reading "
+        "it as processed",
+        index.path, index.position(first), int(index.mz_lengths[first]), int(lengths[0]),
+      )  # fmt: skip
     return False
   offsets = index.mz_offsets[nonempty]
   if np.all(offsets == offsets[0]):
     return True
   if index.header.declared_mode != "continuous":
     return False
-  probes = nonempty[[0, nonempty.size // 2, nonempty.size - 1]]
-  dtype = index.header.mz_dtype
-  arrays = []
+  # Declared continuous, with copies of the axis: compare every distinct copy with the first, byte for byte.
+  nbytes = int(lengths[0]) * index.header.mz_dtype.itemsize
+  distinct, first_use = np.unique(offsets, return_index=True)
+  reference = np.empty(nbytes, np.uint8)
+  differing = []
   with open(index.ibd_path, "rb") as fh:
-    for i in probes.tolist():
-      values = np.empty(int(index.mz_lengths[i]), dtype)
-      _read_exact(fh, int(index.mz_offsets[i]), values)
-      arrays.append(values)
-  if all(np.array_equal(arrays[0], a) for a in arrays[1:]):
+    _read_exact(fh, int(offsets[0]), reference)
+    scratch = _Scratch()
+    per_chunk = max(1, _CHUNK_VALUES * 8 // max(nbytes, 1))
+    for start in range(0, distinct.size, per_chunk):
+      chunk = distinct[start : start + per_chunk]
+      buf, starts = _read_arrays(fh, chunk, np.full(chunk.size, nbytes, np.int64), scratch)
+      rows = _typed_arrays(buf, starts, np.full(chunk.size, nbytes), np.dtype(np.uint8))
+      bad = np.flatnonzero((rows != reference).any(axis=1))
+      differing.extend((start + bad).tolist())
+  if not differing:
     return True
+  own = np.isin(offsets, distinct[differing])
+  first = int(nonempty[first_use[differing].min()])
   logging.warning(
-    "%s: declared continuous but its spectra have different m/z arrays; reading it as processed", index.path
-  )
+    "%s: declared continuous, but %d of %d spectra have m/z axes of their own (the first: %s); reading it as "
+    "processed",
+    index.path, int(own.sum()), int(nonempty.size), index.position(first),
+  )  # fmt: skip
   return False
+
+
+def _check_uuid(path: pathlib.Path, ibd_path: pathlib.Path, ibd_size: int, header: _Header) -> None:
+  if not header.uuid or ibd_size < 16:
+    return
+  with open(ibd_path, "rb") as fh:
+    ibd_uuid = fh.read(16).hex()
+  if _normalise_uuid(header.uuid) != ibd_uuid:
+    raise errors.ImzMLError(
+      f"the UUID in the .imzML ({header.uuid}) does not match the one at the start of "
+      f"{ibd_path.name} ({ibd_uuid}): the two files do not belong together (pass check_uuid=False to "
+      "read them anyway)",
+      path,
+    )
 
 
 def _validate_index(index: _Index, check_uuid: bool) -> None:
@@ -462,16 +738,8 @@ def _validate_index(index: _Index, check_uuid: bool) -> None:
     raise errors.ImzMLError("the imzML file lists no spectra", path)
   if index.ibd_size < 16:
     raise errors.ImzMLError(f"{index.ibd_path.name} has {index.ibd_size} bytes, too short to hold its UUID", path)
-  if check_uuid and index.header.uuid:
-    with open(index.ibd_path, "rb") as fh:
-      ibd_uuid = fh.read(16).hex()
-    if _normalise_uuid(index.header.uuid) != ibd_uuid:
-      raise errors.ImzMLError(
-        f"the UUID in the .imzML ({index.header.uuid}) does not match the one at the start of "
-        f"{index.ibd_path.name} ({ibd_uuid}): the two files do not belong together (pass check_uuid=False to "
-        "read them anyway)",
-        path,
-      )
+  if check_uuid:
+    _check_uuid(path, index.ibd_path, index.ibd_size, index.header)
   for name, offsets, lengths, dtype in (
     ("m/z", index.mz_offsets, index.mz_lengths, index.header.mz_dtype),
     ("intensity", index.intensity_offsets, index.intensity_lengths, index.header.intensity_dtype),
@@ -944,19 +1212,70 @@ def _check_finite(
   raise errors.ImzMLError(f"{index.position(spectrum_ids[row])}: NaN or Inf {what}{hint}", index.path)
 
 
-def _check_sorted(mz: np.ndarray, index: _Index, spectrum_ids: np.ndarray, lengths: np.ndarray | None) -> None:
-  """Raises when an m/z array decreases anywhere, naming the pixel (m/z arrays are never sorted silently)."""
+class _MzOutsideRange(Exception):
+  """m/z values lie outside the range read from the first and last value of each array (unsorted arrays)."""
+
+
+def _check_mz(
+  mz: np.ndarray,
+  index: _Index,
+  spectrum_ids: np.ndarray,
+  lengths: np.ndarray | None,
+  data_range: tuple[float, float] | None = None,
+) -> int:
+  """Checks m/z values read from processed spectra; returns how many of the spectra are not sorted.
+
+  Unsorted m/z arrays are valid data (real exporters write them): binning and window sums do not depend on the
+  order, and exactly repeated m/z values of one spectrum add up in the same channel, so the result is that of
+  the sorted spectrum. NaN, Inf and m/z <= 0 are errors naming the pixel.
+
+  Raises:
+    ImzMLError: NaN, Inf or m/z <= 0.
+    _MzOutsideRange: a value lies outside `data_range` (the caller then measures the exact range and reads again).
+  """
+  _check_finite(mz, index, spectrum_ids, lengths, "raise", "m/z values")
+  if mz.size == 0:
+    return 0
+  low, high = float(mz.min()), float(mz.max())
+  if low <= 0:
+    row = _first_bad_spectrum(mz <= 0, lengths)
+    raise errors.ImzMLError(f"{index.position(spectrum_ids[row])}: m/z <= 0 in its m/z array ({low})", index.path)
   if mz.ndim == 2:
-    decreasing = mz[:, 1:] < mz[:, :-1]
+    unsorted = int(np.count_nonzero((mz[:, 1:] < mz[:, :-1]).any(axis=1)))
   else:
     decreasing = np.zeros(mz.size, bool)
     decreasing[1:] = mz[1:] < mz[:-1]
     decreasing[np.cumsum(lengths)[:-1]] = False  # first value of each spectrum vs last of the previous one
-  if decreasing.any():
-    row = _first_bad_spectrum(decreasing, lengths)
-    raise errors.ImzMLError(
-      f"{index.position(spectrum_ids[row])}: m/z array is not sorted in increasing order", index.path
-    )
+    unsorted = 0
+    if decreasing.any():
+      unsorted = int(np.unique(np.searchsorted(np.cumsum(lengths), np.flatnonzero(decreasing), side="right")).size)
+  if data_range is not None and (low < data_range[0] or high > data_range[1]):
+    raise _MzOutsideRange()
+  return unsorted
+
+
+def _exact_mz_range(index: _Index, selected: np.ndarray, chunk_spectra, threads, progress) -> tuple[float, float]:
+  """Smallest and largest m/z over the selected spectra, reading every m/z array (for unsorted arrays)."""
+  extent = [math.inf, -math.inf]
+  lock = threading.Lock()
+  mz_dtype = index.header.mz_dtype
+
+  def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
+    ids = selected[start:stop]
+    ids = ids[index.mz_lengths[ids] > 0]
+    if ids.size == 0:
+      return
+    lengths = index.mz_lengths[ids]
+    buf, starts = _read_arrays(fh, index.mz_offsets[ids], lengths * mz_dtype.itemsize, scratch)
+    mz = _typed_arrays(buf, starts, lengths, mz_dtype)
+    _check_mz(mz, index, ids, None if mz.ndim == 2 else lengths)
+    with lock:
+      extent[0] = min(extent[0], float(mz.min()))
+      extent[1] = max(extent[1], float(mz.max()))
+
+  _run_chunks(_chunks(index.mz_lengths[selected], chunk_spectra), work, index.ibd_path, threads, progress,
+              "measured the m/z range of")  # fmt: skip
+  return extent[0], extent[1]
 
 
 def _data_mz_range(index: _Index, selected: np.ndarray) -> tuple[float, float]:
@@ -965,11 +1284,24 @@ def _data_mz_range(index: _Index, selected: np.ndarray) -> tuple[float, float]:
   nonempty = selected[lengths > 0]
   if nonempty.size == 0:
     return (math.nan, math.nan)
+  if index.mz_extent is not None:
+    return index.mz_extent
   if index.continuous:
-    nonempty = nonempty[:1]
+    # One array; read it whole, since a shared axis may be unsorted.
+    axis = np.empty(int(index.mz_lengths[nonempty[0]]), index.header.mz_dtype)
+    with open(index.ibd_path, "rb") as fh:
+      _read_exact(fh, int(index.mz_offsets[nonempty[0]]), axis)
+    if not np.all(np.isfinite(axis)) or np.any(axis <= 0):
+      raise errors.ImzMLError(f"{index.position(int(nonempty[0]))}: the shared m/z array holds NaN, Inf or m/z <= 0",
+                              index.path)  # fmt: skip
+    return float(axis.min()), float(axis.max())
   values = _engine.mz_extremes(index, nonempty)
-  if not np.all(np.isfinite(values)):
-    raise errors.ImzMLError("some m/z arrays start or end with NaN/Inf", index.path)
+  bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
+  if bad.size:
+    i = int(nonempty[bad[0] // 2])
+    value = values.reshape(-1)[bad[0]]
+    what = "NaN or Inf" if not np.isfinite(value) else f"m/z <= 0 ({value})"
+    raise errors.ImzMLError(f"{index.position(i)}: {what} in its m/z array", index.path)
   return float(values.min()), float(values.max())
 
 
@@ -1083,8 +1415,9 @@ def read_imzml(
     polarity, spectrum_type, instrument, uuid, and the binning used.
 
   Raises:
-    ImzMLError: missing or truncated .ibd, malformed XML or a file that is not imzML, UUID mismatch, unsorted
-      m/z arrays, NaN/Inf values, no non-empty spectrum, several spectra at one pixel.
+    ImzMLError: missing or truncated .ibd, malformed XML or a file that is not imzML, UUID mismatch, NaN/Inf
+      values or m/z <= 0 (naming the spectrum), a compression other than zlib, no non-empty spectrum, several
+      spectra at one pixel.
     ConfigError: invalid or conflicting arguments, or an output cube larger than `max_cube_gib`.
   """
   mz_range, mz_values, tol_unit, bin_unit = _validate_read_args(
@@ -1135,7 +1468,15 @@ def read_imzml(
   if index.continuous:
     cube, mz, binning = _read_continuous(*args)
   else:
-    cube, mz, binning = _read_processed(*args, keep_empty_bins, channels, int(max_channels), peak_options)
+    try:
+      cube, mz, binning = _read_processed(*args, keep_empty_bins, channels, int(max_channels), peak_options)
+    except _MzOutsideRange:
+      # Unsorted m/z arrays: their first and last values are not the extremes. Measure the range and bin again.
+      extent = _exact_mz_range(index, selected, chunk_spectra, threads, progress)
+      logging.info("%s: m/z arrays are not sorted; the data spans m/z %.4f-%.4f", path.name, *extent)
+      index = dataclasses.replace(index, mz_extent=extent)
+      cube, mz, binning = _read_processed(index, *args[1:], keep_empty_bins, channels, int(max_channels),
+                                          peak_options)  # fmt: skip
   metadata["mode"] = "continuous" if index.continuous else "processed"
   metadata["binning"] = binning
   mask = np.zeros(shape, bool)
@@ -1193,11 +1534,35 @@ def _reduce_layers(a: np.ndarray, b: np.ndarray, width: int) -> list[tuple[np.nd
   return layers
 
 
+def _sort_shared_axis(axis: np.ndarray, path: pathlib.Path) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray | None]]:
+  """Sorts an unsorted shared m/z axis and merges exactly repeated values (real exporters write such axes).
+
+  Returns:
+    (the sorted axis without repeats, (order, starts)): `block[:, order]` puts a spectrum's channels in m/z
+    order; `np.add.reduceat(..., starts, axis=1)` then sums repeated channels (starts None: no repeats).
+  """
+  order = np.argsort(axis, kind="stable")
+  ordered = axis[order]
+  unique, starts = np.unique(ordered, return_index=True)
+  repeated = unique[np.diff(np.append(starts, ordered.size)) > 1]
+  steps = np.diff(axis)
+  logging.warning(
+    "%s: the shared m/z array is not sorted (it fails to increase at %d places: %d decreases, %d repeats)%s; its %d "
+    "channels are read in increasing m/z order%s",
+    path, int(np.sum(steps <= 0)), int(np.sum(steps < 0)), int(np.sum(steps == 0)),
+    f" and repeats {repeated.size} value(s) ({', '.join(f'{v:.4f}' for v in repeated[:5])})" if repeated.size else "",
+    axis.size,
+    f", each repeated value merged into one channel (intensities summed): {unique.size} channels" if repeated.size
+    else "",
+  )  # fmt: skip
+  return unique, (order, starts if repeated.size else None)
+
+
 def _shared_axis(index, selected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The shared m/z array of a continuous file: (as stored, sorted distinct values, column -> distinct index).
 
   An unsorted shared array is read in increasing m/z; columns with the same m/z value are summed into one
-  channel. Both are logged.
+  channel. Both are logged (`_sort_shared_axis`).
   """
   path = index.path
   first = int(selected[np.argmax(index.mz_lengths[selected] > 0)])
@@ -1207,17 +1572,16 @@ def _shared_axis(index, selected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     _read_exact(fh, int(index.mz_offsets[first]), axis)
   axis = axis.astype(np.float64)
   if not np.all(np.isfinite(axis)):
-    raise errors.ImzMLError("the shared m/z array contains NaN or Inf", path)
+    i = int(np.flatnonzero(~np.isfinite(axis))[0])
+    raise errors.ImzMLError(f"{index.position(first)}: the shared m/z array holds NaN or Inf (value {i})", path)
+  if np.any(axis <= 0):
+    i = int(np.flatnonzero(axis <= 0)[0])
+    raise errors.ImzMLError(f"{index.position(first)}: the shared m/z array holds m/z <= 0 (value {i}: {axis[i]})",
+                            path)  # fmt: skip
   if axis.size < 2 or np.all(np.diff(axis) > 0):
     return axis, axis, np.arange(axis.size)
+  _sort_shared_axis(axis, path)  # logs what is unsorted and repeated
   distinct, inverse = np.unique(axis, return_inverse=True)
-  repeated = axis.size - distinct.size
-  logging.warning(
-    "%s: the shared m/z array is not strictly increasing (%s); channels are read in increasing m/z%s",
-    path.name,
-    "unsorted" if np.any(np.diff(axis) < 0) else "sorted with repeats",
-    f", and the {repeated} repeated value(s) summed into one channel each" if repeated else "",
-  )
   return axis, distinct, inverse.reshape(-1)
 
 
@@ -1327,10 +1691,17 @@ def _kernel_bins(plan: _BinPlan, remap: np.ndarray | None = None) -> _engine.Ker
   return _engine.KernelAxis.bins(plan.edges(), clip=plan.data_range, remap=remap)
 
 
-def _occupied_bins(index, selected, plan: _BinPlan, nan_policy, progress) -> np.ndarray:
-  """Which bins of `plan` hold intensity from at least one of the selected spectra (one pass over the data)."""
+def _occupied_bins(index, selected, plan: _BinPlan, nan_policy, progress, check_range=False) -> np.ndarray:
+  """Which bins of `plan` hold intensity from at least one of the selected spectra (one pass over the data).
+
+  Raises:
+    _MzOutsideRange: with `check_range`, when some m/z array is unsorted (its first and last values may not be the
+      range the bins were planned on).
+  """
   hist = _engine.histogram_processed(index, selected, _kernel_bins(plan), nan_policy=nan_policy,
                                      show_progress=progress)  # fmt: skip
+  if check_range and hist.unsorted:
+    raise _MzOutsideRange()
   occupied = hist.count > 0
   if plan.data_range and occupied.size:
     # Values at the extremes are clipped into the first and last bins by the binning pass.
@@ -1362,6 +1733,8 @@ def _read_processed(
 ):
   path = index.path
   del chunk_spectra  # the compiled path sizes its own windows
+  # Bins over the data's range from first/last values: unsorted arrays may reach beyond it (checked below).
+  check_range = mz_range is None and index.mz_extent is None
   if mz_values is not None:
     plan = _WindowPlan.create(mz_values, tol, tol_unit)
     axis = _engine.KernelAxis.windows(plan.lows, plan.highs)
@@ -1378,7 +1751,7 @@ def _read_processed(
       check_size(plan.num_bins)
       axis = _kernel_bins(plan)
     else:
-      occupied = _occupied_bins(index, selected, plan, nan_policy, progress)
+      occupied = _occupied_bins(index, selected, plan, nan_policy, progress, check_range)
       remap = np.where(occupied, np.cumsum(occupied) - 1, -1)
       axis = _kernel_bins(plan, remap)
       out_mz = out_mz[occupied]
@@ -1390,12 +1763,21 @@ def _read_processed(
 
     axis, out_mz, binning = _auto.choose_channels(
       index, selected, channels=channels, max_channels=max_channels, mz_range=mz_range, nan_policy=nan_policy,
-      progress=progress, options=peak_options, check_size=check_size,
+      progress=progress, options=peak_options, check_size=check_size, check_range=check_range,
     )  # fmt: skip
   cube = allocate(out_mz.size)
   flat_rows = rows.astype(np.int64) * cube.shape[1] + cols
-  _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), axis, nan_policy=nan_policy,
-                        num_threads=threads, show_progress=progress)  # fmt: skip
+  unsorted = _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), axis,
+                                   nan_policy=nan_policy, num_threads=threads, show_progress=progress)  # fmt: skip
+  if unsorted:
+    if check_range and mz_values is None:
+      raise _MzOutsideRange()  # the bins were planned on first/last values, which unsorted arrays do not bound
+    logging.warning(
+      "%s: %d of %d spectra have m/z arrays that are not sorted; their peaks are binned by m/z value (repeated "
+      "values summed), as if sorted",
+      path.name, unsorted, int(selected.size),
+    )  # fmt: skip
+    binning["unsorted_spectra"] = unsorted
   return cube, out_mz, binning
 
 
@@ -1432,8 +1814,9 @@ def read_ion_image(
 def imzml_info(path: str | os.PathLike, *, check_uuid: bool = True) -> dict[str, Any]:
   """Describes an imzML file without reading its intensities.
 
-  The m/z range is taken from the first and last value of every m/z array (two small reads per spectrum in
-  processed files, one array in continuous ones): exact when the arrays are sorted, which is not checked here.
+  The m/z range is taken from the shared axis of a continuous file (exact, sorted or not), and from the first and
+  last value of every m/z array of a processed one (two small reads per spectrum): exact when the arrays are
+  sorted, which is not checked here.
 
   Args:
     path: the .imzML file.

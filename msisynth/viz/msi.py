@@ -301,3 +301,77 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120, *, overwri
   if "matplotlib.pyplot" in sys.modules:
     sys.modules["matplotlib.pyplot"].close(fig)
   return path
+
+
+def plot_msi_histology_pairs(
+  pairs: Sequence[tuple[str, np.ndarray, MSIImage, float]],
+  *,
+  histology_pixel_sizes_um: Sequence[float | None] | None = None,
+  quantile: float = 0.99,
+  title: str | None = "Real MSI ↔ histology pairs",
+) -> Figure:
+  """One row per pair: the histology image, the MSI's total ion count (TIC) and one ion image, side by side.
+
+  Axes are in µm where the pixel size is known (MSI `pixel_size_um`, `histology_pixel_sizes_um`), in pixels
+  otherwise; the images are not registered to each other.
+
+  Args:
+    pairs: (name, histology RGB (H, W, 3) in [0, 1], MSI, m/z of the ion image) for each row.
+    histology_pixel_sizes_um: the histology pixel size of each pair (µm), or None entries where unknown.
+    quantile: display maximum of the TIC and ion images, as a quantile of the measured pixels, in (0, 1].
+    title: figure title (None: none). "(simulated)" is added when any MSI is simulated.
+
+  Returns:
+    The figure: three image axes per row.
+
+  Raises:
+    ConfigError: on invalid arguments.
+  """
+  if not pairs:
+    raise errors.ConfigError("pairs is empty")
+  if not 0 < float(quantile) <= 1:
+    raise errors.ConfigError(f"quantile must be in (0, 1], got {quantile}")
+  sizes = list(histology_pixel_sizes_um) if histology_pixel_sizes_um is not None else [None] * len(pairs)
+  if len(sizes) != len(pairs):
+    raise errors.ConfigError(f"{len(sizes)} histology pixel sizes for {len(pairs)} pairs")
+  fig = _new_figure(12.0, 3.3 * len(pairs) + 0.4)
+  simulated = False
+
+  def extent(shape, pixel_size):
+    if pixel_size is None:
+      return None, "pixels"
+    py, px = (pixel_size, pixel_size) if np.isscalar(pixel_size) else pixel_size
+    h, w = shape[:2]
+    return (-0.5 * px, (w - 0.5) * px, (h - 0.5) * py, -0.5 * py), "µm"
+
+  def clipped(image, mask):
+    measured = image[mask]
+    high = float(np.quantile(measured, quantile)) if measured.size else 1.0
+    return np.ma.masked_array(image, ~mask), (0.0, high if high > 0 else 1.0)
+
+  for row, ((name, histology, msi, mz), size) in enumerate(zip(pairs, sizes)):
+    if not isinstance(msi, MSIImage):
+      raise errors.ConfigError(f"{name}: expected an MSIImage, got {type(msi).__name__}")
+    histology = np.asarray(histology)
+    if histology.ndim != 3 or histology.shape[2] != 3:
+      raise errors.ConfigError(f"{name}: histology must be (H, W, 3), got {histology.shape}")
+    simulated |= bool(msi.metadata.get("simulated", False))
+    channel = int(np.argmin(np.abs(msi.mz - float(mz))))
+    tic = msi.cube.sum(axis=2, dtype=np.float64)
+    panels = [
+      (np.clip(histology, 0, 1), None, f"{name}: histology", size),
+      (*clipped(tic, msi.mask), f"{name}: MSI TIC", msi.pixel_size_um),
+      (*clipped(msi.cube[..., channel].astype(np.float64), msi.mask), f"{name}: m/z {msi.mz[channel]:.4f}",
+       msi.pixel_size_um),
+    ]  # fmt: skip
+    for col, (image, limits, label, pixel_size) in enumerate(panels):
+      ax = fig.add_subplot(len(pairs), 3, 3 * row + col + 1)
+      box, unit = extent(image.shape, pixel_size)
+      kwargs = {} if limits is None else {"cmap": _masked_cmap("viridis"), "vmin": limits[0], "vmax": limits[1]}
+      ax.imshow(image, extent=box, interpolation="nearest" if limits is not None else "antialiased", **kwargs)
+      ax.set_title(label, fontsize=9)
+      ax.set_xlabel(unit, fontsize=8)
+      ax.tick_params(labelsize=7)
+  if title:
+    fig.suptitle(_with_simulated(title, simulated))
+  return fig

@@ -15,8 +15,12 @@ x - min(x) in imzML pixel coordinates; pixels without a spectrum are 0 and False
 
 The XML metadata is read with pyimzml (`pyimzml.metadata.Metadata`); the spectrum list (positions, offsets,
 lengths) is scanned with a fast byte-level tokenizer, checked for consistency, and read with an XML parser
-instead when the file's layout is one the tokenizer does not recognise. The binary file is read in chunks of
-spectra with vectorised NumPy code, so memory stays near the size of the output cube.
+instead when the file's layout is one the tokenizer does not recognise (a compiled scan, `msisynth.io._scan`,
+reads the common layout first). The binary file is memory-mapped in windows and binned by compiled numba kernels
+on several threads (`msisynth.io._engine`, `_kernels`), so memory stays near the size of the output cube.
+
+Processed files are read by default to at most `DEFAULT_MAX_CHANNELS` channels chosen from the data
+(`msisynth.io._auto`); `msisynth.io.sparse` keeps every peak in CSR form instead.
 
 Real exporters' files are read as they are written:
 - unsorted m/z arrays are valid: a processed spectrum's peaks are binned by value (as if sorted), and an
@@ -29,7 +33,7 @@ Real exporters' files are read as they are written:
 - a file declared continuous is checked spectrum by spectrum: every m/z array must be the shared one, or a
   byte-identical copy; spectra with axes of their own make it read as processed, with a warning.
 
-Imports at import time: NumPy and absl only (pyimzml when a file is opened; never JAX or matplotlib).
+Imports at import time: NumPy, numba and absl only (pyimzml when a file is opened; never JAX or matplotlib).
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def target_registration_error(
   """Distances between the transformed fixed landmarks and the moving landmarks.
 
   Args:
-    transform: FIXED → MOVING transform in µm.
+    transform: FIXED → MOVING transform in µm (an `AffineTransform` or a `BSplineTransform`).
     fixed_points_um: (N, 2) (x, y) µm in the fixed image.
     moving_points_um: (N, 2) matching (x, y) µm in the moving image.
     pixel_size_um: pixel size that `mean_px` is expressed in (normally the moving / MSI pixel size); float or
@@ -131,8 +131,11 @@ def target_registration_error(
   m = np.asarray(moving_points_um, np.float64)
   if f.ndim != 2 or f.shape[1] != 2 or f.shape != m.shape or len(f) == 0:
     raise errors.ConfigError(f"landmarks must be two (N, 2) arrays of one N >= 1, got {f.shape} and {m.shape}")
-  matrix = np.asarray(transform.matrix, np.float64)
-  mapped = f @ matrix[:2, :2].T + matrix[:2, 2]
+  if isinstance(transform, AffineTransform):
+    matrix = np.asarray(transform.matrix, np.float64)
+    mapped = f @ matrix[:2, :2].T + matrix[:2, 2]
+  else:  # a deformable transform (BSplineTransform)
+    mapped = np.asarray(transform.apply(f), np.float64)
   d = np.linalg.norm(mapped - m, axis=1)
   py, px = pixel_size_yx(pixel_size_um)
   p = float(np.sqrt(py * px))

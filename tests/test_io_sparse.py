@@ -178,3 +178,17 @@ def test_huge_lengths_give_an_imzml_error_not_an_overflow(tmp_path, value):
   for reader in (imzml.read_imzml, imzml.imzml_info, sparse.read_imzml_sparse):
     with pytest.raises(errors.ImzMLError):
       reader(path)
+
+
+def test_readers_run_in_several_threads_at_once(tmp_path):
+  """The compiled kernels are launched from several Python threads (as batch registration does)."""
+  import concurrent.futures
+
+  path, _ = _centroided(tmp_path)
+  reference = imzml.read_imzml(path, bin_width=50.0, progress=False)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda _: imzml.read_imzml(path, bin_width=50.0, progress=False), range(8)))
+    infos = list(pool.map(lambda _: imzml.imzml_info(path), range(8)))
+  for msi in results:
+    np.testing.assert_array_equal(msi.cube, reference.cube)
+  assert all(info["mz_range"] == infos[0]["mz_range"] for info in infos)

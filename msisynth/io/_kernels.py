@@ -21,10 +21,11 @@ import os
 import numba as nb
 import numpy as np
 
-# numba's "workqueue" threads sleep between parallel loops; the OpenMP layer's spin, burning CPU that the other
-# work of a busy machine needs. Users who set NUMBA_THREADING_LAYER keep their choice.
+# The readers may run in several Python threads at once (batch registration plans sections in parallel): only
+# a thread-safe layer (TBB or OpenMP) may run these kernels then; numba's "workqueue" aborts the process. Users who
+# set NUMBA_THREADING_LAYER keep their choice.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-  nb.config.THREADING_LAYER = "workqueue"
+  nb.config.THREADING_LAYER = "threadsafe"
 
 TYPE_CODES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1, np.dtype("<i4"): 2, np.dtype("<i8"): 3}
 ITEMSIZE = np.array([4, 8, 4, 8], np.int64)

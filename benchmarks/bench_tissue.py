@@ -5,21 +5,20 @@
     method is judged by its agreement with itself: Dice of the mask of the slide made paler against the mask of
     the original slide, for the slide blended towards white (stain strength 50 % and 30 %: rgb' = 1 - a (1 -
     rgb)), blended with a strength falling from 100 % at the left edge to 20 % at the right (uneven staining:
-    pale tissue beside stained tissue), and with its HSV saturation halved. A method that marks everything agrees perfectly, so (b) and the
-    contact sheet (docs/figures/tissue_masks.png) go with it.
+    pale tissue beside stained tissue), and with its HSV saturation halved. A method that marks everything
+    agrees perfectly, so (b) and the contact sheet (docs/figures/tissue_masks.png) go with it.
 (b) **Generated slides with known tissue.** Random blobs filled with tissue texture cut from the inside of two
-    shipped slides, on a white or a tinted, vignetted background, at stain strength 100 %, 50 % and 30 %
-    (optical density scaled) or unevenly stained (strength varying smoothly from 15 % to 100 % over the
-    slide), with none or some of: a label (black text with colour fringes), pen marks (blue,
-    green), debris (dark specks), a dark slide edge. Dice against the known tissue, and the share of artefact
-    pixels called tissue.
-(c) **The tissue crop** (`msisynth.tissue.tissue_crop`) on large generated slides (2048 x 2048 px) whose tissue
-    covers 0.3-1 % of the slide (stain 100 %, 30 % or uneven), with a label, pen marks, debris and a dark edge: whether the crop box holds
-    all the tissue, and the share of the crop that is tissue.
+    shipped slides, on a white or a tinted, vignetted background, at stain strength 100 % and 30 % (optical
+    density scaled) or unevenly stained (strength varying smoothly from 15 % to 100 % over the slide), with
+    none or some of: a label (black text with colour fringes), pen marks (blue, green), debris (dark specks),
+    a dark slide edge. Dice against the known tissue, and the share of artefact pixels called tissue.
+(c) **The tissue crop** (`msisynth.tissue.tissue_crop`) on 12 generated slides of 2048 x 2048 px whose tissue
+    (one section) covers 0.3-1 % of the slide (stain 100 %, 30 % or uneven), with a label, pen marks, debris
+    and a dark edge: whether the crop box holds all the tissue, and the share of the crop that is tissue.
 
 Results go to benchmarks/results/bench_tissue.json; the contact sheets to docs/figures/.
 
-  python benchmarks/bench_tissue.py            # about 2 minutes on 2 cores
+  python benchmarks/bench_tissue.py            # about 7 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -173,7 +172,8 @@ def generated_slide(
   else:
     side = int(window * min(shape))
     truth = np.zeros(shape, bool)
-    r0, c0 = rng.integers(height // 10, height - side - height // 10), rng.integers(width // 10, width - side - width // 10)
+    r0 = rng.integers(height // 10, height - side - height // 10)
+    c0 = rng.integers(width // 10, width - side - width // 10)
     yy, xx = (np.mgrid[0:side, 0:side] - (side - 1) / 2) / (side / 2)
     section = blobs(rng, (side, side), 1.3 * coverage * height * width / side**2, side / 5) & (yy**2 + xx**2 < 1)
     truth[r0 : r0 + side, c0 : c0 + side] = section

@@ -652,14 +652,15 @@ def tissue_mask(
   - `"chroma"` (default): divides the image by the slide's background colour (`slide_background`, so that a
     tinted or yellowed background becomes white), then thresholds the chroma max(RGB) - min(RGB) with
     hysteresis: connected regions above a low threshold, min(0.05, Otsu / 2) (or `threshold`), are kept where
-    they reach Otsu's threshold. Black and grey labels, ink, debris and a dark slide edge have no chroma and
-    are left out; pale tissue attached to stained tissue is kept; background noise never reaches Otsu.
-  - `"otsu"`: HSV saturation at Otsu's threshold (the default before 0.3). It loses tissue too pale to have
-    colour: measured on the shipped slides blended half-way to white, it keeps a median Dice of 0.58 to its
-    own mask of the original slide, against 0.96 for "chroma" (docs/results_tissue.md).
-  - `"saturation"`: HSV saturation above a fixed `threshold` (default 0.05), holes filled. On a white slide it
-    keeps pale tissue, but a tinted background (the msight bladder H&E) is all "tissue", and the saturation
-    of dark grey pixels is noise, so black labels come in.
+    they reach a high one, min(Otsu, 2 x low). Black and grey labels, black ink, grey debris and a dark slide
+    edge have no chroma and are left out; pale tissue is kept; patches of background noise rarely reach the
+    high threshold. (Otsu alone as the high threshold would be pulled up by a little strongly coloured pen ink
+    and then miss pale tissue.)
+  - `"otsu"`: HSV saturation at Otsu's threshold (the former default). It loses tissue too pale to have
+    colour next to strongly stained tissue, since Otsu then splits pale from dark tissue.
+  - `"saturation"`: HSV saturation above a fixed `threshold` (default 0.05), every hole filled. On a white slide
+    it keeps pale tissue, but it calls a tinted background tissue (all of the msight bladder H&E), and the
+    saturation of dark grey pixels is noise.
   - `"otsu_od"`: the optical density -log10(RGB), summed over channels, at Otsu's threshold: keeps pale or grey
     tissue but also anything dark, and very dark labels can pull the threshold above the tissue.
 
@@ -667,12 +668,15 @@ def tissue_mask(
   2 * `opening_radius_px` + 1, such as text edges), connected parts smaller than `min_size_px` are dropped and
   holes up to `max_hole_size_px` filled.
 
-  Measured (docs/results_tissue.md, `python benchmarks/bench_tissue.py`): on the 11 shipped slides (9 H&E
-  previews, the msight bladder H&E, the HR2MSI stained optical image), median Dice of the mask of the slide
-  blended to 50 % / 30 % stain strength against the mask of the original: "chroma" 0.96 / 0.90, "otsu"
-  0.58 / 0.35, "saturation" 0.97 / 0.91 (but "saturation" marks all of the msight slide); on 48 generated
-  slides with known tissue (stain 100 % / 50 % / 30 %, white or tinted background, labels, pen, debris, dark
-  edge) median Dice "chroma" 0.97, "otsu" 0.80, "saturation" 0.67.
+  Measured (docs/results_tissue.md, `python benchmarks/bench_tissue.py`). On the 11 shipped slides, the Dice of
+  the mask of the slide blended towards white unevenly (100 % stain at the left edge to 20 % at the right)
+  against the mask of the original, median (worst): "chroma" 0.98 (0.78), "otsu" 0.81 (0.54), "saturation"
+  0.96 (0.72); blended evenly to 30 %: "chroma" 0.98 (0.92), "otsu" 0.99 (0.69), "saturation" 0.91 (0.48).
+  On 48 generated slides with known tissue (stain 100 %, 30 % or uneven; white or tinted background; labels,
+  pen, debris, dark edge), Dice against the truth, median (worst): "chroma" 0.97 (0.93), "otsu" 0.95 (0.00),
+  "saturation" 0.69 (0.45), "otsu_od" 0.93 (0.00). Pen ink is coloured and counts as tissue with every method
+  (`msisynth.tissue.tissue_crop` removes it by shape); a textured grey background (rcc-UH0710_33) and the
+  vignetted corners of the msight slide come partly into the "chroma" mask.
 
   Args:
     rgb: (H, W, 3) float in [0, 1] or uint8.
@@ -713,8 +717,6 @@ def tissue_mask(
   if method == "saturation":
     mask = stat > (0.05 if threshold is None else threshold)
   elif method == "chroma":
-    # Seeds at twice the low threshold, but never above Otsu's: Otsu alone is pulled up by a few strongly
-    # coloured pixels (pen ink) and then misses pale tissue.
     otsu = threshold_otsu(stat)
     low = min(0.05, 0.5 * otsu) if threshold is None else min(threshold, otsu)
     high = min(otsu, 2.0 * low)

@@ -6,6 +6,7 @@ from setuptools import find_packages, setup
 
 _ROOT = pathlib.Path(__file__).resolve().parent
 _README = _ROOT / "README.md"
+_EXPORT = ["spatialdata>=0.4,<0.8", "anndata>=0.10", "geopandas>=0.14", "shapely>=2.0"]
 
 
 def _data_files() -> list[tuple[str, list[str]]]:
@@ -44,8 +45,10 @@ setup(
         "dm-pix>=0.4.3",
         "absl-py>=2.0",
         "matplotlib>=3.7",
+        "tqdm>=4.66",
         # Decoders for compressed TIFFs (LZW, Deflate, JPEG, JPEG 2000), as slide scanners and OME-TIFF writers save.
         "imagecodecs>=2023.1",
+        "numba>=0.58,<1",  # the JPEG completeness check (msisynth.io.integrity); pure Python without it
     ],
     data_files=_data_files(),
     extras_require={
@@ -57,9 +60,12 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "psutil>=5.9",
+            *_EXPORT,
             # Builds the wheel in tests/test_datasets.py (the shipped data must travel in it).
             "wheel>=0.40",
         ],
+        # SpatialData / OME-Zarr output (msisynth.export); tested with spatialdata 0.7.3.
+        "export": _EXPORT,
         "tensorboard": ["tensorboardX>=2.6"],
     },
 )

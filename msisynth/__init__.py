@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 # Stage modules, in the order data flows (docs/architecture.md).
 _SUBMODULES = (
     "errors", "types", "io", "datasets", "preprocess", "simulate", "data", "models", "losses", "train",
-    "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "viz",
+    "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "batch", "export", "distributed",
+    "viz",
 )
 
 _EXPORTS = {
@@ -51,7 +52,8 @@ _EXPORTS = {
                  "register_msi_to_histology", "result_summary", "warp_image", "warp_msi", "save_transform_json",
                  "load_transform_json",
                  "save_itk_transform", "load_itk_transform", "load_landmarks_csv", "target_registration_error",
-                 "ncc", "mse"],
+                 "ncc", "mse", "BSplineTransform", "DeformableConfig", "register_deformable",
+                 "save_displacement_field"],
     "regions": ["read_geojson_regions", "rasterize_regions", "regions_to_msi", "region_statistics",
                 "differential_ions", "write_region_table_csv", "write_mean_spectra_csv",
                 "write_differential_ions_csv", "Region", "RegionStats"],

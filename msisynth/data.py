@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from msisynth import datasets, errors, simulate
+from msisynth import datasets, errors, progress, simulate
 from msisynth import io as msi_io
 from msisynth.preprocess import MSIPreprocessor
 from msisynth.register.transforms import AffineTransform, warp_image
@@ -496,8 +496,12 @@ class PatchDataset:
       out[b] = (index, row, col, op)
     return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
     """The training batch at `step`, a function of (seed, step) only.
+
+    Args:
+      step: the training step.
+      rows: only these rows of the batch (a process's share in a job of several, `msisynth.distributed`).
 
     Returns:
       {"msi": (B, P, P, k) float32 in [-1, 1], "histology": (B, P, P, 3) float32 in [-1, 1],
@@ -506,7 +510,10 @@ class PatchDataset:
     Raises:
       ConfigError: for a negative or non-integer step.
     """
-    return self._stack([self._extract(int(i), int(r), int(c), int(op)) for i, r, c, op in self.sample_positions(step)])
+    positions = self.sample_positions(step)
+    if rows is not None:
+      positions = positions[rows]
+    return self._stack([self._extract(int(i), int(r), int(c), int(op)) for i, r, c, op in positions])
 
   def tile_positions(self, stride: int | None = None) -> np.ndarray:
     """(N, 3) int64 rows of (pair index, top row, left column) of patches tiling the allowed regions.
@@ -870,8 +877,10 @@ def semi_synthetic_pairs(
       **simulate_kwargs,
     )
 
-  sims = [simulated(i, he, p) for i, (he, p) in enumerate(zip(train_he, he_paths))]
-  val_sims = [simulated(len(sims) + i, he, p) for i, (he, p) in enumerate(zip(val_he, val_he_paths))]
+  slides = progress.track(zip(train_he + val_he, he_paths + val_he_paths), desc="simulating slides",
+                          total=len(he_paths) + len(val_he_paths), unit="slide")  # fmt: skip
+  every = [simulated(i, he, p) for i, (he, p) in enumerate(slides)]
+  sims, val_sims = every[: len(he_paths)], every[len(he_paths) :]
 
   splits = []
   for i, sim in enumerate(sims):

@@ -40,11 +40,11 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth import io as msi_io
 from msisynth import metrics as msi_metrics
 from msisynth import regions as msi_regions
-from msisynth.register import optimize
+from msisynth.register import bspline, optimize
 from msisynth.register import transforms as tf
 from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
@@ -57,6 +57,8 @@ MAX_CHUNK_BYTES = 256 * 2**20
 MIN_REGION_PIXELS = 3
 # Histogram bins of the evaluation MI (bits) reported before and after registration.
 MI_BINS = 32
+# Default control-point spacing of the deformable stage, in MSI pixels.
+DEFORMABLE_SPACING_MSI_PX = 20
 
 # File names of a section report, in the order `report.md` lists them.
 REPORT_FILES = {
@@ -178,7 +180,8 @@ class SectionResult:
   Attributes:
     name: the section's name.
     simulated: whether the MSI (or the H&E) is simulated.
-    transform: FIXED (histology µm) → MOVING (MSI µm) `AffineTransform`.
+    transform: FIXED (histology µm) → MOVING (MSI µm) `AffineTransform`, or with `deformable=True` the
+      `BSplineTransform` refining it.
     registration: `msisynth.register.optimize.result_summary` of the registration (metric, converged,
       iterations, uncertainty_um, start, mirrored, rotation_deg, candidates, warnings).
     synthetic_he: (h, w, 3) float32 synthetic H&E on the MSI grid (or on it upsampled by the generator's factor).
@@ -209,7 +212,7 @@ class SectionResult:
 
   name: str
   simulated: bool
-  transform: AffineTransform
+  transform: AffineTransform | bspline.BSplineTransform
   registration: dict[str, Any]
   synthetic_he: np.ndarray
   registered_synthetic_he: np.ndarray
@@ -396,22 +399,27 @@ def _carry_msi(
   """Warps every channel into histology space a chunk of channels at a time, into a .npy when `path` is given."""
   n_channels = msi.num_channels
   chunk = int(max(1, min(n_channels, max_chunk_bytes // max(1, shape[0] * shape[1] * 4))))
-  if path is not None:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
-  else:
+  if path is None:
     out = np.empty((shape[0], shape[1], n_channels), np.float32)
+    return out, _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+  # Into a temporary file beside `path`, renamed when complete: a kill leaves no half-written cube.
+  with outputs.atomic_path(path) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
+    mask = _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+    out.flush()
+    del out
+  return None, mask
+
+
+def _warp_channels(msi, transform, shape, pixel_size, chunk: int, out: np.ndarray) -> np.ndarray:
   mask = None
-  for start in range(0, n_channels, chunk):
-    part = msi.select_mz(slice(start, min(start + chunk, n_channels)))
+  for start in range(0, msi.num_channels, chunk):
+    part = msi.select_mz(slice(start, min(start + chunk, msi.num_channels)))
     warped = tf.warp_msi(part, transform, shape, pixel_size)
     out[:, :, start : start + part.num_channels] = warped.cube
     if mask is None:
       mask = np.asarray(warped.mask, bool)
-  if path is not None:
-    out.flush()
-    del out
-    return None, mask
-  return out, mask
+  return mask
 
 
 def _read_landmarks(path, histology_px, msi_px) -> np.ndarray:
@@ -466,6 +474,9 @@ def process_section(
   registration_config: optimize.RegistrationConfig | None = None,
   max_chunk_bytes: int = MAX_CHUNK_BYTES,
   figures: bool = True,
+  deformable: bool = False,
+  bspline_spacing_um: float | tuple[float, float] | None = None,
+  deformable_config: bspline.DeformableConfig | None = None,
 ) -> SectionResult:
   """Synthesises H&E from a section's MSI, registers it to the section's H&E and carries the MSI across.
 
@@ -489,6 +500,12 @@ def process_section(
       `flips_and_rot90`.
     max_chunk_bytes: warped output held in memory at once while carrying the MSI cube, bytes.
     figures: draw the report's figures (the slowest part of the report for small sections).
+    deformable: refine the affine registration with a cubic B-spline deformation
+      (`msisynth.register.bspline.register_deformable`, same similarity); the MSI, the regions and the landmarks
+      then go through the `BSplineTransform`.
+    bspline_spacing_um: control-point spacing of the deformation, µm; None for `deformable_config`'s, or
+      `DEFORMABLE_SPACING_MSI_PX` MSI pixels.
+    deformable_config: options of the deformable stage; None for the defaults.
 
   Returns:
     A `SectionResult`.
@@ -571,6 +588,30 @@ def process_section(
     )
     transform = result.transform
     summary = optimize.result_summary(result)
+  deformable_result = None
+  if deformable:
+    with stage("deformable registration"):
+      dconfig = deformable_config or bspline.DeformableConfig(
+        similarity=config.similarity if config.similarity in bspline.SIMILARITIES else "mi"
+      )
+      if bspline_spacing_um is not None or dconfig.grid_spacing_um is None:
+        spacing = DEFORMABLE_SPACING_MSI_PX * max(msi_px) if bspline_spacing_um is None else bspline_spacing_um
+        dconfig = dataclasses.replace(dconfig, grid_spacing_um=spacing)
+      deformable_result = bspline.register_deformable(
+        working, synthetic, transform, fixed_pixel_size_um=working_px, moving_pixel_size_um=syn_px,
+        moving_mask=moving_mask, config=dconfig,
+      )  # fmt: skip
+      transform = deformable_result.transform
+      summary["deformable"] = bspline.deformable_summary(deformable_result)
+    logging.info(
+      "[%s] deformable: %s %.4f → %.4f, max displacement %.1f µm, min det %.2f",
+      name,
+      deformable_result.metric_name,
+      deformable_result.metric_affine,
+      deformable_result.metric,
+      deformable_result.max_displacement_um,
+      deformable_result.min_jacobian,
+    )
   logging.info(
     "[%s] registered: %s %.4f, start %s, converged %s, uncertainty %.1f µm",
     name,
@@ -671,8 +712,9 @@ def process_section(
     "rotation_deg": summary["rotation_deg"],
     "flips_searched": bool(flips),
     "overlap": result.overlap,
-    "warnings": list(result.warnings),
+    "warnings": list(result.warnings) + (list(deformable_result.warnings) if deformable_result else []),
     "transform_fixed_to_moving_um": summary["matrix_fixed_to_moving_um"],
+    "deformable": summary.get("deformable"),
     "tre": tre,
     "regions": None,
     "timing_s": timings,
@@ -745,7 +787,7 @@ def process_section(
 def _write_json(path: pathlib.Path, data: Mapping[str, Any], overwrite: bool) -> None:
   if path.exists() and not overwrite:
     raise errors.DataError("file exists; pass overwrite=True to replace it", path)
-  path.write_text(json.dumps(json_ready(dict(data)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  outputs.atomic_write(path, json.dumps(json_ready(dict(data)), indent=2, ensure_ascii=False) + "\n")
 
 
 def _save_png(path: pathlib.Path, rgb: np.ndarray, overwrite: bool) -> None:
@@ -788,7 +830,7 @@ def write_section_report(
     raise errors.ConfigError("the result holds no MSI cube in histology space to write")
   if result.msi_in_histology is not None:
     path = out / REPORT_FILES["msi_in_histology_space"]
-    np.save(path, result.msi_in_histology)
+    outputs.save_npy(path, result.msi_in_histology)
     result.paths["msi_in_histology_space"] = path
   before = _warp_to_working(
     result.synthetic_he,
@@ -846,11 +888,11 @@ def _write_report(
   for key, array in (("msi_mask_in_histology_space", result.msi_mask_in_histology), ("mz", result.mz)):
     if files[key].exists() and not overwrite:
       raise errors.DataError("file exists; pass overwrite=True to replace it", files[key])
-    np.save(files[key], np.asarray(array))
+    outputs.save_npy(files[key], array)
     paths[key] = files[key]
 
   if result.region_stats is not None:
-    np.save(files["region_labels_msi"], result.labels_msi)
+    outputs.save_npy(files["region_labels_msi"], result.labels_msi)
     paths["region_labels_msi"] = files["region_labels_msi"]
     msi_regions.write_region_table_csv(result.region_stats, files["region_table"], overwrite=overwrite)
     paths["region_table"] = files["region_table"]
@@ -868,7 +910,7 @@ def _write_report(
   text = _report_markdown(result)
   if files["report"].exists() and not overwrite:
     raise errors.DataError("file exists; pass overwrite=True to replace it", files["report"])
-  files["report"].write_text(text, encoding="utf-8")
+  outputs.atomic_write(files["report"], text)
 
 
 def _write_registration_figures(result: SectionResult, files, paths, overwrite: bool, before) -> None:
@@ -942,7 +984,8 @@ def _report_markdown(result: SectionResult) -> str:
     ]
   lines += [
     "Synthetic H&E was generated from the MSI, registered (fixed = H&E, moving = synthetic H&E on the MSI grid, "
-    "mutual information, affine) and every MSI channel carried into histology space. The transform maps "
+    f"mutual information, affine{', then a B-spline deformation' if m.get('deformable') else ''}) and every MSI "
+    "channel carried into histology space. The transform maps "
     "histology µm to MSI µm (pixel centres, (x, y)).",
     "",
     "## Key numbers",
@@ -962,6 +1005,14 @@ def _report_markdown(result: SectionResult) -> str:
     f"| uncertainty | {_fmt(m['uncertainty_um'], '.1f', ' µm')} |",
     f"| chosen start | {m['start']} (mirrored: {m['mirrored']}, rotation {_fmt(m['rotation_deg'], '.1f', '°')}) |",
   ]
+  deformable = m.get("deformable")
+  if deformable:
+    lines.append(
+      f"| deformable (B-spline, {_fmt(deformable['grid_spacing_um'][0], 'g')} µm grid) | "
+      f"{deformable['metric_name'].upper()} {_fmt(deformable['metric_affine'])} → {_fmt(deformable['metric'])}, "
+      f"max displacement {_fmt(deformable['max_displacement_um'], '.1f', ' µm')}, "
+      f"min det {_fmt(deformable['min_jacobian'], '.2f')} |"
+    )
   tre = m.get("tre")
   if tre:
     lines.append(

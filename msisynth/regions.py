@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import numpy as np
 import scipy.stats
 import skimage.draw
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register import transforms
 from msisynth.types import MSIImage
 
@@ -427,7 +428,8 @@ def regions_to_msi(
   The transform maps histology (fixed) µm to MSI (moving) µm, as `register` returns it.
 
   Polygons (a sequence of `Region`) are exact: every vertex is mapped histology px → histology µm → `T` → MSI µm
-  → MSI px, and the mapped polygons are rasterised on the MSI grid (an affine map takes polygons to polygons):
+  → MSI px, and the mapped polygons are rasterised on the MSI grid (an affine map takes polygons to polygons;
+  through a deformable one the edges are first split every half MSI pixel):
   an MSI pixel belongs to a region when its centre lies inside the mapped polygon, which for a region wider than
   a pixel is within a boundary pixel of the majority rule below. Labels are numbered as `rasterize_regions` does.
 
@@ -443,7 +445,8 @@ def regions_to_msi(
   Args:
     labels_or_regions: an int (H_h, W_h) label image on the histology grid (0 = unlabelled), or regions whose
       vertices are in histology pixels (e.g. from `read_geojson_regions`).
-    transform: the `AffineTransform` mapping histology (fixed) µm to MSI (moving) µm.
+    transform: the `AffineTransform` mapping histology (fixed) µm to MSI (moving) µm, or a deformable
+      `BSplineTransform` (`register_deformable`); its inverse is then solved numerically per MSI point.
     msi_shape: (height, width) of the MSI image.
     histology_pixel_size_um: (y, x) or scalar pixel size of the histology image (the annotated one), µm.
     msi_pixel_size_um: (y, x) or scalar MSI pixel size, µm.
@@ -471,9 +474,14 @@ def regions_to_msi(
       raise errors.ConfigError("names are taken from the regions; pass names only with a label image")
     histology_xy = np.array([histology_size[1], histology_size[0]])
     msi_xy = np.array([msi_size[1], msi_size[0]])
+    # A deformable map bends straight edges: vertices every half MSI pixel keep the mapped polygon within
+    # a fraction of a pixel of the bent one.
+    step_px = None if isinstance(transform, transforms.AffineTransform) else 0.5 * min(msi_xy / histology_xy)
 
     def to_msi_px(points_px):
-      return np.asarray(transform.apply(points_px * histology_xy), dtype=np.float64) / msi_xy
+      if step_px is not None:
+        points_px = _densify_ring(points_px, step_px)
+      return _map_points(transform, points_px * histology_xy) / msi_xy
 
     return _rasterize(labels_or_regions, msi_shape, to_msi_px)
 
@@ -509,11 +517,31 @@ def regions_to_msi(
   return _vote(labels, inverse, msi_shape, msi_size, histology_size, samples), names
 
 
+def _map_points(transform, points_um: np.ndarray) -> np.ndarray:
+  """(N, 2) points through an affine (float64) or deformable (float32, in chunks) transform, as float64."""
+  if isinstance(transform, transforms.AffineTransform):
+    return np.asarray(transform.apply(points_um), dtype=np.float64)
+  from msisynth.register import bspline
+
+  return bspline.apply_points(transform, points_um)
+
+
+def _densify_ring(ring: np.ndarray, step: float) -> np.ndarray:
+  """A closed ring (N, 2) with vertices added so that no edge is longer than `step`."""
+  ring = np.asarray(ring, dtype=np.float64)
+  if len(ring) < 2:
+    return ring
+  nxt = np.roll(ring, -1, axis=0)
+  counts = np.maximum(1, np.ceil(np.linalg.norm(nxt - ring, axis=1) / step).astype(int))
+  parts = [a + (b - a) * (np.arange(n)[:, None] / n) for a, b, n in zip(ring, nxt, counts)]
+  return np.concatenate(parts)
+
+
 def _auto_samples(inverse, msi_shape, msi_size, histology_size) -> tuple[int, int]:
   """Samples per MSI pixel along (y, x) that reach about one per histology pixel, from T⁻¹'s local scale."""
   centre = np.array([(msi_shape[1] - 1) / 2 * msi_size[1], (msi_shape[0] - 1) / 2 * msi_size[0]])
   probe = np.stack([centre, centre + [msi_size[1], 0.0], centre + [0.0, msi_size[0]]])
-  mapped = np.asarray(inverse.apply(probe), dtype=np.float64)
+  mapped = _map_points(inverse, probe)
   step_x_px = np.abs(mapped[1] - mapped[0]) / [histology_size[1], histology_size[0]]
   step_y_px = np.abs(mapped[2] - mapped[0]) / [histology_size[1], histology_size[0]]
   # A little slack so that float32 round-off does not ask for one more sample than an exact ratio needs.
@@ -859,14 +887,11 @@ def _num(value) -> str:
 
 
 def _write_csv(path, header: list[str], rows: list[list], overwrite: bool) -> None:
-  mode = "w" if overwrite else "x"
-  try:
-    with open(path, mode, newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(header)
-      writer.writerows(rows)
-  except FileExistsError as e:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", path) from e
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(header)
+  writer.writerows(rows)
+  outputs.atomic_write(path, buffer.getvalue(), overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------------------

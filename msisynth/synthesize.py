@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msisynth import checkpoint, errors, models, preprocess
+from msisynth import checkpoint, errors, models, preprocess, progress
 from msisynth import io as msi_io
 from msisynth.types import MSIImage
 
@@ -197,7 +197,8 @@ def synthesize_tiled(
 
   # One batch is in flight on the device while the previous one is accumulated on the host.
   pending = None
-  for start in range(0, len(origins), batch):
+  starts = range(0, len(origins), batch)
+  for start in progress.track(starts, desc="synthesising tiles", total=len(starts), unit="batch"):
     chunk = origins[start : start + batch]
     tiles = np.zeros((batch, th, tw, x.shape[2]), np.float32)
     for k, (y0, x0) in enumerate(chunk):
@@ -302,7 +303,8 @@ class Synthesizer:
       (H, W, 3) float32 RGB in [0, 1].
 
     Raises:
-      CheckpointError: for an MSIImage when the checkpoint holds no preprocessor.
+      CheckpointError: for an MSIImage when the checkpoint holds no preprocessor, or when the generator gives
+        NaN/Inf.
       DataError: for an array of the wrong shape, channel count or range.
     """
     y = synthesize_tiled(
@@ -313,6 +315,11 @@ class Synthesizer:
       batch_size=self.batch_size,
       size_multiple=self.size_multiple,
     )
+    if not np.isfinite(y).all():  # finite weights and input, yet NaN/Inf out: never hand back a NaN image
+      raise errors.CheckpointError(
+        f"{self.workdir}: the generator gave NaN/Inf for {np.mean(~np.isfinite(y)):.1%} of the output; the "
+        "checkpoint is not usable on this input"
+      )
     return np.clip((y + 1.0) * 0.5, 0.0, 1.0).astype(np.float32)
 
 

@@ -6,6 +6,7 @@ known H&E resampled on the MSI grid); one run restores a tiny untrained generato
 the command-line flags. Registration uses one pyramid level so that it compiles once for the session.
 """
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 from absl import flags
 
 from experiments import register_sections
-from msisynth import errors, pipeline, simulate, synthesize
+from msisynth import batch, errors, pipeline, simulate, synthesize
 from msisynth import io as msi_io
 from msisynth.register import optimize
 from msisynth.register.transforms import AffineTransform, warp_image
@@ -152,7 +153,14 @@ def test_batch_runs_reports_failures_and_resumes(templates, tmp_path):
     assert done["summary"]["status"] == "ok" and "report.md" in done["files"]
     assert (out / name / "msi_in_histology_space.npy").is_file()
   # Nothing is left under a failed section's name, nor any temporary folder.
-  assert sorted(p.name for p in out.iterdir()) == ["a_shifted", "b_mirrored", "batch.json", "summary.csv", "summary.md"]
+  assert sorted(p.name for p in out.iterdir()) == [
+    ".msisynth",
+    "a_shifted",
+    "b_mirrored",
+    "batch.json",
+    "summary.csv",
+    "summary.md",
+  ]
 
   # Interrupt b (its marker is gone) and leave a temporary folder behind, then run again: a is skipped,
   # b is redone and moved into place, the leftover is cleaned.
@@ -271,10 +279,11 @@ def test_flags_reach_the_pipeline_and_foreign_output_is_kept(templates, tmp_path
     return types.SimpleNamespace(metrics={"simulated": True, "mi_after": 1.0}, paths={"report": out_dir / "report.md"})
 
   monkeypatch.setattr(pipeline, "process_section", fake_process_section)
-  monkeypatch.setattr(register_sections, "_load_synthesizer", lambda checkpoint, which: "synthesizer")
+  monkeypatch.setattr(batch, "load_synthesizer", lambda checkpoint, which: "synthesizer")
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "my_notes.txt").write_text("keep me")
   out = tmp_path / "out"
-  out.mkdir()
-  (out / "my_notes.txt").write_text("keep me")
   argv = [
     f"--sections={sections}",
     f"--checkpoint={tmp_path}",
@@ -288,15 +297,111 @@ def test_flags_reach_the_pipeline_and_foreign_output_is_kept(templates, tmp_path
     "--output_pixel_size_um=10",
     "--registration_levels=2",
   ]
-  # A folder holding something else is refused without --overwrite, and left as it was.
-  assert register_sections.run_from_flags(_flags(*argv)) == 2
-  assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"] and not calls
+  # A folder msisynth did not create is refused, even with --overwrite, and left as it was.
+  for extra in ([], ["--overwrite"]):
+    assert register_sections.run_from_flags(_flags(*argv, f"--output_dir={foreign}", *extra)) == 2
+  assert sorted(p.name for p in foreign.iterdir()) == ["my_notes.txt"] and not calls
 
-  assert register_sections.run_from_flags(_flags(*argv, "--overwrite")) == 0
+  assert register_sections.run_from_flags(_flags(*argv)) == 0
   ((inputs, options),) = calls
   assert inputs.histology_pixel_size_um == (2.5, 2.5) and inputs.msi_pixel_size_um == (50.0, 50.0)
   assert inputs.regions == templates / "regions.geojson" and inputs.name == "s1"
   assert inputs.read_options == {"bin_width": 5.0, "bin_unit": "ppm", "mz_range": (450.0, 950.0)}
   assert options["flips"] is False and options["output_pixel_size_um"] == 10.0 and options["figures"] is True
   assert options["registration_config"].levels == 2
-  assert (out / "my_notes.txt").read_text() == "keep me" and (out / "s1" / "DONE.json").is_file()
+  assert (foreign / "my_notes.txt").read_text() == "keep me" and (out / "s1" / "DONE.json").is_file()
+
+
+def test_shards_split_the_sections_and_merge(templates, tmp_path, monkeypatch):
+  sections = tmp_path / "sections"
+  for name in ("s0", "s1", "s2", "s3", "s4"):
+    _copy(templates, "shifted", sections / name)
+
+  def fake_process_section(inputs, synthesizer, *, out_dir, **options):
+    pathlib.Path(out_dir).mkdir()
+    (pathlib.Path(out_dir) / "report.md").write_text(inputs.name)
+    metrics = {"simulated": True, "mi_after": float(inputs.name[1:]), "converged": True}
+    return types.SimpleNamespace(metrics=metrics, paths={"report": out_dir / "report.md"})
+
+  monkeypatch.setattr(pipeline, "process_section", fake_process_section)
+  out = tmp_path / "out"
+  kwargs = dict(synthesizer=lambda msi: None, histology_pixel_size_um=HE_PX, read_options=READ)
+  # The two shards run at the same time into one new folder: they need no order and no coordination.
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = {shard: pool.submit(register_sections.run_batch, sections, out, shard=shard, **kwargs) for shard in
+               ("0/2", "1/2")}  # fmt: skip
+    ran = {shard: [row["section"] for row in future.result()] for shard, future in futures.items()}
+  assert ran == {"0/2": ["s0", "s2", "s4"], "1/2": ["s1", "s3"]}
+  assert not (out / "summary.csv").exists()
+  assert (out / "summary.shard-0-of-2.csv").is_file() and (out / "batch.shard-1-of-2.json").is_file()
+
+  # The merge step, from the command line.
+  assert register_sections.run_from_flags(_flags("--merge", f"--output_dir={out}")) == 0
+  summary = _read_summary(out)
+  assert list(summary) == ["s0", "s1", "s2", "s3", "s4"]
+  assert [float(row["mi_after"]) for row in summary.values()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+  assert "5 of 5 sections registered" in (out / "summary.md").read_text()
+  # A shard run again resumes: its sections are done.
+  rows = register_sections.run_batch(sections, out, shard="0/2", **kwargs)
+  assert {row["run"] for row in rows} == {"earlier"}
+  with pytest.raises(errors.ConfigError, match="shard"):
+    register_sections.run_batch(sections, out, shard="2/2", **kwargs)
+
+
+def test_exports_beside_the_report(templates, tmp_path):
+  import spatialdata
+  import tifffile
+
+  sections = tmp_path / "sections"
+  _copy(templates, "mirrored", sections / "m")
+  out = tmp_path / "out"
+  rows = register_sections.run_batch(
+    sections,
+    out,
+    synthesizer=perfect_synthesizer,
+    histology_pixel_size_um=HE_PX,
+    regions=templates / "regions.geojson",
+    read_options=READ,
+    registration_config=REGISTRATION,
+    figures=False,
+    output_format=["spatialdata", "ome_tiff", "geojson"],
+    export_options={"n_segments": 3},
+  )
+  assert rows[0]["status"] == "ok", rows[0]["error"]
+  folder = out / "m"
+  assert not (folder / "msi_in_histology_space.npy").exists()  # "npy" was not asked for
+  sdata = spatialdata.read_zarr(folder / "section.zarr")
+  assert {"histology", "msi"} <= set(sdata.images) and "regions" in sdata.shapes
+  truth = AffineTransform.from_matrix(json.loads((folder / "transform.json").read_text())["matrix_fixed_to_moving_um"])
+  from spatialdata import transformations as st
+
+  between = st.get_transformation_between_coordinate_systems(
+    sdata, "histology", "msi", intermediate_coordinate_systems=sdata.images["histology"]
+  )
+  matrix = np.asarray(between.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
+  np.testing.assert_allclose(matrix, np.asarray(truth.matrix, np.float64), atol=1e-5)
+  with tifffile.TiffFile(folder / "ion_images.ome.tif") as tif:
+    assert tif.series[0].shape[1:] == CROP
+  assert len(json.loads((folder / "msi_segments.geojson").read_text())["features"]) == 3
+  done = json.loads((folder / register_sections.DONE_MARKER).read_text())
+  assert {"section.zarr", "ion_images.ome.tif", "msi_segments.geojson"} <= set(done["files"])
+
+
+def test_batch_shows_a_progress_bar(templates, tmp_path, monkeypatch, capsys):
+  from msisynth import progress
+
+  _copy(templates, "shifted", tmp_path / "sections" / "s")
+
+  def fake_process_section(inputs, synthesizer, *, out_dir, **options):
+    pathlib.Path(out_dir).mkdir()
+    return types.SimpleNamespace(metrics={"mi_after": 1.0}, paths={})
+
+  monkeypatch.setattr(pipeline, "process_section", fake_process_section)
+  progress.set_enabled(True)
+  try:
+    rows = register_sections.run_batch(
+      tmp_path / "sections", tmp_path / "out", synthesizer=lambda msi: None, histology_pixel_size_um=HE_PX
+    )
+  finally:
+    progress.set_enabled(None)
+  assert rows[0]["status"] == "ok" and "registering sections" in capsys.readouterr().err

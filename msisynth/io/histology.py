@@ -31,7 +31,8 @@ import warnings
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
+from msisynth.io import integrity
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -82,6 +83,7 @@ def _read_tiff(path: pathlib.Path) -> np.ndarray:
 def _read_pillow(path: pathlib.Path) -> np.ndarray:
   from PIL import Image
 
+  integrity.check_image_file(path)  # decoders fill a cut PNG or JPEG without an error
   limit = Image.MAX_IMAGE_PIXELS
   try:
     Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
@@ -403,6 +405,8 @@ def _to_unit_float(data: np.ndarray, path: pathlib.Path) -> np.ndarray:
   if data.dtype in (np.uint8, np.uint16, np.uint32):
     return (data.astype(np.float32) / np.float32(np.iinfo(data.dtype).max)).astype(np.float32)
   if data.dtype in (np.float16, np.float32, np.float64):
+    if data.dtype == np.float64 and np.all(np.isfinite(data)) and np.abs(data).max() > np.finfo(np.float32).max:
+      raise errors.ImageReadError(f"float64 values up to {np.abs(data).max():.3g} exceed the float32 range", path)
     out = data.astype(np.float32)
     if not np.all(np.isfinite(out)):
       raise errors.ImageReadError("image holds NaN or Inf values", path)
@@ -562,7 +566,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
       image = np.round(image / 257.0).astype(np.uint8)
     if image.ndim == 3 and channels == 1:
       image = image[..., 0]
-    Image.fromarray(image).save(path, format="PNG")
+    with outputs.atomic_path(path) as tmp:  # a kill mid-write leaves the previous file intact
+      Image.fromarray(image).save(tmp, format="PNG")
   else:
     import tifffile
 
@@ -572,7 +577,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
     extrasamples = ("unassalpha",) if photometric == "rgb" and image.shape[2] == 4 else None
     if image.ndim == 3 and photometric == "minisblack":
       image = np.moveaxis(image, -1, 0)
-    tifffile.imwrite(path, image, photometric=photometric, extrasamples=extrasamples)
+    with outputs.atomic_path(path) as tmp:
+      tifffile.imwrite(tmp, image, photometric=photometric, extrasamples=extrasamples)
   return path
 
 

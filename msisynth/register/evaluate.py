@@ -8,13 +8,14 @@ MOVING transform T is scored by how far T(fixed point) lands from the matching m
 from __future__ import annotations
 
 import csv
+import io
 import os
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register.transforms import AffineTransform, pixel_size_yx
 
 _UM_COLUMNS = ("fixed_x", "fixed_y", "moving_x", "moving_y")
@@ -99,10 +100,11 @@ def save_landmarks_csv(path: str | os.PathLike, landmarks_um: np.ndarray, *, ove
   path = pathlib.Path(path)
   if path.exists() and not overwrite:
     raise errors.DataError("file exists; pass overwrite=True to replace it", path)
-  with path.open("w", newline="", encoding="utf-8") as fh:
-    writer = csv.writer(fh)
-    writer.writerow(_UM_COLUMNS)
-    writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(_UM_COLUMNS)
+  writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  outputs.atomic_write(path, buffer.getvalue())
   return path
 
 
@@ -115,7 +117,7 @@ def target_registration_error(
   """Distances between the transformed fixed landmarks and the moving landmarks.
 
   Args:
-    transform: FIXED → MOVING transform in µm.
+    transform: FIXED → MOVING transform in µm (an `AffineTransform` or a `BSplineTransform`).
     fixed_points_um: (N, 2) (x, y) µm in the fixed image.
     moving_points_um: (N, 2) matching (x, y) µm in the moving image.
     pixel_size_um: pixel size that `mean_px` is expressed in (normally the moving / MSI pixel size); float or
@@ -131,8 +133,11 @@ def target_registration_error(
   m = np.asarray(moving_points_um, np.float64)
   if f.ndim != 2 or f.shape[1] != 2 or f.shape != m.shape or len(f) == 0:
     raise errors.ConfigError(f"landmarks must be two (N, 2) arrays of one N >= 1, got {f.shape} and {m.shape}")
-  matrix = np.asarray(transform.matrix, np.float64)
-  mapped = f @ matrix[:2, :2].T + matrix[:2, 2]
+  if isinstance(transform, AffineTransform):
+    matrix = np.asarray(transform.matrix, np.float64)
+    mapped = f @ matrix[:2, :2].T + matrix[:2, 2]
+  else:  # a deformable transform (BSplineTransform)
+    mapped = np.asarray(transform.apply(f), np.float64)
   d = np.linalg.norm(mapped - m, axis=1)
   py, px = pixel_size_yx(pixel_size_um)
   p = float(np.sqrt(py * px))

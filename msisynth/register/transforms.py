@@ -304,8 +304,13 @@ def sample_nearest(image: jax.Array, rows: jax.Array, cols: jax.Array) -> tuple[
 
 
 def _moving_indices(transform, fixed_shape, fixed_pixel_size_um, moving_pixel_size_um):
-  grid = fixed_grid_um(fixed_shape, fixed_pixel_size_um)
-  mapped = grid @ transform.linear.T + transform.translation
+  if isinstance(transform, AffineTransform):
+    grid = fixed_grid_um(fixed_shape, fixed_pixel_size_um)
+    mapped = grid @ transform.linear.T + transform.translation
+  elif hasattr(transform, "apply_grid"):  # separable deformable maps (BSplineTransform) evaluate a grid faster
+    mapped = transform.apply_grid(fixed_shape, fixed_pixel_size_um)
+  else:
+    mapped = transform.apply(fixed_grid_um(fixed_shape, fixed_pixel_size_um))
   pym, pxm = moving_pixel_size_um
   return mapped[..., 1] / pym, mapped[..., 0] / pxm
 
@@ -320,6 +325,18 @@ def _warp_chunk(moving, transform, cval, *, fixed_shape, fixed_pixel_size_um, mo
   if moving.ndim == 3:
     inside = inside[..., None]
   return jnp.where(inside, values, jnp.asarray(cval).astype(values.dtype))
+
+
+def _check_transform(transform) -> None:
+  """Accepts one AffineTransform, or any FIXED → MOVING pytree transform with an `apply(points_xy_um)` method
+  (`msisynth.register.bspline.BSplineTransform` and its inverse)."""
+  if isinstance(transform, AffineTransform):
+    if transform.matrix.shape != (3, 3):
+      raise errors.ConfigError("transform must be a single AffineTransform with a (3, 3) matrix")
+  elif not callable(getattr(transform, "apply", None)):
+    raise errors.ConfigError(
+      f"transform must be an AffineTransform or a BSplineTransform, got {type(transform).__name__}"
+    )
 
 
 def warp_image(
@@ -339,7 +356,7 @@ def warp_image(
 
   Args:
     moving: (H, W) or (H, W, C) image; a whole MSI cube is fine (channels are warped in chunks).
-    transform: FIXED → MOVING `AffineTransform` in µm.
+    transform: FIXED → MOVING `AffineTransform` in µm, or a deformable `BSplineTransform` (or its inverse).
     fixed_shape: (H, W) of the output grid (extra entries are ignored).
     fixed_pixel_size_um: fixed pixel size, float or (y, x).
     moving_pixel_size_um: moving pixel size, float or (y, x).
@@ -359,8 +376,7 @@ def warp_image(
     raise errors.ConfigError(f"moving image must be (H, W) or (H, W, C), got shape {moving.shape}")
   if len(fixed_shape) < 2 or min(int(fixed_shape[0]), int(fixed_shape[1])) < 1:
     raise errors.ConfigError(f"fixed_shape must be (H, W), got {fixed_shape!r}")
-  if not isinstance(transform, AffineTransform) or transform.matrix.shape != (3, 3):
-    raise errors.ConfigError("transform must be a single AffineTransform with a (3, 3) matrix")
+  _check_transform(transform)
   fixed_shape = (int(fixed_shape[0]), int(fixed_shape[1]))
   kwargs = dict(
     fixed_shape=fixed_shape,
@@ -400,7 +416,8 @@ def warp_msi(
 
   Args:
     msi: the moving MSI image.
-    transform: FIXED (histology) → MOVING (MSI) transform in µm, as `register` returns.
+    transform: FIXED (histology) → MOVING (MSI) transform in µm, as `register` returns (or a `BSplineTransform`
+      from `register_deformable`).
     fixed_shape: (H, W) of the histology grid.
     fixed_pixel_size_um: histology pixel size, float or (y, x).
     moving_pixel_size_um: MSI pixel size; defaults to `msi.pixel_size_um`.
@@ -422,11 +439,14 @@ def warp_msi(
   cube = warp_image(msi.cube.astype(np.float32), transform, fixed_shape, order=order, **kwargs)
   mask = warp_image(msi.mask, transform, fixed_shape, order=0, cval=False, **kwargs)
   metadata = dict(msi.metadata)
+  affine = transform if isinstance(transform, AffineTransform) else getattr(transform, "affine", None)
   metadata["warped_to"] = {
     "shape": [int(fixed_shape[0]), int(fixed_shape[1])],
     "pixel_size_um": [fy, fx],
-    "matrix_fixed_to_moving_um": np.asarray(transform.matrix, np.float64).tolist(),
+    "matrix_fixed_to_moving_um": None if affine is None else np.asarray(affine.matrix, np.float64).tolist(),
   }
+  if not isinstance(transform, AffineTransform):
+    metadata["warped_to"]["deformable"] = type(transform).__name__
   return MSIImage(
     cube=np.asarray(cube, np.float32), mz=msi.mz, mask=np.asarray(mask), pixel_size_um=(fy, fx), metadata=metadata
   )

@@ -227,8 +227,11 @@ def plot_landmarks(fixed, moving, fixed_points_um, moving_points_um, *, transfor
   ax_f.plot(f[:, 0], f[:, 1], "o", mfc="none", mec="tab:cyan", label="fixed landmarks")
   ax_m.plot(m[:, 0], m[:, 1], "o", mfc="none", mec="tab:orange", label="moving landmarks")
   if transform is not None:
-    inv = np.linalg.inv(np.asarray(transform.matrix, np.float64))
-    back = m @ inv[:2, :2].T + inv[:2, 2]
+    if isinstance(transform, AffineTransform):
+      inv = np.linalg.inv(np.asarray(transform.matrix, np.float64))
+      back = m @ inv[:2, :2].T + inv[:2, 2]
+    else:  # a deformable transform: its inverse is solved numerically
+      back = np.asarray(transform.inverse().apply(m), np.float64)
     ax_f.plot(back[:, 0], back[:, 1], "x", color="tab:orange", label="moving landmarks, registered")
     for p, q in zip(f, back):
       ax_f.plot([p[0], q[0]], [p[1], q[1]], "-", color="yellow", lw=1)

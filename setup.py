@@ -50,6 +50,7 @@ setup(
         "tqdm>=4.66",
         # Decoders for compressed TIFFs (LZW, Deflate, JPEG, JPEG 2000), as slide scanners and OME-TIFF writers save.
         "imagecodecs>=2023.1",
+        "numba>=0.58,<1",  # the JPEG completeness check (msisynth.io.integrity); pure Python without it
     ],
     data_files=_data_files(),
     extras_require={

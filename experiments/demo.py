@@ -30,16 +30,18 @@ import time
 if __package__ in (None, ""):  # `python experiments/demo.py` as well as `python -m experiments.demo`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging
+from absl import app, flags, logging  # noqa: E402
+
+from msisynth import cli, outputs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "reports/demo",
                     "Report folder (created; an existing non-empty one needs --overwrite).")
 flags.DEFINE_string("workdir", None, "Generator training folder (default: <output_dir>/generator). A finished run "
                     "there is reused instead of training again.")
-flags.DEFINE_bool("overwrite", False, "Replace the report files in an existing --output_dir (the generator "
-                  "workdir is kept and reused).")
-flags.DEFINE_integer("steps", 600, "Training steps of the demo generator.")
+# --overwrite (replace the report files in an existing --output_dir; the generator workdir is kept and reused)
+# is msisynth.cli's, shared by every launcher.
+flags.DEFINE_integer("steps", 600, "Training steps of the demo generator.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the simulation, the split and training.")
 flags.DEFINE_string("test_slide", "rcc-UH9905_18", "Held-out H&E slide (file stem) that is registered.")
 flags.DEFINE_list("train_slides", ["rcc-MH0204_33", "rcc-UH0505_12", "rcc-UH0710_33", "rcc-UH9610_15"],
@@ -235,7 +237,7 @@ def main(argv):
   summary["synthetic_to_real"] = json.loads((section_out / "metrics.json").read_text())
   summary["direct_multimodal"] = direct_multimodal(sim, he_px)
   summary["runtime_s"] = round(time.perf_counter() - t0, 1)
-  (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+  outputs.atomic_write(out / "demo_metrics.json", json.dumps(summary, indent=2, default=str))
   _write_report(out, summary, result)
   print(f"\nReport: {out.resolve() / 'report.md'}  ({summary['runtime_s']:.0f} s)")
 
@@ -276,8 +278,8 @@ def _write_report(out: pathlib.Path, summary: dict, result) -> None:
       "",
       f"Runtime: {summary['runtime_s']:.0f} s.",
   ]
-  (out / "report.md").write_text("\n".join(lines) + "\n")
+  outputs.atomic_write(out / "report.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

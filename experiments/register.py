@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # `python experiments/register.py` as well as `py
 
 from absl import app, flags, logging
 
-from msisynth import errors
+from msisynth import cli, errors, outputs
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -59,13 +59,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("similarity", "mi", ["mi", "nmi", "ncc", "mse"], "Similarity measure.", **fv)
   flags.DEFINE_enum("kind", "affine", ["affine", "similarity", "rigid"], "Transform family.", **fv)
   flags.DEFINE_bool("flips", None, "Also start from 90° turns and mirror images (default: on with --msi).", **fv)
-  flags.DEFINE_integer("levels", 3, "Pyramid levels.", **fv)
+  flags.DEFINE_integer("levels", 3, "Pyramid levels.", lower_bound=1, **fv)
   flags.DEFINE_list("iterations", None, "Adam steps per level, coarse to fine (default 150,100,80).", **fv)
-  flags.DEFINE_integer("samples", 16384, "Pixels sampled per level.", **fv)
+  flags.DEFINE_integer("samples", 16384, "Pixels sampled per level.", lower_bound=1, **fv)
   flags.DEFINE_float("working_pixel_size_um", None, "Finest pixel size registration works at (µm).", **fv)
   flags.DEFINE_bool("simulated", False, "Mark the outputs as simulated data.", **fv)
   flags.DEFINE_string("output_dir", None, "Output folder.", **fv)
-  flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output_dir.", **fv)
+  if "overwrite" not in flag_values:  # msisynth.cli defines it once on the global flags, for every launcher
+    flags.DEFINE_bool("overwrite", False, "Write into a non-empty --output_dir.", **fv)
   flags.DEFINE_list("output_format", ["npy"], "With --msi, what to write besides the report: any of npy, "
                     "spatialdata, ome_tiff, geojson (msisynth.export).", **fv)  # fmt: skip
 
@@ -84,6 +85,8 @@ def _check_flags(fv: flags.FlagValues) -> None:
     problems.append("--moving needs --moving_pixel_size_um")
   if not fv.output_dir:
     problems.append("--output_dir is required")
+  if fv.iterations and not all(v.strip().isdigit() and int(v) > 0 for v in fv.iterations):
+    problems.append(f"--iterations must be positive integers, got {','.join(fv.iterations)}")
   if problems:
     raise errors.ConfigError("; ".join(problems))
 
@@ -148,7 +151,6 @@ def run(fv: flags.FlagValues) -> dict:
   out = pathlib.Path(fv.output_dir)
   if out.exists() and any(out.iterdir()) and not fv.overwrite:
     raise errors.ConfigError(f"{out} is not empty; pass --overwrite to write into it, or choose another --output_dir")
-  out.mkdir(parents=True, exist_ok=True)
   started = time.time()
   overwrite = bool(fv.overwrite)
 
@@ -171,6 +173,9 @@ def run(fv: flags.FlagValues) -> dict:
   moving_px = tf.pixel_size_yx(moving_px, "--moving_pixel_size_um")
   if fv.moving_mask:
     moving_mask = _mask(fv.moving_mask, moving.shape[:2], "--moving_mask")
+  landmarks = None  # every input is read and checked before anything is written
+  if fv.landmarks:
+    landmarks = evaluate.load_landmarks_csv(fv.landmarks, fixed_pixel_size_um=fixed_px, moving_pixel_size_um=moving_px)
 
   flips = bool(fv.msi) if fv.flips is None else bool(fv.flips)
   iterations = None
@@ -194,6 +199,7 @@ def run(fv: flags.FlagValues) -> dict:
   tag = " (simulated)" if fv.simulated or (msi is not None and msi.metadata.get("simulated")) else ""
 
   common = {"fixed_pixel_size_um": fixed_px, "moving_pixel_size_um": moving_px}
+  out.mkdir(parents=True, exist_ok=True)
   transform_io.save_transform_json(out / "transform.json", result.transform, fixed_shape=fixed.shape[:2],
                                    moving_shape=moving.shape[:2], fixed_name=str(fv.fixed), moving_name=moving_name,
                                    metadata={"registration": summary, "simulated": bool(tag)}, overwrite=overwrite,
@@ -222,10 +228,7 @@ def run(fv: flags.FlagValues) -> dict:
     quality[f"nmi_{name}"] = float(sim.normalized_mutual_information(fixed_grey, grey, bins=32, mask=inside))
 
   def save_fig(fig, name):
-    path = out / name
-    if path.exists() and not overwrite:
-      raise errors.DataError("file exists; pass --overwrite to replace it", path)
-    fig.savefig(path, dpi=120)
+    outputs.save_figure(fig, out / name, dpi=120, overwrite=overwrite)
 
   save_fig(viz.plot_checkerboard_before_after(fixed, before, warped, pixel_size_um=fixed_px, simulated=bool(tag),
                                               titles=("Before registration (identity)",
@@ -245,8 +248,7 @@ def run(fv: flags.FlagValues) -> dict:
     "uncertainty_um": result.uncertainty_um,
     "registration": summary,
   }
-  if fv.landmarks:
-    landmarks = evaluate.load_landmarks_csv(fv.landmarks, fixed_pixel_size_um=fixed_px, moving_pixel_size_um=moving_px)
+  if landmarks is not None:
     for name, t in (("before", identity), ("after", result.transform)):
       tre = evaluate.target_registration_error(t, landmarks[:, :2], landmarks[:, 2:], moving_px)
       metrics[f"tre_{name}"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in tre.items()}
@@ -261,10 +263,7 @@ def run(fv: flags.FlagValues) -> dict:
     carried = tf.warp_msi(msi, result.transform, out_shape, out_px, moving_pixel_size_um=moving_px)
     for name, array in (("msi_in_histology.npy", carried.cube), ("msi_mask_in_histology.npy", carried.mask),
                         ("mz.npy", carried.mz)):  # fmt: skip
-      path = out / name
-      if path.exists() and not overwrite:
-        raise errors.DataError("file exists; pass --overwrite to replace it", path)
-      np.save(path, array)
+      outputs.save_npy(out / name, array, overwrite=overwrite)
     metrics["msi_in_histology"] = {"shape": list(carried.cube.shape), "pixel_size_um": list(out_px)}
     from msisynth import export
 
@@ -274,10 +273,7 @@ def run(fv: flags.FlagValues) -> dict:
                                     name=pathlib.Path(fv.msi).stem, overwrite=overwrite)  # fmt: skip
     metrics["exports"] = {k: p.name for k, p in exported.items()}
 
-  path = out / "metrics.json"
-  if path.exists() and not overwrite:
-    raise errors.DataError("file exists; pass --overwrite to replace it", path)
-  path.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
+  outputs.atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n", overwrite=overwrite)
   for warning in result.warnings:
     logging.warning("%s", warning)
   logging.info("wrote %s", out)
@@ -287,14 +283,9 @@ def run(fv: flags.FlagValues) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    run(flags.FLAGS)
-  except errors.MSISynthError as e:
-    logging.error("%s", e)
-    return 1
-  return 0
+  run(flags.FLAGS)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -67,6 +67,24 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool 
   return pathlib.Path(path)
 
 
+def save_npy(path: str | os.PathLike, array: Any, *, overwrite: bool = True) -> pathlib.Path:
+  """Writes `array` as a NumPy .npy file at exactly `path` (no suffix added), atomically; returns the path."""
+  import numpy as np
+
+  with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+    np.save(f, np.asarray(array))
+  return pathlib.Path(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, overwrite: bool = True, **savefig_kwargs) -> pathlib.Path:
+  """`fig.savefig(path, **savefig_kwargs)` (Matplotlib) atomically, the format from `path`'s suffix."""
+  path = pathlib.Path(path)
+  with atomic_path(path, overwrite=overwrite) as tmp:
+    savefig_kwargs.setdefault("format", path.suffix.lstrip(".").lower() or None)
+    fig.savefig(tmp, **savefig_kwargs)
+  return path
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> pathlib.Path:
   """Writes `obj` as indented JSON (NumPy values made plain) to `path` atomically; returns the path."""
   return atomic_write(path, json.dumps(json_ready(obj), indent=2) + "\n", overwrite=overwrite)

@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth import io as msi_io
 from msisynth import metrics as msi_metrics
 from msisynth import regions as msi_regions
@@ -399,22 +399,27 @@ def _carry_msi(
   """Warps every channel into histology space a chunk of channels at a time, into a .npy when `path` is given."""
   n_channels = msi.num_channels
   chunk = int(max(1, min(n_channels, max_chunk_bytes // max(1, shape[0] * shape[1] * 4))))
-  if path is not None:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
-  else:
+  if path is None:
     out = np.empty((shape[0], shape[1], n_channels), np.float32)
+    return out, _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+  # Into a temporary file beside `path`, renamed when complete: a kill leaves no half-written cube.
+  with outputs.atomic_path(path) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
+    mask = _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+    out.flush()
+    del out
+  return None, mask
+
+
+def _warp_channels(msi, transform, shape, pixel_size, chunk: int, out: np.ndarray) -> np.ndarray:
   mask = None
-  for start in range(0, n_channels, chunk):
-    part = msi.select_mz(slice(start, min(start + chunk, n_channels)))
+  for start in range(0, msi.num_channels, chunk):
+    part = msi.select_mz(slice(start, min(start + chunk, msi.num_channels)))
     warped = tf.warp_msi(part, transform, shape, pixel_size)
     out[:, :, start : start + part.num_channels] = warped.cube
     if mask is None:
       mask = np.asarray(warped.mask, bool)
-  if path is not None:
-    out.flush()
-    del out
-    return None, mask
-  return out, mask
+  return mask
 
 
 def _read_landmarks(path, histology_px, msi_px) -> np.ndarray:
@@ -782,7 +787,7 @@ def process_section(
 def _write_json(path: pathlib.Path, data: Mapping[str, Any], overwrite: bool) -> None:
   if path.exists() and not overwrite:
     raise errors.DataError("file exists; pass overwrite=True to replace it", path)
-  path.write_text(json.dumps(json_ready(dict(data)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  outputs.atomic_write(path, json.dumps(json_ready(dict(data)), indent=2, ensure_ascii=False) + "\n")
 
 
 def _save_png(path: pathlib.Path, rgb: np.ndarray, overwrite: bool) -> None:
@@ -825,7 +830,7 @@ def write_section_report(
     raise errors.ConfigError("the result holds no MSI cube in histology space to write")
   if result.msi_in_histology is not None:
     path = out / REPORT_FILES["msi_in_histology_space"]
-    np.save(path, result.msi_in_histology)
+    outputs.save_npy(path, result.msi_in_histology)
     result.paths["msi_in_histology_space"] = path
   before = _warp_to_working(
     result.synthetic_he,
@@ -883,11 +888,11 @@ def _write_report(
   for key, array in (("msi_mask_in_histology_space", result.msi_mask_in_histology), ("mz", result.mz)):
     if files[key].exists() and not overwrite:
       raise errors.DataError("file exists; pass overwrite=True to replace it", files[key])
-    np.save(files[key], np.asarray(array))
+    outputs.save_npy(files[key], array)
     paths[key] = files[key]
 
   if result.region_stats is not None:
-    np.save(files["region_labels_msi"], result.labels_msi)
+    outputs.save_npy(files["region_labels_msi"], result.labels_msi)
     paths["region_labels_msi"] = files["region_labels_msi"]
     msi_regions.write_region_table_csv(result.region_stats, files["region_table"], overwrite=overwrite)
     paths["region_table"] = files["region_table"]
@@ -905,7 +910,7 @@ def _write_report(
   text = _report_markdown(result)
   if files["report"].exists() and not overwrite:
     raise errors.DataError("file exists; pass overwrite=True to replace it", files["report"])
-  files["report"].write_text(text, encoding="utf-8")
+  outputs.atomic_write(files["report"], text)
 
 
 def _write_registration_figures(result: SectionResult, files, paths, overwrite: bool, before) -> None:

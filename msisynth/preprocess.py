@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.types import MSIImage
 
 NORMALIZATIONS = ("tic", "rms", "median", "none")
@@ -1547,8 +1547,7 @@ class MSIPreprocessor:
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
       raise errors.ConfigError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(self.to_dict()))
+    outputs.atomic_write(path, json.dumps(self.to_dict()))
     return path
 
   @classmethod

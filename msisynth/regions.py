@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import numpy as np
 import scipy.stats
 import skimage.draw
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register import transforms
 from msisynth.types import MSIImage
 
@@ -886,14 +887,11 @@ def _num(value) -> str:
 
 
 def _write_csv(path, header: list[str], rows: list[list], overwrite: bool) -> None:
-  mode = "w" if overwrite else "x"
-  try:
-    with open(path, mode, newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(header)
-      writer.writerows(rows)
-  except FileExistsError as e:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", path) from e
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(header)
+  writer.writerows(rows)
+  outputs.atomic_write(path, buffer.getvalue(), overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -303,7 +303,8 @@ class Synthesizer:
       (H, W, 3) float32 RGB in [0, 1].
 
     Raises:
-      CheckpointError: for an MSIImage when the checkpoint holds no preprocessor.
+      CheckpointError: for an MSIImage when the checkpoint holds no preprocessor, or when the generator gives
+        NaN/Inf.
       DataError: for an array of the wrong shape, channel count or range.
     """
     y = synthesize_tiled(
@@ -314,6 +315,11 @@ class Synthesizer:
       batch_size=self.batch_size,
       size_multiple=self.size_multiple,
     )
+    if not np.isfinite(y).all():  # finite weights and input, yet NaN/Inf out: never hand back a NaN image
+      raise errors.CheckpointError(
+        f"{self.workdir}: the generator gave NaN/Inf for {np.mean(~np.isfinite(y)):.1%} of the output; the "
+        "checkpoint is not usable on this input"
+      )
     return np.clip((y + 1.0) * 0.5, 0.0, 1.0).astype(np.float32)
 
 

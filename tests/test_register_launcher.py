@@ -96,6 +96,27 @@ def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
     launcher.run(_flags(argv))
 
 
+@pytest.mark.parametrize("content", [None, "fixed_x,fixed_y\n1,2\n"])
+def test_bad_landmarks_are_refused_before_anything_is_written(images, tmp_path, content):
+  folder, _, _ = images
+  landmarks = tmp_path / "landmarks.csv"
+  if content is not None:
+    landmarks.write_text(content)
+  out = tmp_path / "out"
+  argv = [
+    f"--fixed={folder / 'fixed.tif'}",
+    "--fixed_pixel_size_um=1",
+    f"--moving={folder / 'moving.tif'}",
+    "--moving_pixel_size_um=2",
+    f"--landmarks={landmarks}",
+    f"--output_dir={out}",
+    *SPEED,
+  ]
+  with pytest.raises((errors.MSISynthError, FileNotFoundError)):
+    launcher.run(_flags(argv))
+  assert not out.exists() or not any(out.iterdir())
+
+
 def test_launcher_msi_route_carries_the_cube(images, tmp_path, monkeypatch):
   folder, _, moving = images
   cube = np.stack([moving, 1 - moving, moving**2], axis=-1)
@@ -131,10 +152,15 @@ def test_launcher_flag_errors(tmp_path):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", f"--output_dir={tmp_path}"]))
   with pytest.raises(errors.ConfigError, match="--checkpoint"):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--msi=b.imzML", f"--output_dir={tmp_path}"]))
-  # As a script (not only as a module): a missing flag is reported and the exit status is 1.
+  with pytest.raises(errors.ConfigError, match="--iterations must be positive"):
+    launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--moving=b.png", "--moving_pixel_size_um=1",
+                         "--iterations=10,-5", f"--output_dir={tmp_path}"]))  # fmt: skip
+  with pytest.raises(flags.IllegalFlagValueError):
+    _flags(["--samples=0"])
+  # As a script (not only as a module): a missing flag is reported on one line and the exit status is 2.
   proc = subprocess.run([sys.executable, str(REPO / "experiments" / "register.py"), "--fixed=a.png"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)  # fmt: skip
-  assert proc.returncode == 1 and "--fixed_pixel_size_um" in proc.stderr
+  assert proc.returncode == 2 and "--fixed_pixel_size_um" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_figures():

@@ -186,3 +186,80 @@ def test_bad_arguments_raise_config_errors(he):
     simulate.simulate_msi(0, he, he_pixel_size_um=HE_PX, deformation_um=500.0)
   with pytest.raises(errors.DataError, match="no tissue"):
     simulate.simulate_msi(0, np.ones((40, 40, 3), np.float32), he_pixel_size_um=HE_PX)
+
+
+# ------------------------------------------------------------------------------------ the benchmark simulator
+
+
+@pytest.fixture(scope="module")
+def bench(he):
+  return simulate.simulate_benchmark_case(3, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
+                                          he_name="crop")  # fmt: skip
+
+
+def test_benchmark_case_is_labelled_simulated_and_reproducible(he, bench):
+  assert bench.simulated and bench.msi.metadata["simulated"] and bench.metadata["simulated"]
+  assert "SIMULATED" in bench.msi.metadata["source"]
+  again = simulate.simulate_benchmark_case(3, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
+                                           he_name="crop")  # fmt: skip
+  np.testing.assert_array_equal(again.msi.cube, bench.msi.cube)
+  other = simulate.simulate_benchmark_case(4, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6)
+  assert not np.array_equal(other.roi_mask, bench.roi_mask) or not np.allclose(other.he, bench.he)
+
+
+def test_benchmark_msi_comes_from_a_deformed_neighbour_section(he, bench):
+  # The neighbour differs from the H&E (elastic warp, tears, folds) by at most the elastic amplitude.
+  assert np.abs(bench.elastic_um).max() == pytest.approx(40.0, rel=1e-4)
+  assert np.mean(np.abs(bench.neighbour_he - he)) > 0.01
+  assert bench.metadata["neighbour"]["tears"] and bench.metadata["neighbour"]["folds"]
+  # The landmarks follow the affine ground truth exactly.
+  m = np.asarray(bench.transform.matrix)
+  np.testing.assert_allclose(bench.landmarks[:, :2] @ m[:2, :2].T + m[:2, 2], bench.landmarks[:, 2:], atol=1e-9)
+
+
+def test_benchmark_acquires_inside_a_polygon_only(bench):
+  mask = bench.msi.mask
+  assert mask.any() and not mask[~bench.roi_mask].any()
+  assert np.all(bench.msi.cube[~mask] == 0)
+  assert 0.1 < bench.roi_mask.mean() < 0.95
+
+
+def test_benchmark_has_isotope_patterns_and_sorted_mz(bench):
+  mz = bench.msi.mz
+  assert mz.size == 18 and np.all(np.diff(mz) > 0)
+  ab = simulate.isotope_abundances(np.array([500.0, 1500.0]))
+  np.testing.assert_allclose(ab.sum(axis=1), 1.0)
+  # Heavier ions carry more 13C: at m/z 500 the M peak dominates, at 1500 M+1 exceeds it (lambda = 1.18).
+  assert ab[0, 0] > ab[0, 1] > ab[0, 2] and ab[1, 1] > ab[1, 0] and ab[1, 1] > ab[0, 1]
+  # Each M+1 peak sits 1.00336 above a monoisotopic peak and follows its image.
+  for j in range(mz.size):
+    partner = np.flatnonzero(np.isclose(mz, mz[j] + simulate.ISOTOPE_SPACING, atol=1e-6))
+    if partner.size:
+      a, b = bench.msi.cube[..., j][bench.msi.mask], bench.msi.cube[..., partner[0]][bench.msi.mask]
+      assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_drift_gain_is_a_bin_share():
+  g = simulate.drift_gain(np.array([0.0, 5.0, 20.0, -20.0]), bin_ppm=10.0, peak_sigma_ppm=6.0)
+  assert 0.9 < g[0] < 1 and g[0] > g[1] > g[2] and g[2] == pytest.approx(g[3])
+
+
+def test_benchmark_outline_is_weaker_than_the_plain_simulation(he, bench):
+  plain = simulate.simulate_msi(3, bench.neighbour_he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_channels=6,
+                                misalignment=bench.transform)  # fmt: skip
+
+  def contrast(cube, mask, tissue):
+    tic = cube.sum(axis=-1)
+    on, off = tic[mask & tissue], tic[mask & ~tissue]
+    return abs(on.mean() - off.mean()) / (on.std() + off.std())
+
+  c_plain = contrast(plain.msi.cube, plain.msi.mask, plain.tissue_classes_msi > 0)
+  c_bench = contrast(bench.msi.cube, bench.msi.mask, bench.tissue_msi)
+  assert c_bench < c_plain
+
+
+def test_restain_changes_colour_not_structure(he):
+  other = simulate.restain(5, he)
+  assert other.shape == he.shape and np.mean(np.abs(other - he)) > 0.005
+  grey = lambda x: x.mean(axis=-1)  # noqa: E731
+  assert np.corrcoef(grey(other).ravel(), grey(he).ravel())[0, 1] > 0.8

@@ -3,7 +3,7 @@
 Fields other code depends on:
   seed, precision ("float32" | "bfloat16")
   model.{kind ("pix2pix" | "unet"), depth, ngf, max_mult, out_channels, dropout_rate, norm, d_kind, d_layers, ndf,
-         gan_mode, gan_weight, l1_weight, mask_l1}
+         gan_mode, gan_weight, l1_weight, mask_l1, recon_loss ("l1" | "shift_l1"), max_shift_px}
   optim.{learning_rate, b1, b2, constant_steps, decay_steps}
   train.{num_steps, batch_size, log_every, eval_every, checkpoint_every, image_every, max_to_keep}
   data.{source ("simulated" | "msiflow"), data_dir, patch_size, augment, min_tissue_fraction, val_fraction,
@@ -43,6 +43,9 @@ def get_base_config(kind: str = "pix2pix") -> ml_collections.ConfigDict:
   # pix2pix's L1 covers the whole patch, background included: the synthetic background must look like the real
   # one for registration. True restricts L1 to the tissue mask.
   config.model.mask_l1 = False
+  # "shift_l1" forgives a misalignment of the pairs up to max_shift_px pixels (msisynth.losses.shift_tolerant_l1_loss).
+  config.model.recon_loss = "l1"
+  config.model.max_shift_px = 2
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-4

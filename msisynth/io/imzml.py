@@ -663,6 +663,13 @@ def _open_index(path: str | os.PathLike, *, check_uuid: bool = True, parser: str
   for dtype, what in ((header.mz_dtype, "m/z"), (header.intensity_dtype, "intensity")):
     if dtype is None:
       raise errors.ImzMLError(f"the {what} array's number format is not declared", path)
+  declared, listed = header.spectrum_count, len(fields["coords"])
+  if declared is not None and declared != listed:
+    raise errors.ImzMLError(
+      f'<spectrumList count="{declared}"> declares {declared} spectra but the file lists {listed}: its XML is cut '
+      "short or corrupt",
+      path,
+    )
   index = _Index(
     path=path, ibd_path=ibd_path, ibd_size=ibd_size, header=header, continuous=False, owner=owner, **fields
   )
@@ -1356,6 +1363,7 @@ def read_imzml(
   max_cube_gib: float | None = DEFAULT_MAX_CUBE_GIB,
   outliers: str = "raise",
   progress: bool = True,
+  overflow: str = "raise",
 ) -> MSIImage:
   """Reads an imzML file (continuous or processed) into a dense MSI cube.
 
@@ -1411,6 +1419,8 @@ def read_imzml(
     max_cube_gib: refuse to allocate an output cube larger than this (GiB; default 4); None allows any size.
     outliers: "raise" or "crop", for spectra at outlying positions (see above).
     progress: log progress with absl.logging and show a progress bar (`msisynth.progress`).
+    overflow: "raise" (default) when an intensity, or a sum of them in one channel, exceeds the float32 range
+      (about 3.4e38) of the cube, naming the pixel; "clip" stores it as the largest float32 instead.
 
   Returns:
     MSIImage with float32 cube (H, W, C), float64 m/z (C,), mask (H, W), `pixel_size_um` from the file's
@@ -1433,6 +1443,8 @@ def read_imzml(
     raise errors.ConfigError(f"max_channels must be a positive integer, got {max_channels!r}")
   if outliers not in ("raise", "crop"):
     raise errors.ConfigError(f"outliers must be 'raise' or 'crop', got {outliers!r}")
+  if overflow not in ("raise", "clip"):
+    raise errors.ConfigError(f"overflow must be 'raise' or 'clip', got {overflow!r}")
   start_time = time.perf_counter()
   index = _open_index(path, check_uuid=check_uuid)
   path = index.path
@@ -1481,6 +1493,7 @@ def read_imzml(
       index = dataclasses.replace(index, mz_extent=extent)
       cube, mz, binning = _read_processed(index, *args[1:], keep_empty_bins, channels, int(max_channels),
                                           peak_options)  # fmt: skip
+  cube = _check_overflow(cube, index, selected, rows, cols, overflow)
   metadata["mode"] = "continuous" if index.continuous else "processed"
   metadata["binning"] = binning
   mask = np.zeros(shape, bool)
@@ -1490,6 +1503,25 @@ def read_imzml(
       "%s: read %s %dx%dx%d cube in %.2f s", path.name, metadata["mode"], *cube.shape, time.perf_counter() - start_time
     )
   return MSIImage(cube=cube, mz=mz, mask=mask, pixel_size_um=index.header.pixel_size_um, metadata=metadata)
+
+
+def _check_overflow(cube: np.ndarray, index: _Index, selected, rows, cols, overflow: str) -> np.ndarray:
+  """Raises when float32 cube values overflowed to Inf (NaN/Inf inputs are refused before), or clips them."""
+  if np.isfinite(cube.sum(dtype=np.float64)):
+    return cube  # one cheap pass
+  bad = ~np.isfinite(cube)
+  if overflow == "clip":
+    big = np.finfo(np.float32).max
+    cube[bad] = np.where(cube[bad] > 0, big, -big)
+    return cube
+  r, c = np.argwhere(bad.any(axis=2))[0]
+  k = np.flatnonzero((rows == r) & (cols == c))
+  where = index.position(selected[k[0]]) if k.size else f"pixel (row {r}, column {c})"
+  raise errors.ImzMLError(
+    f"{where}: intensities exceed the float32 range of the cube (|x| > {np.finfo(np.float32).max:.3g}); pass "
+    "overflow='clip' to store them as the largest float32",
+    index.path,
+  )
 
 
 def _column_windows(axis: np.ndarray, plan: _BinPlan | _WindowPlan) -> tuple[np.ndarray, np.ndarray]:

@@ -8,13 +8,14 @@ MOVING transform T is scored by how far T(fixed point) lands from the matching m
 from __future__ import annotations
 
 import csv
+import io
 import os
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register.transforms import AffineTransform, pixel_size_yx
 
 _UM_COLUMNS = ("fixed_x", "fixed_y", "moving_x", "moving_y")
@@ -99,10 +100,11 @@ def save_landmarks_csv(path: str | os.PathLike, landmarks_um: np.ndarray, *, ove
   path = pathlib.Path(path)
   if path.exists() and not overwrite:
     raise errors.DataError("file exists; pass overwrite=True to replace it", path)
-  with path.open("w", newline="", encoding="utf-8") as fh:
-    writer = csv.writer(fh)
-    writer.writerow(_UM_COLUMNS)
-    writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(_UM_COLUMNS)
+  writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  outputs.atomic_write(path, buffer.getvalue())
   return path
 
 

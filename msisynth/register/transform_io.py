@@ -133,7 +133,7 @@ def save_transform_json(
     text = json.dumps(doc, indent=2, allow_nan=False, default=_json_default)
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f"metadata cannot be written as JSON: {e}") from e
-  target.write_text(text + "\n", encoding="utf-8")
+  outputs.atomic_write(target, text + "\n")
   return target
 
 

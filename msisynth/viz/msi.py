@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from msisynth import errors, preprocess
+from msisynth import errors, outputs, preprocess
 from msisynth.types import MSIImage
 
 UNMEASURED_GREY = 0.75
@@ -294,8 +294,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120, *, overwri
   path = pathlib.Path(path)
   if path.exists() and not overwrite:
     raise errors.ConfigError(f"{path} exists; pass overwrite=True to replace it")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  outputs.save_figure(fig, path, dpi=dpi)
   # A figure made through pyplot is registered there; release it. Figures made here are not, and are freed
   # with their last reference.
   if "matplotlib.pyplot" in sys.modules:

@@ -39,6 +39,8 @@ setup(
         "ml_collections>=0.1.1",
         "pyimzml>=1.5.4",
         "numpy>=1.26",
+        # Compiled imzML binning kernels (msisynth.io._kernels).
+        "numba>=0.59",
         "scipy>=1.11",
         "scikit-image>=0.22",
         "tifffile>=2023.7",

@@ -634,9 +634,10 @@ def _exact_pca(xc: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   evals, evecs = jnp.linalg.eigh(xc @ xc.T)
   s2 = jnp.maximum(evals[::-1][:k], 0.0)
   u = evecs[:, ::-1][:, :k]
-  # v = X^T u / s; directions beyond the rank of the data (s = 0) are left as zeros.
+  # v = X^T u / s; directions beyond the rank of the data are left as zeros. Their eigenvalues are float32
+  # rounding (about 1e-7 of the largest), so the cut is on the variance, at 1e-6 of the largest.
   s = jnp.sqrt(s2)
-  ok = s > s[0] * 1e-6
+  ok = s2 > s2[0] * 1e-6
   vt = jnp.where(ok[:, None], (xc.T @ u).T / jnp.where(ok, s, 1.0)[:, None], 0.0)
   return s2, vt
 

@@ -39,6 +39,8 @@ setup(
         "ml_collections>=0.1.1",
         "pyimzml>=1.5.4",
         "numpy>=1.26",
+        # Compiled imzML binning kernels (msisynth.io._kernels).
+        "numba>=0.59",
         "scipy>=1.11",
         "scikit-image>=0.22",
         "tifffile>=2023.7",
@@ -48,6 +50,7 @@ setup(
         "tqdm>=4.66",
         # Decoders for compressed TIFFs (LZW, Deflate, JPEG, JPEG 2000), as slide scanners and OME-TIFF writers save.
         "imagecodecs>=2023.1",
+        "numba>=0.58,<1",  # the JPEG completeness check (msisynth.io.integrity); pure Python without it
     ],
     data_files=_data_files(),
     extras_require={

@@ -1,27 +1,41 @@
-"""Benchmark: msisynth's imzML reader against a plain pyimzml loop, on generated files.
+"""Benchmark: msisynth's imzML reader against a plain pyimzml loop (and pyM2aia, when installed), in one run.
 
-Writes a processed imzML (random centroided spectra: `--peaks` peaks per pixel, m/z 200-1200) and a continuous
-one (`--channels` channels) of `--height` x `--width` pixels into a temporary folder with pyimzml's writer,
-then, in one run:
+Cases:
 
-  (a) `msisynth.io.read_imzml`: processed file binned onto `--bin-width` ppm bins over the data's m/z range;
-      continuous file read whole;
-  (b) the plain approach: `ImzMLParser`, then a loop over `getspectrum` with `np.histogram` onto the same bin
-      edges (processed) or a copy of the intensities (continuous) into the same dense cube.
+  processed    generated: `--height` x `--width` pixels, `--peaks` random centroided peaks each (m/z 200-1200,
+               float64 m/z, float32 intensities), binned onto `--bin-width` ppm bins over the data's m/z range
+               (`read_imzml(bin_width=..., keep_empty_bins=True)`, a regular axis).
+  continuous   generated: the same pixels, `--channels` channels, read whole.
+  msight       the real MALDI-TOF file `../shared/data/msight_bladder/prostate_example.imzML` (continuous, 422
+               channels, an unsorted shared m/z array with one repeated value), read whole.
+  default      generated processed file of 120 x 120 pixels x 1,500 peaks (m/z 100-1000) read with no options
+               (channels="auto"): the peak memory of the read, against the 2 GiB target.
 
-Both include parsing the XML. It prints both times (wall clock, and process CPU time, which is the steadier of
-the two on a shared machine) and their ratios, checks that both give the same cube, and reports the peak
-memory of (a): the resident set size (RSS, psutil) sampled every 2 ms by a thread, minus the RSS just before
-the call, against the size of the output cube. Results go to benchmarks/results/bench_io.json.
+Like for like, each msisynth read (a) is timed against (b) the plain approach: `ImzMLParser`, then a loop over
+`getspectrum` with `np.histogram` onto the same bin edges (processed), or a copy of the intensities into the same
+dense cube (continuous; for msight, `np.bincount` onto the sorted distinct m/z, which is what the reader does);
+both include parsing the XML, and both results are compared element-wise. When `import m2aia` works, (c) pyM2aia
+(C++ M2aia behind ctypes) is timed in the same run as an anchor: `ImzMLReader(path)` plus `Load()` (parse, mean and
+max spectra) and then every spectrum (`GetSpectra` for continuous files, `GetSpectrum` per spectrum for processed
+ones: M2aia has no call that bins processed spectra onto a given axis, so that anchor does less work than (a)),
+after all the other timings (its library keeps threads and memory once loaded).
 
-Before timing, the script touches as much fresh memory as twice the largest cube and frees it: in a freshly
-booted virtual machine the first touch of memory costs far more than later ones (seconds per GB were seen on
-the 2-core development VM), a cost of the machine that would otherwise land on whichever reader runs first.
+Also measured: the binning kernel alone, numba (the one the reader uses) against XLA on the CPU
+(`jax.ops.segment_sum` of the same peaks into the same bins, jitted, compilation excluded), on the first 10,000
+pixels of the processed case's peaks held in memory.
 
-Targets: (a) at least 10x faster than (b); peak memory of (a) at most 1.5 x cube + 200 MB.
+Times are wall clock and process CPU time. Peak memory of (a) is the resident set size (psutil) sampled every 2 ms
+by a thread, minus the RSS just before the call; the memory-mapped .ibd windows count in it. Before timing, the
+numba kernels are loaded once on a tiny file (their one-time cost per process is reported as `kernel_load_s`),
+and as much fresh memory as twice the largest cube is touched and freed (a fresh VM pays seconds per GB on first
+touch, which would otherwise land on whichever reader runs first).
 
-  python benchmarks/bench_io.py            # 200 x 200 pixels, 2,000 peaks / channels (about 2 minutes)
-  python benchmarks/bench_io.py --small    # 60 x 60 pixels, 500 peaks / channels (seconds)
+Targets: (a) >= 10x (b) in every case; peak memory of (a) <= 1.5 x cube + 200 MB; default read <= 2 GiB.
+
+  PYTHONPATH=. python benchmarks/bench_io.py           # 200 x 200 pixels, 2,000 peaks / channels (minutes)
+  PYTHONPATH=. python benchmarks/bench_io.py --small   # 60 x 60 pixels, 500 peaks / channels (seconds)
+
+(pyM2aia: `pip install m2aia`; the results below were taken with it installed in a separate folder on PYTHONPATH.)
 """
 
 from __future__ import annotations
@@ -43,17 +57,20 @@ import psutil
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from msisynth.io import imzml  # noqa: E402
+from msisynth.io import _ibd, _kernels, imzml, sparse  # noqa: E402
+
+MSIGHT = REPO.parent / "shared" / "data" / "msight_bladder" / "prostate_example.imzML"
 
 
-def write_processed(path: pathlib.Path, height: int, width: int, peaks: int, seed: int) -> None:
+def write_processed(path: pathlib.Path, height: int, width: int, peaks: int, seed: int, mz_lo=200.0,
+                    mz_hi=1200.0) -> None:  # fmt: skip
   from pyimzml.ImzMLWriter import ImzMLWriter
 
   rng = np.random.default_rng(seed)
   with ImzMLWriter(str(path), mode="processed", mz_dtype=np.float64, intensity_dtype=np.float32) as writer:
     for y in range(height):
       for x in range(width):
-        mz = np.sort(rng.uniform(200.0, 1200.0, peaks))
+        mz = np.sort(rng.uniform(mz_lo, mz_hi, peaks))
         writer.addSpectrum(mz, rng.random(peaks).astype(np.float32), (x + 1, y + 1))
 
 
@@ -98,7 +115,7 @@ class PeakRSS:
     return self.peak - self.start
 
 
-def pyimzml_loop(path: pathlib.Path, edges: np.ndarray | None) -> np.ndarray:
+def pyimzml_loop(path: pathlib.Path, edges: np.ndarray | None, merge_axis: bool = False) -> np.ndarray:
   """The plain approach: parse with pyimzml, then getspectrum + np.histogram (or a copy) per pixel."""
   from pyimzml.ImzMLParser import ImzMLParser
 
@@ -109,9 +126,16 @@ def pyimzml_loop(path: pathlib.Path, edges: np.ndarray | None) -> np.ndarray:
   x0, y0 = coords[:, 0].min(), coords[:, 1].min()
   shape = (coords[:, 1].max() - y0 + 1, coords[:, 0].max() - x0 + 1)
   cube = None
+  inverse = None
   for i, (x, y, _) in enumerate(parser.coordinates):
     mz, intensity = parser.getspectrum(i)
     if edges is None:
+      if merge_axis:
+        if inverse is None:
+          distinct, inverse = np.unique(mz.astype(np.float64), return_inverse=True)
+          cube = np.zeros(shape + (distinct.size,), np.float32)
+        cube[y - y0, x - x0] = np.bincount(inverse, intensity.astype(np.float64), distinct.size)
+        continue
       if cube is None:
         cube = np.zeros(shape + (mz.size,), np.float32)
       cube[y - y0, x - x0] = intensity
@@ -124,12 +148,44 @@ def pyimzml_loop(path: pathlib.Path, edges: np.ndarray | None) -> np.ndarray:
   return cube
 
 
+def m2aia_anchor(path: pathlib.Path) -> dict:
+  """pyM2aia's read of every spectrum (see the module docstring); {"error": ...} when it cannot run."""
+  try:
+    import m2aia
+  except Exception as e:  # noqa: BLE001 - report whatever stops it
+    return {"error": f"import m2aia failed: {type(e).__name__}: {e}"}
+  cwd = os.getcwd()
+  try:
+    os.chdir(tempfile.gettempdir())  # pyM2aia writes a preferences file into the working directory
+    start, cpu = time.perf_counter(), time.process_time()
+    reader = m2aia.ImzMLReader(str(path))
+    reader.Load()
+    n = reader.GetNumberOfSpectra()
+    kind = reader.GetSpectrumType()
+    if "Continuous" in kind:
+      values = reader.GetSpectra(list(range(n)))
+      what = "Load + GetSpectra(all)"
+      total = float(values.sum(dtype=np.float64))
+    else:
+      total = 0.0
+      for i in range(n):
+        total += float(reader.GetSpectrum(i)[1].sum(dtype=np.float64))
+      what = "Load + GetSpectrum per spectrum"
+    return {"s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "what": what,
+            "spectrum_type": kind, "intensity_sum": total}  # fmt: skip
+  except Exception as e:  # noqa: BLE001
+    return {"error": f"{type(e).__name__}: {e}"}
+  finally:
+    os.chdir(cwd)
+
+
 def warm_up_memory(nbytes: int) -> None:
   block = np.ones(max(nbytes, 8) // 8, np.float64)
   del block
 
 
-def run_case(name: str, path: pathlib.Path, read_kwargs: dict, threads: int | None) -> dict:
+def run_case(name: str, path: pathlib.Path, read_kwargs: dict, threads: int | None,
+             merge_axis: bool = False) -> dict:  # fmt: skip
   with PeakRSS() as memory:
     start, cpu = time.perf_counter(), time.process_time()
     msi = imzml.read_imzml(path, progress=False, num_threads=threads, **read_kwargs)
@@ -139,18 +195,19 @@ def run_case(name: str, path: pathlib.Path, read_kwargs: dict, threads: int | No
     binning = msi.metadata["binning"]
     edges = imzml.mz_bin_edges(*binning["mz_range"], binning["bin_width"], binning["bin_unit"])
   start, cpu = time.perf_counter(), time.process_time()
-  reference = pyimzml_loop(path, edges)
+  reference = pyimzml_loop(path, edges, merge_axis)
   loop_s, loop_cpu_s = time.perf_counter() - start, time.process_time() - cpu
-  same = bool(np.allclose(msi.cube, reference, rtol=1e-5, atol=1e-5))
+  same = bool(reference.shape == msi.cube.shape and np.allclose(msi.cube, reference, rtol=1e-5, atol=1e-5))
   del reference
   cube_bytes = msi.cube.nbytes
   result = {
     "file": path.name,
     "ibd_mb": path.with_suffix(".ibd").stat().st_size / 1e6,
     "imzml_mb": path.stat().st_size / 1e6,
+    "read_kwargs": read_kwargs,
     "cube_shape": list(msi.cube.shape),
     "cube_mb": cube_bytes / 1e6,
-    "threads": imzml._effective_threads(threads),
+    "threads": threads or _ibd.default_threads(),
     "msisynth_s": msisynth_s,
     "pyimzml_loop_s": loop_s,
     "speedup": loop_s / msisynth_s,
@@ -163,21 +220,102 @@ def run_case(name: str, path: pathlib.Path, read_kwargs: dict, threads: int | No
   }
   result["speed_target_met"] = result["speedup"] >= 10
   result["memory_target_met"] = memory.peak_delta <= 1.5 * cube_bytes + 200e6
-  print(
-    f"[{name}] {path.name}: ibd {result['ibd_mb']:.0f} MB, cube {tuple(msi.cube.shape)} = {result['cube_mb']:.0f} MB"
-  )
+  shape = tuple(msi.cube.shape)
+  print(f"[{name}] {path.name}: ibd {result['ibd_mb']:.0f} MB, cube {shape} = {result['cube_mb']:.0f} MB")
   print(f"  msisynth read_imzml  {msisynth_s:7.2f} s wall {msisynth_cpu_s:7.2f} s CPU ({result['threads']} threads)")
   print(f"  pyimzml loop         {loop_s:7.2f} s wall {loop_cpu_s:7.2f} s CPU")
   met = "met" if result["speed_target_met"] else "NOT met"
-  print(
-    f"  speedup              {result['speedup']:7.1f} x wall {result['speedup_cpu']:7.1f} x CPU (target >= 10 x: {met})"
-  )
+  print(f"  speedup              {result['speedup']:7.1f} x wall {result['speedup_cpu']:7.1f} x CPU "
+        f"(target >= 10 x: {met})")  # fmt: skip
   met = "met" if result["memory_target_met"] else "NOT met"
-  print(
-    f"  peak RSS of read     {result['peak_rss_delta_mb']:7.0f} MB above start "
-    f"(limit 1.5 x cube + 200 MB = {result['memory_limit_mb']:.0f} MB: {met})"
-  )
+  print(f"  peak RSS of read     {result['peak_rss_delta_mb']:7.0f} MB above start "
+        f"(limit 1.5 x cube + 200 MB = {result['memory_limit_mb']:.0f} MB: {met})")  # fmt: skip
   print(f"  same cube as loop    {same}")
+  return result
+
+
+def add_m2aia(name: str, path: pathlib.Path, result: dict) -> None:
+  """The pyM2aia anchor, timed after every msisynth and pyimzml case (its C++ library stays loaded once used)."""
+  anchor = m2aia_anchor(path)
+  result["m2aia"] = anchor
+  if "error" in anchor:
+    print(f"[{name}] pyM2aia failed: {anchor['error']}")
+  else:
+    anchor["msisynth_speedup_vs_m2aia"] = anchor["s"] / result["msisynth_s"]
+    anchor["msisynth_speedup_vs_m2aia_cpu"] = anchor["cpu_s"] / result["msisynth_cpu_s"]
+    print(f"[{name}] pyM2aia ({anchor['what']}) {anchor['s']:7.2f} s wall {anchor['cpu_s']:7.2f} s CPU: msisynth is "
+          f"{anchor['msisynth_speedup_vs_m2aia']:.1f} x faster wall, {anchor['msisynth_speedup_vs_m2aia_cpu']:.1f} x "
+          "CPU")  # fmt: skip
+
+
+def kernel_comparison(path: pathlib.Path, bin_width_ppm: float, threads: int | None) -> dict:
+  """numba bin kernel vs XLA segment_sum, on the same in-memory peaks and bins."""
+  import jax
+  import jax.numpy as jnp
+
+  data = sparse.read_imzml_sparse(path, progress=False, num_threads=threads)
+  keep = min(data.num_pixels, 10_000)  # XLA's compile time grows with the size; 10,000 pixels are plenty
+  data = sparse.SparseMSI(data.indptr[: keep + 1], data.mz[: data.indptr[keep]], data.intensity[: data.indptr[keep]],
+                          data.rows[:keep], data.cols[:keep], data.shape)  # fmt: skip
+  lo, hi = data.mz_range()
+  plan = imzml._BinPlan.create(lo, hi, bin_width_ppm, "ppm", data_range=True)
+  edges = plan.edges()
+  c = plan.num_bins
+  flat = data.rows * data.shape[1] + data.cols
+  axis = imzml._kernel_bins(plan)
+  out = np.zeros((data.shape[0] * data.shape[1], c), np.float32)
+  pixels = np.arange(data.num_pixels)
+  _kernels.bin_csr(data.indptr, data.mz, data.intensity, pixels, flat, out, *axis.args())  # compiled/loaded
+  times = []
+  for _ in range(3):
+    out[:] = 0
+    start = time.perf_counter()
+    _kernels.bin_csr(data.indptr, data.mz, data.intensity, pixels, flat, out, *axis.args())
+    times.append(time.perf_counter() - start)
+  numba_s = min(times)
+  pixel_of_peak = np.repeat(flat, np.diff(data.indptr))
+
+  @jax.jit
+  def xla_bin(mz, intensity, pixel, edges):
+    k = jnp.clip(jnp.searchsorted(edges, mz, side="right") - 1, 0, edges.size - 2)
+    return jax.ops.segment_sum(intensity, pixel * (edges.size - 1) + k, num_segments=out.size).reshape(out.shape)
+
+  args = [jnp.asarray(a) for a in (data.mz.astype(np.float32), data.intensity, pixel_of_peak.astype(np.int32),
+                                   edges.astype(np.float32))]  # fmt: skip
+  start = time.perf_counter()
+  xla_out = xla_bin(*args).block_until_ready()
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    xla_out = xla_bin(*args).block_until_ready()
+    times.append(time.perf_counter() - start)
+  xla_s = min(times)
+  # float32 m/z in XLA (x64 off) can move peaks within ~0.06 ppm of an edge; compare totals per pixel.
+  agree = bool(np.allclose(np.asarray(xla_out).sum(axis=1), out.sum(axis=1), rtol=1e-4))
+  result = {"peaks": data.nnz, "bins": c, "numba_s": numba_s, "xla_s": xla_s, "xla_compile_s": compile_s,
+            "xla_over_numba": xla_s / numba_s, "pixel_totals_agree": agree,
+            "kept": "numba" if numba_s <= xla_s else "xla"}  # fmt: skip
+  print(f"[kernel] {data.nnz} peaks into {c} bins: numba {numba_s:.3f} s, XLA CPU {xla_s:.3f} s "
+        f"(+{compile_s:.1f} s compile); XLA / numba = {xla_s / numba_s:.1f}")  # fmt: skip
+  return result
+
+
+def default_read(path: pathlib.Path, threads: int | None) -> dict:
+  with PeakRSS() as memory:
+    start = time.perf_counter()
+    msi = imzml.read_imzml(path, progress=False, num_threads=threads)
+    seconds = time.perf_counter() - start
+  b = msi.metadata["binning"]
+  result = {"file": path.name, "ibd_mb": path.with_suffix(".ibd").stat().st_size / 1e6,
+            "cube_shape": list(msi.cube.shape), "cube_mb": msi.cube.nbytes / 1e6, "method": b["method"],
+            "peak_width_ppm": b.get("peak_width_ppm"), "seconds": seconds,
+            "peak_rss_delta_mb": memory.peak_delta / 1e6, "target_mb": 2 * 1024**3 / 1e6,
+            "target_met": memory.peak_delta <= 2 * 1024**3}  # fmt: skip
+  print(f"[default] {path.name}: cube {tuple(msi.cube.shape)} by {b['method']} (peak width "
+        f"{b.get('peak_width_ppm'):.3g}"
+        f" ppm) in {seconds:.2f} s; peak RSS {memory.peak_delta / 1e6:.0f} MB (target <= 2 GiB: "
+        f"{'met' if result['target_met'] else 'NOT met'})")  # fmt: skip
   return result
 
 
@@ -189,44 +327,67 @@ def main(argv=None) -> int:
   parser.add_argument("--channels", type=int, default=2000, help="channels of the continuous file")
   parser.add_argument("--bin-width", type=float, default=500.0, help="bin width in ppm for the processed file")
   parser.add_argument("--threads", type=int, default=None, help="read_imzml num_threads (default: its own)")
-  parser.add_argument("--small", action="store_true", help="60 x 60 pixels, 500 peaks/channels")
+  parser.add_argument("--small", action="store_true", help="60 x 60 pixels, 500 peaks/channels; default 30 x 30")
+  parser.add_argument("--no-m2aia", action="store_true", help="skip the pyM2aia anchor")
   parser.add_argument("--workdir", type=pathlib.Path, default=None, help="where to write the files (default: temp)")
   parser.add_argument("--output", type=pathlib.Path, default=REPO / "benchmarks" / "results" / "bench_io.json")
   args = parser.parse_args(argv)
+  default_size = (120, 120, 1500)
   if args.small:
     args.height = args.width = 60
     args.peaks = args.channels = 500
+    default_size = (30, 30, 300)
   if args.workdir:
     pathlib.Path(args.workdir).mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
     tmp = pathlib.Path(tmp)
     start = time.perf_counter()
+    write_processed(tmp / "tiny.imzML", 3, 3, 20, seed=9)
     write_processed(tmp / "processed.imzML", args.height, args.width, args.peaks, seed=0)
     write_continuous(tmp / "continuous.imzML", args.height, args.width, args.channels, seed=1)
+    write_processed(tmp / "default.imzML", *default_size, seed=2, mz_lo=100.0, mz_hi=1000.0)
     print(f"wrote the test files in {time.perf_counter() - start:.1f} s (not timed below)")
+    start = time.perf_counter()
+    for kwargs in ({"bin_width": 1000.0}, {}):
+      imzml.read_imzml(tmp / "tiny.imzML", progress=False, **kwargs)
+    imzml.read_imzml(MSIGHT if MSIGHT.exists() else tmp / "continuous.imzML", progress=False, mz_range=(700, 701))
+    kernel_load_s = time.perf_counter() - start
+    print(f"loaded the compiled kernels in {kernel_load_s:.1f} s (once per process; not timed below)")
     warm_up_memory(2 * 4 * args.height * args.width * max(args.channels, 4 * args.peaks))
+    m2aia = not args.no_m2aia
     results = {
       # keep_empty_bins: the same regular axis as the np.histogram loop, so the outputs compare element-wise.
-      "processed": run_case(
-          "processed", tmp / "processed.imzML", {"bin_width": args.bin_width, "keep_empty_bins": True}, args.threads),
+      "processed": run_case("processed", tmp / "processed.imzML",
+                            {"bin_width": args.bin_width, "keep_empty_bins": True}, args.threads),
       "continuous": run_case("continuous", tmp / "continuous.imzML", {}, args.threads),
-    }
+    }  # fmt: skip
+    paths = {"processed": tmp / "processed.imzML", "continuous": tmp / "continuous.imzML"}
+    if MSIGHT.exists():
+      results["msight"] = run_case("msight", MSIGHT, {}, args.threads, merge_axis=True)
+      paths["msight"] = MSIGHT
+    results["default_processed_read"] = default_read(tmp / "default.imzML", args.threads)
+    results["binning_kernel"] = kernel_comparison(tmp / "processed.imzML", args.bin_width, args.threads)
+    if m2aia:
+      for name, path in paths.items():
+        add_m2aia(name, path, results[name])
   record = {
     "benchmark": "bench_io",
-    "command": "python benchmarks/bench_io.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    "command": "PYTHONPATH=. python benchmarks/bench_io.py " + " ".join(sys.argv[1:] if argv is None else argv),
     "config": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+    "kernel_load_s": kernel_load_s,
     "memory_method": "psutil RSS sampled every 2 ms by a thread, peak minus RSS before read_imzml",
     "machine": {
       "cpus": os.cpu_count(),
       "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
       "python": platform.python_version(),
       "numpy": np.__version__,
+      "numba": __import__("numba").__version__,
       "platform": platform.platform(),
     },
     "results": results,
   }
   args.output.parent.mkdir(parents=True, exist_ok=True)
-  args.output.write_text(json.dumps(record, indent=2) + "\n")
+  args.output.write_text(json.dumps(record, indent=2, default=str) + "\n")
   print(f"saved {args.output}")
   return 0
 

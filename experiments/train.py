@@ -10,6 +10,12 @@ Any config field can be overridden with --config.<field>=<value>. Running again 
 from its latest checkpoint, and ends with the same parameters as an uninterrupted run. The workdir receives
 checkpoints/ (orbax; the fitted MSI preprocessor and the config are saved with the weights), metrics.jsonl,
 images/step_XXXXXX.png and, when tensorboardX is installed, tensorboard/.
+
+The workdir must be new, empty, or one this launcher created (it holds the marker file `.msisynth`): a folder
+with other files is refused and left untouched. When the latest checkpoint is damaged, the run stops and names
+the newest intact step; `--resume_from=intact` resumes from it (the damaged steps are moved to
+checkpoints.damaged/, not deleted). Mistakes (a missing config file, an unknown field, a bad count) print one
+line and exit with status 2; `--verbosity=1` shows the traceback.
 """
 
 from __future__ import annotations
@@ -24,10 +30,18 @@ if __package__ in (None, ""):
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from msisynth import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Training config file, e.g. experiments/configs/pix2pix.py:tiny.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and images (resumed if present).")
+_RESUME_FROM = flags.DEFINE_enum(
+  "resume_from",
+  "latest",
+  ["latest", "intact"],
+  "latest: resume from the latest checkpoint, stopping if it is damaged; intact: from the newest intact one.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 # Several processes (hosts): these flags, or MSISYNTH_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, or a
 # cluster JAX detects (SLURM); see docs/scaling.md.
@@ -47,10 +61,14 @@ def main(argv):
 
   train.quiet_orbax_logs()
   config = _CONFIG.value
+  train.check_train_config(config)  # also raises OSError when the config file could not be loaded
   logging.info("config:\n%s", config)
+  workdir = train.prepare_workdir(_WORKDIR.value)  # before reading any data: a refused folder costs nothing
   train_data, val_data, preprocessor = train.data_from_config(config)
-  train.train_and_evaluate(config, _WORKDIR.value, train_data, val_data, preprocessor=preprocessor)
+  train.train_and_evaluate(
+    config, workdir, train_data, val_data, preprocessor=preprocessor, resume_from=_RESUME_FROM.value
+  )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

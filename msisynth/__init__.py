@@ -3,12 +3,19 @@
 A JAX/Flax implementation of Bird, Ye, Race & Brown, "Deep histological synthesis from mass spectrometry imaging
 for multimodal registration" (MIUA 2025).
 
-Every public function is available from the top level (`msisynth.read_imzml`, `msisynth.register_msi_to_histology`,
-...) and from its module (`msisynth.io`, `msisynth.preprocess`, ...). The submodules are imported on first use, so
-`import msisynth` is fast and I/O-only code never pays for JAX. Where two modules use one name, the top level holds
-the one named here and the other stays in its module: `msisynth.mutual_information` is the evaluation metric in
-bits (`msisynth.metrics`); the differentiable Parzen-window MI of the registration is
-`msisynth.register.mutual_information`.
+The top level holds what a user calls, in the order data flows: read MSI and histology, preprocess, make
+training pairs, train, synthesise, register, carry regions, run a whole section (`process_section`) and write its
+report. Everything else lives in its module (`msisynth.preprocess`, `msisynth.register.optimize`, ...; see
+docs/architecture.md). Submodules are imported on first use, so `import msisynth` is fast and I/O-only code never
+pays for JAX.
+
+`msisynth.register` is both the registration subpackage and callable: `ms.register(fixed, moving,
+fixed_pixel_size_um=..., moving_pixel_size_um=...)` is `msisynth.register.optimize.register`, and
+`from msisynth.register import AffineTransform` works as for any package.
+
+Two MI estimators, two names: `msisynth.mutual_information` is the evaluation metric (hard histogram of grey
+levels, bits; `msisynth.metrics`); `msisynth.parzen_mutual_information` is the differentiable Parzen-window MI the
+registration maximises (`msisynth.register.similarity`).
 """
 
 from __future__ import annotations
@@ -19,46 +26,32 @@ __version__ = "0.1.0"
 
 # Stage modules, in the order data flows (docs/architecture.md).
 _SUBMODULES = (
-    "errors", "types", "io", "datasets", "preprocess", "simulate", "data", "models", "losses", "train",
-    "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "batch", "export", "distributed",
-    "viz",
+    "errors", "outputs", "geometry", "types", "io", "datasets", "preprocess", "simulate", "data", "models",
+    "losses", "train", "checkpoint", "synthesize", "metrics", "register", "regions", "pipeline", "report", "batch",
+    "export", "distributed", "demo", "progress", "viz",
 )
 
 _EXPORTS = {
-    "errors": ["MSISynthError", "DataError", "ImzMLError", "ImageReadError", "ConfigError", "TrainingError",
-               "CheckpointError", "RegistrationError"],
+    "errors": ["MSISynthError", "DataError", "ConfigError", "OutputExistsError"],
     "types": ["MSIImage"],
-    "io": ["read_imzml", "read_ion_image", "imzml_info", "write_imzml", "mz_bin_edges", "read_histology",
-           "read_image", "write_image", "tissue_mask", "he_deconvolve", "resample_to_pixel_size"],
-    "datasets": ["data_dir", "load_msiflow", "load_mouse_brain", "list_he_slides", "load_he", "MsiflowSection"],
-    "preprocess": ["tic_normalize", "rms_normalize", "median_normalize", "normalize", "hotspot_thresholds",
-                   "clip_hotspots", "remove_hotspots", "mean_spectrum", "pick_peaks", "pca", "pca_transform",
-                   "PCAResult", "nmf", "nmf_transform", "NMFResult", "fit_range", "apply_range", "scale_to_range",
-                   "PreprocessConfig", "MSIPreprocessor"],
-    "simulate": ["simulate_msi", "save_simulated", "SimulatedMSI", "NoiseModel", "SmoothDisplacement",
-                 "fit_class_centroids", "tissue_classes", "he_tissue_mask"],
-    "data": ["Pair", "make_pair", "upsample_grid", "split_regions", "PatchDataset", "PairedData", "msiflow_pairs",
-             "semi_synthetic_pairs"],
-    "models": ["UNetGenerator", "PatchDiscriminator", "generator_from_config", "discriminator_from_config",
-               "count_params", "init_variables", "unet_widths"],
-    "losses": ["gan_loss", "discriminator_loss", "generator_gan_loss", "l1_loss", "pix2pix_generator_loss"],
-    "train": ["TrainState", "create_train_state", "train_step", "eval_step", "train_and_evaluate", "data_mesh",
-              "data_from_config", "make_optimizer", "compiled_train_step"],
-    "checkpoint": ["restore_latest", "restore_for_inference", "latest_step", "best_step"],
-    "synthesize": ["load_synthesizer", "Synthesizer", "synthesize_tiled", "save_synthesis"],
+    "geometry": ["Grid"],
+    "io": ["read_imzml", "read_imzml_sparse", "SparseMSI", "imzml_info", "write_imzml", "read_histology",
+           "read_image", "write_image", "tissue_mask", "resample_to_pixel_size"],
+    "datasets": ["data_dir", "load_msiflow", "load_mouse_brain", "list_he_slides", "load_he"],
+    "preprocess": ["tic_normalize", "remove_hotspots", "pca", "PreprocessConfig", "MSIPreprocessor"],
+    "simulate": ["simulate_msi", "save_simulated"],
+    "data": ["make_pair", "PatchDataset", "msiflow_pairs", "semi_synthetic_pairs"],
+    "train": ["create_train_state", "train_step", "train_and_evaluate"],
+    "synthesize": ["load_synthesizer", "Synthesizer"],
     "metrics": ["mutual_information", "normalized_mutual_information", "ssim", "psnr"],
-    # `register` itself is the subpackage; its function is `msisynth.register.register`.
-    "register": ["AffineTransform", "RegistrationConfig", "RegistrationResult", "register_batch",
-                 "register_msi_to_histology", "result_summary", "warp_image", "warp_msi", "save_transform_json",
-                 "load_transform_json",
-                 "save_itk_transform", "load_itk_transform", "load_landmarks_csv", "target_registration_error",
-                 "ncc", "mse", "BSplineTransform", "DeformableConfig", "register_deformable",
-                 "save_displacement_field"],
-    "regions": ["read_geojson_regions", "rasterize_regions", "regions_to_msi", "region_statistics",
-                "differential_ions", "write_region_table_csv", "write_mean_spectra_csv",
-                "write_differential_ions_csv", "Region", "RegionStats"],
-    "pipeline": ["SectionInputs", "SectionResult", "process_section", "write_section_report",
-                 "working_pixel_size_um"],
+    # `register` itself is the subpackage, and callable (see the module docstring).
+    "register": ["AffineTransform", "RegistrationConfig", "register_msi_to_histology", "warp_image", "warp_msi",
+                 "save_transform_json", "load_transform_json", "save_itk_transform", "load_itk_transform",
+                 "load_landmarks_csv", "target_registration_error", "parzen_mutual_information",
+                 "BSplineTransform", "DeformableConfig", "register_deformable", "save_displacement_field"],
+    "regions": ["read_geojson_regions", "regions_to_msi", "region_statistics", "differential_ions"],
+    "pipeline": ["SectionInputs", "process_section", "register_images"],
+    "report": ["write_section_report"],
 }
 
 _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -48,7 +48,7 @@ from typing import Any
 
 from absl import logging
 
-from msisynth import errors, outputs, progress
+from msisynth import errors, geometry, outputs, progress
 
 HISTOLOGY_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DONE_MARKER = "DONE.json"
@@ -130,14 +130,13 @@ class SectionPlan:
 
 
 def _pixel_size(value, what: str, problems: list[str]):
+  """A pixel size as given (a number stays a number), parsed by `geometry.pixel_size_yx`; None on a problem."""
   try:
-    arr = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
-  except (TypeError, ValueError):
-    arr = []
-  if len(arr) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in arr):
-    problems.append(f"{what} must be a positive number or a [y, x] pair, got {value!r}")
+    py, px = geometry.pixel_size_yx(value, what)
+  except errors.ConfigError as e:
+    problems.append(str(e))
     return None
-  return arr[0] if len(arr) == 1 else (arr[0], arr[1])
+  return py if not isinstance(value, list | tuple) or len(value) == 1 else (py, px)
 
 
 def _named_file(folder: pathlib.Path, value, key: str, problems: list[str]) -> pathlib.Path | None:

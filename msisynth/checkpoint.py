@@ -8,6 +8,13 @@ the generator without the discriminator or the optimiser:
   config        JsonSave       the training ConfigDict as a dict
   data_state    JsonSave       where the data stream is: {"seed", "step"} (the next batch index)
   preprocessor  JsonSave       {"preprocessor": MSIPreprocessor.to_dict() or None}
+  digest        JsonSave       a SHA-256 digest of every other item, checked on restore
+
+Before a save, every floating-point array of the state (parameters, batch statistics, optimiser states) is
+checked finite: a state with NaN/Inf is refused (TrainingError), so every saved step is a good one. A restore
+reads each item back and compares it with the stored digest; a step that cannot be read or does not match (a
+truncated or bit-flipped file, a deleted manifest, a corrupt JSON item) is *damaged*: the error names it and the
+newest intact step, and `restore_latest(..., resume_from="intact")` falls back to that step, but only when asked.
 
 One manager keeps both the last `max_to_keep` checkpoints and the best one by validation SSIM (saved with
 `metrics={"val_ssim": ...}`), through orbax's `AnyPreservationPolicy(LatestN, BestN)`. Saves are asynchronous
@@ -16,13 +23,18 @@ and atomic: a process killed while saving leaves only complete checkpoints behin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
@@ -35,6 +47,10 @@ TESTED_ORBAX_VERSION = "0.12.8"
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_METRIC = "val_ssim"
 _TRAIN_FIELDS = ("step", "rng", "d_params", "d_batch_stats", "g_opt_state", "d_opt_state")
+_JSON_ITEMS = ("config", "data_state", "preprocessor")
+DIGEST_ITEM = "digest"
+DAMAGED_SUBDIR = "checkpoints.damaged"
+RESUME_FROM = ("latest", "intact")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -136,6 +152,82 @@ def _config_dict(config) -> dict:
     return dict(config)
   raise errors.ConfigError(f"config must be a ConfigDict or a dict, got {type(config).__name__}")
 
+# ----------------------------------------------------------------------------------------------------------------
+# Finiteness and digests.
+
+
+def _leaf_name(path) -> str:
+  return jax.tree_util.keystr(path)
+
+
+def check_finite(tree, what: str = "the train state") -> None:
+  """TrainingError unless every floating-point array of `tree` is finite (no NaN, no Inf).
+
+  Args:
+    tree: a pytree of arrays (a TrainState, or {"params", "batch_stats"}).
+    what: how the message names `tree`.
+
+  Raises:
+    TrainingError: naming up to five arrays that hold NaN or Inf.
+  """
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not hasattr(leaf, "dtype") or not _is_float(leaf.dtype):
+      continue
+    value = np.asarray(jax.device_get(leaf))
+    if not np.isfinite(value).all():
+      bad.append(f"{_leaf_name(path)} (max |x| = {np.nanmax(np.abs(value)) if not np.isnan(value).all() else 'nan'})")
+  if bad:
+    raise errors.TrainingError(
+      f"{what} holds NaN/Inf in {len(bad)} array(s): {', '.join(bad[:5])}; it is not usable (lower the learning "
+      "rate or check the input data for NaN/Inf)"
+    )
+
+
+def _is_float(dtype) -> bool:
+  """Whether `dtype` is a floating-point dtype (float16/bfloat16/float32/float64)."""
+  return np.issubdtype(np.dtype(dtype), np.floating) or str(dtype) == "bfloat16"
+
+
+def _array_digest(tree) -> dict[str, Any]:
+  """SHA-256 over the leaves of `tree` (dtype, shape and bytes of each), independent of the container types.
+
+  Orbax restores namedtuples as dicts when no target is given, so the digest does not depend on the tree's
+  structure: it hashes the sorted per-leaf digests.
+  """
+  leaf_digests = []
+  for leaf in jax.tree_util.tree_leaves(tree):
+    value = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    h.update(value.tobytes())
+    leaf_digests.append(h.hexdigest())
+  total = hashlib.sha256("".join(sorted(leaf_digests)).encode()).hexdigest()
+  return {"sha256": total, "arrays": len(leaf_digests)}
+
+
+def _json_digest(obj) -> dict[str, Any]:
+  canonical = json.dumps(json.loads(json.dumps(obj)), sort_keys=True)
+  return {"sha256": hashlib.sha256(canonical.encode()).hexdigest()}
+
+
+def _verify(where: str, step: int, restored: Mapping[str, Any], digest: Mapping[str, Any] | None) -> None:
+  """CheckpointError unless each restored item matches its stored digest."""
+  if digest is None:
+    logging.log_first_n(logging.WARNING, "%s: checkpoint step %d has no digest; it is not verified", 4, where, step)
+    return
+  items = digest.get("items", {})
+  for name, value in restored.items():
+    if name == DIGEST_ITEM or name not in items:
+      continue
+    got = _array_digest(value) if name in ("generator", "train") else _json_digest(value)
+    if got["sha256"] != items[name].get("sha256"):
+      raise _Damaged(f"item '{name}' does not match the digest stored with it (the files were changed on disk)")
+
+
+class _Damaged(Exception):
+  """A step that cannot be read back as it was written (internal; becomes a CheckpointError)."""
+
+
 
 def save(
   manager_or_workdir,
@@ -159,15 +251,28 @@ def save(
 
   Returns:
     Whether a checkpoint was written (False when this step is already saved).
+
+  Raises:
+    TrainingError: when a parameter, batch statistic or optimiser state holds NaN/Inf (nothing is written).
   """
   step = int(jax.device_get(state.step))
+  generator_item = {"params": state.g_params, "batch_stats": state.g_batch_stats}
   train_item = {name: getattr(state, name) for name in _TRAIN_FIELDS}
+  # One host copy serves the finiteness check and the digest (orbax makes its own for the write).
+  host = jax.device_get({"generator": generator_item, "train": train_item})
+  check_finite(host, f"the train state at step {step}")
+  json_items = {
+    "config": _config_dict(config),
+    "data_state": dict(data_state or {}),
+    "preprocessor": {"preprocessor": None if preprocessor is None else dict(preprocessor)},
+  }
+  digest = {"format": 1, "items": {name: _array_digest(value) for name, value in host.items()}}
+  digest["items"].update({name: _json_digest(value) for name, value in json_items.items()})
   args = ocp.args.Composite(
-    generator=ocp.args.StandardSave({"params": state.g_params, "batch_stats": state.g_batch_stats}),
+    generator=ocp.args.StandardSave(generator_item),
     train=ocp.args.StandardSave(train_item),
-    config=ocp.args.JsonSave(_config_dict(config)),
-    data_state=ocp.args.JsonSave(dict(data_state or {})),
-    preprocessor=ocp.args.JsonSave({"preprocessor": None if preprocessor is None else dict(preprocessor)}),
+    **{name: ocp.args.JsonSave(value) for name, value in json_items.items()},
+    **{DIGEST_ITEM: ocp.args.JsonSave(digest)},
   )
   ranked = None
   if metrics is not None and BEST_METRIC in metrics and math.isfinite(float(metrics[BEST_METRIC])):
@@ -206,14 +311,137 @@ def _extras(restored) -> dict[str, Any]:
   }
 
 
-def restore_latest(manager_or_workdir, target_state=None, step: int | None = None):
-  """Restores the latest (or a given) checkpoint.
+def _read_step(directory: str, step: int, items: tuple[str, ...], targets: Mapping[str, Any] | None = None):
+  """Items of one step read back and checked against their digest; _Damaged when that fails.
+
+  A fresh checkpointer reads the step folder, so that a failed read (orbax can leave its event loop closed) does
+  not affect the caller's manager.
+  """
+  targets = targets or {}
+  step_dir = os.path.join(directory, str(step))
+  missing = [name for name in items if not os.path.isdir(os.path.join(step_dir, name))]
+  if missing:
+    raise _Damaged(f"item(s) {missing} are missing")
+  args = {}
+  for name in items:
+    if name in ("generator", "train"):
+      args[name] = ocp.args.StandardRestore(targets.get(name))
+    else:
+      args[name] = ocp.args.JsonRestore()
+  has_digest = os.path.isdir(os.path.join(step_dir, DIGEST_ITEM))
+  if has_digest:
+    args[DIGEST_ITEM] = ocp.args.JsonRestore()
+  reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    restored = reader.restore(step_dir, args=ocp.args.Composite(**args))
+  except Exception as e:  # tensorstore, orbax and json raise many kinds (ValueError, RuntimeError, OSError, ...)
+    _quiet_closed_loop_callbacks()
+    raise _Damaged(_reason(e)) from e
+  finally:
+    try:
+      reader.close()
+    except Exception:  # noqa: BLE001 - closing after a failed read must not hide the read's error
+      pass
+  restored = {name: restored[name] for name in args}
+  digest = restored.pop(DIGEST_ITEM, None)
+  if has_digest and not (isinstance(digest, Mapping) and isinstance(digest.get("items"), Mapping)):
+    raise _Damaged("its digest item is malformed")
+  try:
+    _verify(directory, step, restored, digest)
+  except _Damaged:
+    raise
+  except Exception as e:  # noqa: BLE001 - a restored item of an unexpected form is damage too
+    raise _Damaged(_reason(e)) from e
+  return restored
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the "Event loop is closed" tracebacks that tensorstore callbacks print after a failed orbax read.
+
+  They come from background threads (as unraisable exceptions) once orbax has closed its event loop, say nothing
+  the CheckpointError does not, and would bury its one line. Only that exact error is dropped.
+  """
+  hook = sys.unraisablehook
+  if getattr(hook, "_msisynth_quiet", False):
+    return
+
+  def quiet(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    hook(unraisable)
+
+  quiet._msisynth_quiet = True
+  sys.unraisablehook = quiet
+
+
+def _reason(e: BaseException) -> str:
+  """One line saying why a read failed, without tensorstore's long spec."""
+  text = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+  return f"{type(e).__name__}: {text[:300] or 'unreadable'}"
+
+
+_ALL_ITEMS = ("generator", "train", *_JSON_ITEMS)
+_INFERENCE_ITEMS = ("generator", "config", "preprocessor")
+
+
+def newest_intact_step(manager_or_workdir, below: int | None = None, items: tuple[str, ...] = _ALL_ITEMS) -> int | None:
+  """The newest step (below `below`, when given) whose items read back and match their digest; None if none.
+
+  Args:
+    manager_or_workdir: a manager or a run folder.
+    below: consider only steps before this one.
+    items: the items that must be intact (default: all of them, as resuming needs).
+
+  Returns:
+    The step, or None when no step is intact.
+  """
+  with _Manager(manager_or_workdir, read_only=True) as manager:
+    directory, steps = os.fspath(manager.directory), sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    if below is not None and step >= below:
+      continue
+    try:
+      _read_step(directory, step, items)
+    except _Damaged as e:
+      logging.warning("%s: checkpoint step %d is damaged (%s)", directory, step, e)
+      continue
+    return int(step)
+  return None
+
+
+def _damaged_error(directory: str, step: int, reason, items, advice: str) -> errors.CheckpointError:
+  intact = newest_intact_step(directory, below=step, items=items)
+  if intact is None:
+    way = "no earlier step is intact (start again in a new workdir)"
+  else:
+    way = f"step {intact} is intact: {advice.format(step=intact)}"
+  return errors.CheckpointError(f"{directory}: checkpoint step {step} is damaged ({reason}); {way}")
+
+
+def _move_aside(directory: str, steps: list[int]) -> None:
+  """Moves damaged steps out of the checkpoint folder (kept, not deleted) so that training can save them again."""
+  aside = os.path.join(os.path.dirname(directory), DAMAGED_SUBDIR)
+  os.makedirs(aside, exist_ok=True)
+  for step in steps:
+    target = os.path.join(aside, str(step))
+    n = 1
+    while os.path.exists(target):
+      target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+    shutil.move(os.path.join(directory, str(step)), target)
+    logging.warning("moved damaged checkpoint step %d to %s", step, target)
+
+
+def restore_latest(manager_or_workdir, target_state=None, step: int | None = None, resume_from: str = "latest"):
+  """Restores the latest (or a given) checkpoint, verified against the digest stored with it.
 
   Args:
     manager_or_workdir: a manager or a run folder.
     target_state: a TrainState of the same configuration (e.g. from `create_train_state`); the restored arrays
       take its structure, dtypes and shardings. Without it the raw pytrees are returned.
     step: restore this step instead of the latest.
+    resume_from: "latest": a damaged latest step raises CheckpointError naming it and the newest intact step.
+      "intact": restore the newest intact step instead; damaged newer steps are moved to
+      `workdir/checkpoints.damaged/` (kept, not deleted) so that training can save those steps again.
 
   Returns:
     (state, extras): state is a TrainState when `target_state` is given, else
@@ -221,44 +449,71 @@ def restore_latest(manager_or_workdir, target_state=None, step: int | None = Non
     "data_state", "preprocessor" (dict or None)}.
 
   Raises:
-    CheckpointError: when there is no checkpoint.
+    CheckpointError: when there is no checkpoint, the step is damaged (and `resume_from` is "latest"), or no step
+      is intact.
     TrainingError: when the checkpoint does not match `target_state` (another configuration).
   """
+  if resume_from not in RESUME_FROM:
+    raise errors.ConfigError(f"resume_from must be one of {RESUME_FROM}, got {resume_from!r}")
   with _Manager(manager_or_workdir, read_only=True) as manager:
+    directory = os.fspath(manager.directory)
     step = _pick_step(manager, step, "latest")
-    json_args = dict(
-      config=ocp.args.JsonRestore(), data_state=ocp.args.JsonRestore(), preprocessor=ocp.args.JsonRestore()
-    )
-    if target_state is None:
-      restored = manager.restore(
-        step,
-        args=ocp.args.Composite(generator=ocp.args.StandardRestore(), train=ocp.args.StandardRestore(), **json_args),
-      )
-      extras = _extras(restored)
-      extras["step"] = step
-      return {"generator": restored["generator"], "train": restored["train"]}, extras
-    g_target = {"params": target_state.g_params, "batch_stats": target_state.g_batch_stats}
-    t_target = {name: getattr(target_state, name) for name in _TRAIN_FIELDS}
-    try:
-      restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-          generator=ocp.args.StandardRestore(g_target), train=ocp.args.StandardRestore(t_target), **json_args
-        ),
-      )
-    except (ValueError, KeyError, TypeError) as e:
-      raise errors.TrainingError(
-        f"{manager.directory}/{step}: the checkpoint does not match the configured model and optimiser "
-        f"({type(e).__name__}: {str(e)[:500]}); use a new workdir or the configuration it was trained with"
-      ) from e
-  g, t = restored["generator"], restored["train"]
-  _check_matches(
-    f"{manager.directory}/{step}", {"generator": g, "train": t}, {"generator": g_target, "train": t_target}
-  )
-  state = target_state.replace(g_params=g["params"], g_batch_stats=g["batch_stats"], **t)
+  targets = None
+  if target_state is not None:
+    targets = {
+      "generator": {"params": target_state.g_params, "batch_stats": target_state.g_batch_stats},
+      "train": {name: getattr(target_state, name) for name in _TRAIN_FIELDS},
+    }
+  try:
+    restored = _read_step_for(directory, step, targets)
+  except _Damaged as e:
+    if resume_from == "latest":
+      raise _damaged_error(
+        directory, step, e, _ALL_ITEMS, "pass resume_from='intact' (experiments/train.py --resume_from=intact) to "
+        "resume from it; the damaged steps are then moved aside, not deleted"
+      ) from None
+    intact = newest_intact_step(directory, below=step)
+    if intact is None:
+      raise errors.CheckpointError(
+        f"{directory}: checkpoint step {step} is damaged ({e}) and no earlier step is intact; nothing was changed "
+        "(start again in a new workdir)"
+      ) from None
+    with _Manager(manager_or_workdir, read_only=True) as manager:
+      newer = sorted(s for s in manager.all_steps() if s > intact)
+    logging.warning("%s: checkpoint step %d is damaged (%s); resuming from step %d, the newest intact one",
+                    directory, step, e, intact)
+    if jax.process_index() == 0:  # one process moves them; the others wait until it has
+      _move_aside(directory, newer)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("msisynth.checkpoint.move_aside")
+    if isinstance(manager_or_workdir, ocp.CheckpointManager):
+      manager_or_workdir.reload()
+    step = intact
+    restored = _read_step_for(directory, step, targets)
   extras = _extras(restored)
   extras["step"] = step
+  if target_state is None:
+    return {"generator": restored["generator"], "train": restored["train"]}, extras
+  g, t = restored["generator"], restored["train"]
+  _check_matches(f"{directory}/{step}", {"generator": g, "train": t}, targets)
+  state = target_state.replace(g_params=g["params"], g_batch_stats=g["batch_stats"], **t)
   return state, extras
+
+
+def _read_step_for(directory: str, step: int, targets):
+  """`_read_step` of every item; a step that reads raw but not into `targets` is another model (TrainingError)."""
+  if targets is None:
+    return _read_step(directory, step, _ALL_ITEMS)
+  try:
+    return _read_step(directory, step, _ALL_ITEMS, targets)
+  except _Damaged as e:
+    _read_step(directory, step, _ALL_ITEMS)  # raises _Damaged when the step itself is damaged
+    raise errors.TrainingError(
+      f"{directory}/{step}: the checkpoint does not match the configured model and optimiser ({e}); use a new "
+      "workdir or the configuration it was trained with"
+    ) from None
 
 
 def _check_matches(where: str, restored, target) -> None:
@@ -299,16 +554,20 @@ def restore_for_inference(
     the saved `MSIPreprocessor.to_dict()` or None.
 
   Raises:
-    CheckpointError: when the folder holds no checkpoint or not the asked step.
+    CheckpointError: when the folder holds no checkpoint or not the asked step, when the step is damaged (the
+      message names the newest intact step), or when its weights hold NaN/Inf.
   """
   with _Manager(workdir, read_only=True) as manager:
+    directory = os.fspath(manager.directory)
     step = _pick_step(manager, step, which)
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        generator=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(), preprocessor=ocp.args.JsonRestore()
-      ),
-    )
+  try:
+    restored = _read_step(directory, step, _INFERENCE_ITEMS)
+  except _Damaged as e:
+    raise _damaged_error(directory, step, e, _INFERENCE_ITEMS, "pass step={step} to use it") from None
   g = restored["generator"]
   variables = {"params": g["params"], "batch_stats": g.get("batch_stats") or {}}
+  try:
+    check_finite(variables, f"the generator of checkpoint step {step}")
+  except errors.TrainingError as e:
+    raise errors.CheckpointError(f"{directory}: {e}") from None
   return ml_collections.ConfigDict(restored["config"]), variables, restored["preprocessor"]["preprocessor"]

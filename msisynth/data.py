@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from msisynth import datasets, errors, progress, simulate
+from msisynth import datasets, errors, geometry, progress, simulate
 from msisynth import io as msi_io
+from msisynth.geometry import upsample_grid
 from msisynth.preprocess import MSIPreprocessor
 from msisynth.register.transforms import AffineTransform, warp_image
 from msisynth.types import MSIImage
@@ -81,67 +82,6 @@ class Pair:
   @property
   def num_channels(self) -> int:
     return int(self.msi.shape[2])
-
-
-def _pixel_size(value, name: str) -> tuple[float, float]:
-  if value is None:
-    raise errors.ConfigError(f"{name} is required")
-  arr = np.asarray(value, dtype=np.float64).reshape(-1)
-  if arr.size == 1:
-    arr = np.repeat(arr, 2)
-  if arr.size != 2 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-    raise errors.ConfigError(f"{name} must be a positive number or a (y, x) pair, got {value!r}")
-  return float(arr[0]), float(arr[1])
-
-
-def _interpolation_matrix(n_in: int, upsample: int, mode: str) -> np.ndarray:
-  """(n_out, n_in) weights taking n_in samples to the grid i / upsample, i < (n_in - 1)·upsample + 1."""
-  n_out = (n_in - 1) * upsample + 1
-  pos = np.arange(n_out) / upsample
-  weights = np.zeros((n_out, n_in), np.float32)
-  if mode == "nearest":
-    weights[np.arange(n_out), np.minimum(np.floor(pos + 0.5).astype(int), n_in - 1)] = 1
-    return weights
-  lo = np.minimum(np.floor(pos).astype(int), max(n_in - 2, 0))
-  frac = pos - lo
-  weights[np.arange(n_out), lo] += 1 - frac
-  weights[np.arange(n_out), np.minimum(lo + 1, n_in - 1)] += frac
-  return weights
-
-
-def upsample_grid(image: np.ndarray, upsample: int, mode: str = "bilinear") -> np.ndarray:
-  """Resamples an MSI-grid image onto the grid with `upsample`× smaller pixels and the same origin.
-
-  The output pixel i lies at MSI pixel position i / upsample, so pixel (0, 0) stays at the origin (the centre of
-  MSI pixel (0, 0)) and the last output pixel is the last MSI pixel centre: an (H, W) image becomes
-  ((H - 1)·u + 1, (W - 1)·u + 1).
-
-  Args:
-    image: (H, W) or (H, W, C) array on the MSI grid.
-    upsample: integer factor u >= 1.
-    mode: "bilinear" or "nearest" (labels and masks keep their dtype with "nearest").
-
-  Returns:
-    The upsampled image.
-
-  Raises:
-    ConfigError: for a bad factor or mode.
-  """
-  if int(upsample) != upsample or upsample < 1:
-    raise errors.ConfigError(f"upsample must be an integer >= 1, got {upsample!r}")
-  if mode not in ("bilinear", "nearest"):
-    raise errors.ConfigError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
-  image = np.asarray(image)
-  if upsample == 1:
-    return image
-  rows = _interpolation_matrix(image.shape[0], int(upsample), mode)
-  cols = _interpolation_matrix(image.shape[1], int(upsample), mode)
-  if mode == "nearest":
-    return image[np.argmax(rows, axis=1)][:, np.argmax(cols, axis=1)]
-  # Separable: rows first, then columns (two matrix products, not one four-index contraction).
-  out = np.tensordot(rows, image.astype(np.float32), axes=(1, 0))
-  out = np.moveaxis(np.tensordot(cols, out, axes=(1, 1)), 0, 1)
-  return out.astype(np.float32)
 
 
 def make_pair(
@@ -206,11 +146,9 @@ def make_pair(
     )
   if not np.all(np.isfinite(histology)) or histology.min() < 0 or histology.max() > 1:
     raise errors.DataError(f"{where}histology must be finite and in [0, 1]")
-  msi_px = _pixel_size(msi_pixel_size_um, "msi_pixel_size_um")
-  hist_px = _pixel_size(histology_pixel_size_um, "histology_pixel_size_um")
-  if int(upsample) != upsample or upsample < 1:
-    raise errors.ConfigError(f"upsample must be an integer >= 1, got {upsample!r}")
-  upsample = int(upsample)
+  msi_px = geometry.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
+  hist_px = geometry.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  upsample = geometry.check_upsample(upsample)
   msi_shape = msi_input.shape[:2]
   for label, m in (("msi_mask", msi_mask), ("tissue_mask", tissue_mask)):
     if m is not None and np.shape(m) != msi_shape:
@@ -224,8 +162,8 @@ def make_pair(
   elif not isinstance(transform, AffineTransform):
     raise errors.ConfigError(f"{where}transform must be an AffineTransform or None, got {type(transform).__name__}")
 
-  target_px = (msi_px[0] / upsample, msi_px[1] / upsample)
-  target_shape = ((msi_shape[0] - 1) * upsample + 1, (msi_shape[1] - 1) * upsample + 1)
+  target = geometry.Grid(msi_shape, msi_px).upsampled(upsample)
+  target_px, target_shape = target.pixel_size_um, target.shape
   msi = np.clip(upsample_grid(msi_input, upsample, msi_interpolation), -1, 1).astype(np.float32)
 
   measured = np.ones(msi_shape, bool) if msi_mask is None else np.asarray(msi_mask, bool)
@@ -792,7 +730,7 @@ def semi_synthetic_pairs(
   he_paths: Sequence[str | os.PathLike],
   *,
   seed: int,
-  he_pixel_size_um: float = 5.0,
+  histology_pixel_size_um: float | None = None,
   msi_pixel_size_um: float = 20.0,
   n_channels: int = 200,
   n_components: int = 8,
@@ -805,6 +743,7 @@ def semi_synthetic_pairs(
   noise: simulate.NoiseModel | bool | None = True,
   preprocess_config: Any | None = None,
   simulate_kwargs: dict[str, Any] | None = None,
+  he_pixel_size_um: float | None = None,
 ) -> PairedData:
   """Semi-synthetic training pairs: real H&E slides with MSI simulated from them (labelled simulated).
 
@@ -822,8 +761,8 @@ def semi_synthetic_pairs(
   Args:
     he_paths: the training H&E images (e.g. `msisynth.datasets.list_he_slides()`).
     seed: seed of the chemistry, the per-slide simulation and the splits.
-    he_pixel_size_um: assumed H&E pixel size, µm (the shipped PNGs do not record theirs; see
-      `msisynth.simulate`).
+    histology_pixel_size_um: assumed H&E pixel size, µm; None for 5 (the shipped PNGs do not record theirs;
+      see `msisynth.simulate`).
     msi_pixel_size_um: simulated MSI pixel size, µm.
     n_channels: simulated m/z channels.
     n_components: PCA components k of the network input.
@@ -837,6 +776,7 @@ def semi_synthetic_pairs(
     noise: the simulation's NoiseModel (True: the default one; False/None: none).
     preprocess_config: a `PreprocessConfig` to use instead of the default above (its n_components wins).
     simulate_kwargs: further keyword arguments of `simulate_msi` (e.g. n_classes, psf_fwhm_um, intensity).
+    he_pixel_size_um: deprecated name of `histology_pixel_size_um`.
 
   Returns:
     PairedData: pairs named after the slides (metadata "simulated": True), regions, split "section", "region"
@@ -848,6 +788,11 @@ def semi_synthetic_pairs(
   """
   from msisynth.preprocess import PreprocessConfig
 
+  histology_pixel_size_um = geometry.renamed_argument(
+    histology_pixel_size_um, he_pixel_size_um, "histology_pixel_size_um", "he_pixel_size_um"
+  )
+  if histology_pixel_size_um is None:
+    histology_pixel_size_um = 5.0
   he_paths = [os.fspath(p) for p in he_paths]
   val_he_paths = [os.fspath(p) for p in val_he_paths]
   if not he_paths:
@@ -865,7 +810,7 @@ def semi_synthetic_pairs(
     return simulate.simulate_msi(
       _section_seed(seed, index),
       he,
-      he_pixel_size_um=he_pixel_size_um,
+      histology_pixel_size_um=histology_pixel_size_um,
       msi_pixel_size_um=msi_pixel_size_um,
       n_channels=n_channels,
       misalignment=None,
@@ -926,7 +871,7 @@ def semi_synthetic_pairs(
       sim.he,
       transform=sim.transform,
       msi_pixel_size_um=sim.msi.pixel_size_um,
-      histology_pixel_size_um=sim.he_pixel_size_um,
+      histology_pixel_size_um=sim.histology_pixel_size_um,
       upsample=upsample,
       msi_mask=sim.msi.mask,
       histology_mask=tissue,
@@ -945,7 +890,8 @@ def semi_synthetic_pairs(
     "seed": seed,
     "he_paths": he_paths,
     "val_he_paths": val_he_paths,
-    "he_pixel_size_um": he_pixel_size_um,
+    "histology_pixel_size_um": histology_pixel_size_um,
+    "he_pixel_size_um": histology_pixel_size_um,  # deprecated name of histology_pixel_size_um
     "msi_pixel_size_um": msi_pixel_size_um,
     "n_channels": n_channels,
     "n_components": n_components,

@@ -404,7 +404,7 @@ class MsightBladder:
       region of interest); the file's 422 m/z values sorted, the repeated value 1450.5458 merged into one
       channel (421 channels).
     he: float32 (1920, 2560, 3) RGB in [0, 1]. The field of view cuts the tissue at its left edge.
-    he_pixel_size_um: H&E pixel size implied by the landmarks and the MSI's 25 µm (about 2.7 µm).
+    histology_pixel_size_um: H&E pixel size implied by the landmarks and the MSI's 25 µm (about 2.7 µm).
     he_recorded_pixel_size_um: the pixel size the TIFF records (0.17 µm), which cannot be right for its 2x
       objective.
     landmarks_px: float64 (4, 4): msi_x, msi_y (MSI pixel column, row), he_x, he_y (H&E pixel column, row);
@@ -413,15 +413,20 @@ class MsightBladder:
 
   msi: MSIImage
   he: np.ndarray
-  he_pixel_size_um: float
+  histology_pixel_size_um: float
   he_recorded_pixel_size_um: float | None
   landmarks_px: np.ndarray
+
+  @property
+  def he_pixel_size_um(self) -> float:
+    """Deprecated name of `histology_pixel_size_um`."""
+    return self.histology_pixel_size_um
 
   def landmarks_um(self) -> np.ndarray:
     """The landmarks in µm in the `load_landmarks_csv` layout: fixed (H&E) x, y, moving (MSI) x, y."""
     py, px = self.msi.pixel_size_um
     lm = self.landmarks_px
-    return np.stack([lm[:, 2] * self.he_pixel_size_um, lm[:, 3] * self.he_pixel_size_um,
+    return np.stack([lm[:, 2] * self.histology_pixel_size_um, lm[:, 3] * self.histology_pixel_size_um,
                      lm[:, 0] * px, lm[:, 1] * py], axis=1)  # fmt: skip
 
 
@@ -472,7 +477,7 @@ def load_msight_bladder(data_dir: str | os.PathLike | None = None, *, download: 
   return MsightBladder(
     msi=msi,
     he=he,
-    he_pixel_size_um=_landmark_pixel_size(landmarks, msi.pixel_size_um[1]),
+    histology_pixel_size_um=_landmark_pixel_size(landmarks, msi.pixel_size_um[1]),
     he_recorded_pixel_size_um=None if recorded is None else float(recorded[1]),
     landmarks_px=landmarks,
   )

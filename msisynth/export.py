@@ -391,9 +391,7 @@ def write_spatialdata(path: str | os.PathLike, sdata, *, overwrite: bool = False
   Raises:
     OutputExistsError: `path` exists and `overwrite` is False.
   """
-  path = pathlib.Path(path)
-  if path.exists() and not overwrite:
-    raise errors.OutputExistsError("exists; pass overwrite=True (--overwrite) to replace it", path)
+  path = outputs.refuse_existing(path, overwrite=overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.zarr")
   try:

@@ -98,6 +98,60 @@ def l1_loss(prediction: ArrayLike, target: ArrayLike, mask: ArrayLike | None = N
   return total / jnp.maximum(count, 1.0)
 
 
+RECON_LOSSES = ("l1", "shift_l1")
+
+
+def shift_tolerant_l1_loss(prediction: ArrayLike, target: ArrayLike, max_shift: int = 2,
+                           mask: ArrayLike | None = None) -> jax.Array:  # fmt: skip
+  """L1 that forgives a small misalignment: per image, the least mean |prediction − shifted target| over shifts.
+
+  For training pairs whose histology is only roughly aligned with the MSI (pairs built from landmarks or a coarse
+  registration), plain L1 punishes the generator for the pair's misalignment and teaches it to blur. Here each
+  image of the batch is compared with the target translated by every integer shift (dy, dx) in [−s, s]², over the
+  central window that all shifts cover (the border of width s is ignored), and the smallest mean error counts.
+  With `max_shift` 0 it is `l1_loss`.
+
+  Args:
+    prediction: (B, H, W, C) images, H and W > 2 s.
+    target: same shape.
+    max_shift: s, the largest shift in pixels.
+    mask: optional (B, H, W) or (B, H, W, 1) weights, shifted with the target.
+
+  Returns:
+    Scalar float32: the mean over the batch of each image's least shifted L1.
+
+  Raises:
+    ConfigError: for mismatched shapes, a negative shift or one too large for the images.
+  """
+  prediction = jnp.asarray(prediction, jnp.float32)
+  target = jnp.asarray(target, jnp.float32)
+  s = int(max_shift)
+  if prediction.shape != target.shape or prediction.ndim != 4:
+    raise errors.ConfigError(f"shift-tolerant L1: prediction {prediction.shape} and target {target.shape} must be one "
+                             "(B, H, W, C) shape")  # fmt: skip
+  if s < 0 or 2 * s >= min(prediction.shape[1:3]):
+    raise errors.ConfigError(f"shift-tolerant L1: max_shift must be in [0, {(min(prediction.shape[1:3]) - 1) // 2}], "
+                             f"got {max_shift}")  # fmt: skip
+  if s == 0:
+    return l1_loss(prediction, target, mask)
+  h, w = prediction.shape[1:3]
+  centre = prediction[:, s:h - s, s:w - s]
+  if mask is None:
+    weights = jnp.ones(target.shape[:3] + (1,), jnp.float32)
+  else:
+    weights = jnp.asarray(mask, jnp.float32)
+    weights = weights[..., None] if weights.ndim == 3 else weights
+  errs = []
+  for dy in range(-s, s + 1):
+    for dx in range(-s, s + 1):
+      t = target[:, s + dy:h - s + dy, s + dx:w - s + dx]
+      m = weights[:, s + dy:h - s + dy, s + dx:w - s + dx]
+      total = jnp.sum(jnp.abs(centre - t) * m, axis=(1, 2, 3))
+      count = jnp.sum(m, axis=(1, 2, 3)) * prediction.shape[-1]
+      errs.append(total / jnp.maximum(count, 1.0))
+  return jnp.mean(jnp.min(jnp.stack(errs, axis=0), axis=0))
+
+
 def pix2pix_generator_loss(
   fake_logits: ArrayLike | None,
   fake: ArrayLike,
@@ -107,6 +161,8 @@ def pix2pix_generator_loss(
   l1_weight: float = 100.0,
   mode: str = "vanilla",
   mask: ArrayLike | None = None,
+  recon_loss: str = "l1",
+  max_shift: int = 2,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """pix2pix generator objective: gan_weight · GAN + l1_weight · L1 (λ = 100 in the paper).
 
@@ -118,11 +174,18 @@ def pix2pix_generator_loss(
     l1_weight: λ, the weight of the L1 term.
     mode: GAN mode.
     mask: optional mask for the L1 term (see `l1_loss`).
+    recon_loss: "l1" (the paper's) or "shift_l1" (`shift_tolerant_l1_loss`, for roughly aligned pairs).
+    max_shift: the largest shift of "shift_l1", in pixels.
 
   Returns:
     (total loss, {"g_gan": unweighted adversarial loss, "g_l1": unweighted L1}).
   """
-  l1 = l1_loss(fake, real, mask)
+  if recon_loss == "l1":
+    l1 = l1_loss(fake, real, mask)
+  elif recon_loss == "shift_l1":
+    l1 = shift_tolerant_l1_loss(fake, real, max_shift, mask)
+  else:
+    raise errors.ConfigError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
   if gan_weight == 0 or fake_logits is None:
     gan = jnp.zeros((), jnp.float32)
     total = l1_weight * l1

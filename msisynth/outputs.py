@@ -42,9 +42,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
   Raises:
     OutputExistsError: `path` exists and `overwrite` is False.
   """
-  path = pathlib.Path(path)
-  if not overwrite and path.exists():
-    raise errors.OutputExistsError("exists; pass overwrite=True (--overwrite) to replace it", path)
+  path = refuse_existing(path, overwrite=overwrite)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
   os.close(fd)
@@ -59,12 +57,45 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
       tmp.unlink()
 
 
+def refuse_existing(*paths: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+  """The one "output exists" check for files: raises unless `overwrite` or none of `paths` exists.
+
+  Returns:
+    The first path, as a `pathlib.Path`.
+
+  Raises:
+    OutputExistsError: one of `paths` exists and `overwrite` is False.
+  """
+  for path in paths:
+    if not overwrite and pathlib.Path(path).exists():
+      raise errors.OutputExistsError("exists; pass overwrite=True (--overwrite) to replace it", path)
+  return pathlib.Path(paths[0])
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True) -> pathlib.Path:
   """Writes `data` (bytes, or str as UTF-8) to `path` atomically; returns the path."""
   payload = data.encode("utf-8") if isinstance(data, str) else data
   with atomic_path(path, overwrite=overwrite) as tmp:
     tmp.write_bytes(payload)
   return pathlib.Path(path)
+
+
+def save_npy(path: str | os.PathLike, array: Any, *, overwrite: bool = True) -> pathlib.Path:
+  """Writes `array` as a NumPy .npy file at exactly `path` (no suffix added), atomically; returns the path."""
+  import numpy as np
+
+  with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+    np.save(f, np.asarray(array))
+  return pathlib.Path(path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, overwrite: bool = True, **savefig_kwargs) -> pathlib.Path:
+  """`fig.savefig(path, **savefig_kwargs)` (Matplotlib) atomically, the format from `path`'s suffix."""
+  path = pathlib.Path(path)
+  with atomic_path(path, overwrite=overwrite) as tmp:
+    savefig_kwargs.setdefault("format", path.suffix.lstrip(".").lower() or None)
+    fig.savefig(tmp, **savefig_kwargs)
+  return path
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> pathlib.Path:

@@ -6,8 +6,9 @@
       or by the options in `SectionInputs.read_options`);
   (b) synthesise H&E on the MSI grid with `synthesizer` (any callable MSIImage -> (H, W, 3) RGB in [0, 1], for
       instance `msisynth.synthesize.load_synthesizer(workdir)`);
-  (c) read the H&E and make a registration copy at a working pixel size (default: a quarter of the MSI pixel,
-      never finer than the H&E itself; anti-aliased by `msisynth.io.resample_to_pixel_size`) with a tissue mask;
+  (c) read the H&E and make a registration copy at a working pixel size (`msisynth.geometry.working_pixel_size_um`:
+      a quarter of the MSI pixel, never finer than the H&E itself; anti-aliased by
+      `msisynth.io.resample_to_pixel_size`) with a tissue mask;
   (d) register fixed = H&E working copy ← moving = synthetic H&E (MSI grid) by mutual information, with flips and
       90° rotations among the starts by default (`msisynth.register.optimize.register`);
   (e) carry every MSI channel into histology space at `output_pixel_size_um` (default: the working pixel size)
@@ -16,8 +17,14 @@
       statistics, differential ions between the first two regions with enough measured pixels, CSVs and figures;
   (g) with landmarks (CSV of matched fixed/moving points): target registration error in µm and MSI pixels.
 
-With `out_dir` it writes a report folder (see `write_section_report`): the transform (JSON and ITK), images and
-figures, the MSI cube in histology space, metrics and a short `report.md`.
+With `out_dir` it writes a report folder (`msisynth.report.write_section_report`): the transform (JSON and ITK),
+images and figures, the MSI cube in histology space, metrics and a short `report.md`. `register_images` is the
+same route for two images (no MSI, no synthesis), with `msisynth.report.write_pair_report`.
+
+Grids (`msisynth.geometry`): the synthetic H&E lies on the MSI grid upsampled by the factor the generator was
+trained at. That factor is recorded with the checkpoint (`config.data.upsample`) and read from the synthesizer
+(`Synthesizer.upsample`; any callable may carry an `upsample` attribute, else 1), never inferred from the shape
+of what it returns.
 
 Conventions (docs/architecture.md): physical µm with pixel centres, points (x, y), transforms map FIXED (the
 histology) → MOVING (the MSI grid); simulated inputs (`metadata["simulated"]`) say "simulated" in every title,
@@ -28,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -40,17 +46,17 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from msisynth import errors
+from msisynth import errors, geometry, outputs, report
 from msisynth import io as msi_io
 from msisynth import metrics as msi_metrics
 from msisynth import regions as msi_regions
+from msisynth.geometry import WORKING_FRACTION_OF_MSI_PIXEL, working_pixel_size_um  # noqa: F401 (public here too)
 from msisynth.register import bspline, optimize
 from msisynth.register import transforms as tf
 from msisynth.register.transforms import AffineTransform
+from msisynth.report import REPORT_FILES, write_section_report  # noqa: F401 (public here too)
 from msisynth.types import MSIImage
 
-# The working (registration) pixel is this fraction of the MSI pixel by default.
-WORKING_FRACTION_OF_MSI_PIXEL = 0.25
 # Bytes of warped output held in memory at once when carrying the MSI cube into histology space.
 MAX_CHUNK_BYTES = 256 * 2**20
 # Fewest measured MSI pixels a region needs to be compared with another.
@@ -59,65 +65,6 @@ MIN_REGION_PIXELS = 3
 MI_BINS = 32
 # Default control-point spacing of the deformable stage, in MSI pixels.
 DEFORMABLE_SPACING_MSI_PX = 20
-
-# File names of a section report, in the order `report.md` lists them.
-REPORT_FILES = {
-  "transform_json": "transform.json",
-  "transform_tfm": "transform.tfm",
-  "synthetic_he": "synthetic_he.png",
-  "registered_synthetic_he": "registered_synthetic_he.png",
-  "histology_working": "histology_working.png",
-  "checkerboard_before": "checkerboard_before.png",
-  "checkerboard_after": "checkerboard_after.png",
-  "overlay": "overlay.png",
-  "landmarks": "landmarks.png",
-  "msi_in_histology_space": "msi_in_histology_space.npy",
-  "msi_mask_in_histology_space": "msi_mask_in_histology_space.npy",
-  "mz": "mz.npy",
-  "region_labels_msi": "region_labels_msi.npy",
-  "region_table": "region_table.csv",
-  "region_mean_spectra": "region_mean_spectra.csv",
-  "differential_ions": "differential_ions.csv",
-  "regions_on_ion_image": "regions_on_ion_image.png",
-  "region_spectra": "region_spectra.png",
-  "metrics": "metrics.json",
-  "report": "report.md",
-}
-
-_DESCRIPTIONS = {
-  "transform_json": "histology (fixed) µm → MSI (moving) µm affine transform, JSON",
-  "transform_tfm": "the same transform for ITK / SimpleITK",
-  "synthetic_he": "synthetic H&E on the MSI grid",
-  "registered_synthetic_he": "synthetic H&E warped into histology space (working pixel size)",
-  "histology_working": "the H&E registration copy (working pixel size)",
-  "checkerboard_before": "checkerboard of H&E and synthetic H&E before registration (identity)",
-  "checkerboard_after": "checkerboard after registration",
-  "overlay": "synthetic H&E over the H&E after registration",
-  "landmarks": "landmarks on the H&E and the synthetic H&E, with their residuals after registration",
-  "msi_in_histology_space": "every MSI channel in histology space, float32 (H, W, C)",
-  "msi_mask_in_histology_space": "measured-MSI mask in histology space, bool (H, W)",
-  "mz": "m/z of the channels, float64 (C,)",
-  "region_labels_msi": "region labels on the MSI grid, int32 (0 = unlabelled)",
-  "region_table": "per-region mean, median and std of every channel",
-  "region_mean_spectra": "per-region mean spectra, one column per region",
-  "differential_ions": "ions that differ between the first two regions (Mann-Whitney U, BH q-values)",
-  "regions_on_ion_image": "region outlines over an ion image (MSI grid)",
-  "region_spectra": "per-region mean spectra",
-  "metrics": "all numbers of this report, JSON",
-  "report": "this report",
-}
-
-
-# Report entries that are figures (their titles say "simulated" for simulated data).
-_FIGURES = (
-  "checkerboard_before",
-  "checkerboard_after",
-  "overlay",
-  "landmarks",
-  "regions_on_ion_image",
-  "region_spectra",
-)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs and results.
@@ -158,9 +105,9 @@ class SectionInputs:
         f"section {self.section_name()!r}: histology_pixel_size_um is required (H&E image files rarely record "
         "their pixel size)"
       )
-    self.histology_pixel_size_um = tf.pixel_size_yx(self.histology_pixel_size_um, "histology_pixel_size_um")
+    self.histology_pixel_size_um = geometry.pixel_size_yx(self.histology_pixel_size_um, "histology_pixel_size_um")
     if self.msi_pixel_size_um is not None:
-      self.msi_pixel_size_um = tf.pixel_size_yx(self.msi_pixel_size_um, "msi_pixel_size_um")
+      self.msi_pixel_size_um = geometry.pixel_size_yx(self.msi_pixel_size_um, "msi_pixel_size_um")
     if not isinstance(self.msi, MSIImage | str | os.PathLike):
       raise errors.ConfigError(f"msi must be an imzML path or an MSIImage, got {type(self.msi).__name__}")
 
@@ -208,6 +155,8 @@ class SectionResult:
     timings_s: seconds per stage.
     paths: {name: path} of the files written (empty without an output folder).
     synthetic_pixel_size_um: (y, x) pixel size (µm) of `synthetic_he`: the MSI pixel size / the upsampling factor.
+    upsample: the synthesizer's recorded upsampling factor u (the synthetic H&E is on the MSI grid upsampled by u).
+    before_registration: (H_w, W_w, 3) synthetic H&E on the working grid under the identity (for the figures).
   """
 
   name: str
@@ -237,6 +186,8 @@ class SectionResult:
   timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
   paths: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)
   synthetic_pixel_size_um: tuple[float, float] | None = None
+  upsample: int = 1
+  before_registration: np.ndarray | None = dataclasses.field(default=None, repr=False)
   # Kept for the figures of the report; not part of the public attributes.
   _msi: MSIImage | None = dataclasses.field(default=None, repr=False)
   _mz_for_figures: float | None = dataclasses.field(default=None, repr=False)
@@ -262,42 +213,6 @@ class _Stages:
     logging.info("[%s] %s: %.2f s", self.name, stage, elapsed)
 
 
-def working_pixel_size_um(
-  msi_pixel_size_um, histology_pixel_size_um, registration_pixel_size_um=None
-) -> tuple[float, float]:
-  """The pixel size of the H&E registration copy.
-
-  Args:
-    msi_pixel_size_um: MSI pixel size, float or (y, x).
-    histology_pixel_size_um: H&E pixel size, float or (y, x).
-    registration_pixel_size_um: asked-for working pixel size, or None for a quarter of the MSI pixel.
-
-  Returns:
-    (y, x) µm, never finer than the H&E pixel (an H&E cannot be sharpened by resampling).
-
-  Raises:
-    ConfigError: for a bad pixel size.
-  """
-  msi = tf.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
-  he = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
-  if registration_pixel_size_um is None:
-    wanted = (msi[0] * WORKING_FRACTION_OF_MSI_PIXEL, msi[1] * WORKING_FRACTION_OF_MSI_PIXEL)
-  else:
-    wanted = tf.pixel_size_yx(registration_pixel_size_um, "registration_pixel_size_um")
-    if wanted[0] < he[0] or wanted[1] < he[1]:
-      logging.warning("registration pixel size %s µm is finer than the H&E's %s µm; using the H&E's", wanted, he)
-  return max(wanted[0], he[0]), max(wanted[1], he[1])
-
-
-def _grid_shape(shape: tuple[int, int], from_px: tuple[float, float], to_px: tuple[float, float]) -> tuple[int, int]:
-  """Shape of the grid covering the same field of view at another pixel size (as `resample_to_pixel_size`)."""
-  return max(1, round(shape[0] * from_px[0] / to_px[0])), max(1, round(shape[1] * from_px[1] / to_px[1]))
-
-
-def _same_size(a: tuple[float, float], b: tuple[float, float]) -> bool:
-  return bool(np.allclose(a, b, rtol=1e-9, atol=0.0))
-
-
 def _read_msi(inputs: SectionInputs) -> MSIImage:
   if isinstance(inputs.msi, MSIImage):
     msi = inputs.msi
@@ -310,7 +225,7 @@ def _read_msi(inputs: SectionInputs) -> MSIImage:
       "give msi_pixel_size_um"
     )
   changes = {}
-  if msi.pixel_size_um is None or not _same_size(msi.pixel_size_um, pixel_size):
+  if msi.pixel_size_um is None or not geometry.same_pixel_size(msi.pixel_size_um, pixel_size):
     changes["pixel_size_um"] = tuple(pixel_size)
   if inputs.simulated is not None and bool(msi.metadata.get("simulated", False)) != inputs.simulated:
     changes["metadata"] = {**msi.metadata, "simulated": bool(inputs.simulated)}
@@ -331,52 +246,47 @@ def _read_histology(inputs: SectionInputs) -> tuple[np.ndarray, str]:
   return rgb, "array"
 
 
-def _check_synthetic(synthetic, msi: MSIImage, name: str) -> tuple[np.ndarray, int]:
-  """The synthetic H&E clipped to [0, 1] and its upsampling factor u over the MSI grid (1 on the MSI grid).
+def _check_synthetic(synthetic, msi: MSIImage, upsample: int, name: str) -> np.ndarray:
+  """The synthetic H&E clipped to [0, 1], checked to lie on the MSI grid upsampled by the recorded factor.
 
-  A generator trained on upsampled pairs returns ((H - 1)·u + 1, (W - 1)·u + 1) pixels (see
-  `msisynth.synthesize.Synthesizer`); pixel (0, 0) stays at the MSI's pixel (0, 0).
+  A generator trained on upsampled pairs returns ((H - 1)·u + 1, (W - 1)·u + 1) pixels (`geometry.Grid.upsampled`;
+  see `msisynth.synthesize.Synthesizer`); pixel (0, 0) stays at the MSI's pixel (0, 0).
   """
   synthetic = np.asarray(synthetic)
-  h, w = msi.shape
-  factor = None
-  if synthetic.ndim == 3 and synthetic.shape[2] == 3:
-    for u in range(1, 17):
-      if synthetic.shape[:2] == ((h - 1) * u + 1, (w - 1) * u + 1):
-        factor = u
-        break
-  if factor is None:
+  expected = geometry.upsampled_shape(msi.shape, upsample)
+  if synthetic.shape != (*expected, 3):
     raise errors.ConfigError(
       f"section {name!r}: the synthesizer returned shape {synthetic.shape}; it must return (H, W, 3) RGB on the "
-      f"MSI grid ({h}x{w}) or on that grid upsampled by an integer factor"
+      f"MSI grid ({msi.shape[0]}x{msi.shape[1]}) upsampled by its recorded factor u = {upsample}, i.e. "
+      f"{(*expected, 3)} (a callable records u as its `upsample` attribute; a Synthesizer takes it from "
+      "config.data.upsample)"
     )
   synthetic = synthetic.astype(np.float32)
   if not np.all(np.isfinite(synthetic)):
     raise errors.DataError(f"section {name!r}: the synthetic H&E has NaN or infinite values")
-  return np.clip(synthetic, 0.0, 1.0), factor
+  return np.clip(synthetic, 0.0, 1.0)
 
 
-def _check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> pathlib.Path:
-  """The output folder, refused when it is a file or holds anything and `overwrite` is False."""
-  out = pathlib.Path(out_dir)
-  if out.exists() and not out.is_dir():
-    raise errors.DataError("the output folder is a file", out)
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise errors.DataError(
-      "the output folder exists and is not empty; pass overwrite=True to write into it "
-      "(files of the same names are replaced) or choose another folder",
-      out,
-    )
-  out.mkdir(parents=True, exist_ok=True)
-  return out
+def synthesizer_upsample(synthesizer) -> int:
+  """The upsampling factor a synthesizer records (`Synthesizer.upsample`, or a callable's `upsample`), else 1."""
+  return geometry.check_upsample(getattr(synthesizer, "upsample", 1))
 
 
-def _evaluation_mi(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray) -> tuple[float | None, float | None]:
-  """Hard-histogram MI (bits) and NMI of two grey/RGB images inside a mask; None when the mask is empty."""
+_MI_NOTE = f"evaluation MI: hard-histogram MI in bits ({MI_BINS} bins, msisynth.metrics) of the grey levels"
+
+
+def _evaluation_mi(fixed, warped, mask, unit_range: bool = True) -> tuple[float | None, float | None]:
+  """Evaluation MI (hard histogram, bits) and NMI of two grey/RGB images inside a mask; None for an empty mask.
+
+  `unit_range`: the images are in [0, 1] (histograms over [0, 1]); else over the data's range.
+  """
   if not mask.any():
     return None, None
-  mi = float(msi_metrics.mutual_information(fixed, warped, bins=MI_BINS, mask=mask, value_range=(0.0, 1.0)))
-  nmi = float(msi_metrics.normalized_mutual_information(fixed, warped, bins=MI_BINS, mask=mask, value_range=(0.0, 1.0)))
+  value_range = (0.0, 1.0) if unit_range else None
+  mi = float(msi_metrics.mutual_information(fixed, warped, bins=MI_BINS, mask=mask, value_range=value_range))
+  nmi = float(
+    msi_metrics.normalized_mutual_information(fixed, warped, bins=MI_BINS, mask=mask, value_range=value_range)
+  )
   return (mi if math.isfinite(mi) else None), (nmi if math.isfinite(nmi) else None)
 
 
@@ -399,22 +309,27 @@ def _carry_msi(
   """Warps every channel into histology space a chunk of channels at a time, into a .npy when `path` is given."""
   n_channels = msi.num_channels
   chunk = int(max(1, min(n_channels, max_chunk_bytes // max(1, shape[0] * shape[1] * 4))))
-  if path is not None:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
-  else:
+  if path is None:
     out = np.empty((shape[0], shape[1], n_channels), np.float32)
+    return out, _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+  # Into a temporary file beside `path`, renamed when complete: a kill leaves no half-written cube.
+  with outputs.atomic_path(path) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(shape[0], shape[1], n_channels))
+    mask = _warp_channels(msi, transform, shape, pixel_size, chunk, out)
+    out.flush()
+    del out
+  return None, mask
+
+
+def _warp_channels(msi, transform, shape, pixel_size, chunk: int, out: np.ndarray) -> np.ndarray:
   mask = None
-  for start in range(0, n_channels, chunk):
-    part = msi.select_mz(slice(start, min(start + chunk, n_channels)))
+  for start in range(0, msi.num_channels, chunk):
+    part = msi.select_mz(slice(start, min(start + chunk, msi.num_channels)))
     warped = tf.warp_msi(part, transform, shape, pixel_size)
     out[:, :, start : start + part.num_channels] = warped.cube
     if mask is None:
       mask = np.asarray(warped.mask, bool)
-  if path is not None:
-    out.flush()
-    del out
-    return None, mask
-  return out, mask
+  return mask
 
 
 def _read_landmarks(path, histology_px, msi_px) -> np.ndarray:
@@ -435,21 +350,7 @@ def _tre(transform: AffineTransform, landmarks: np.ndarray, msi_px: tuple[float,
   return tre
 
 
-def json_ready(value):
-  """Values of a metrics dict as JSON takes them (NaN/Inf as null, NumPy as Python)."""
-  if isinstance(value, dict):
-    return {str(k): json_ready(v) for k, v in value.items()}
-  if isinstance(value, list | tuple):
-    return [json_ready(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return json_ready(value.tolist())
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, pathlib.PurePath):
-    return os.fspath(value)
-  return value
+json_ready = outputs.json_ready  # kept for callers of pipeline.json_ready
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,8 +380,9 @@ def process_section(
 
   Args:
     inputs: the section.
-    synthesizer: any callable mapping an `MSIImage` to (H, W, 3) RGB in [0, 1] on the MSI grid, e.g. a
-      `msisynth.synthesize.Synthesizer` (which applies the preprocessor stored with its checkpoint).
+    synthesizer: any callable mapping an `MSIImage` to (H, W, 3) RGB in [0, 1] on the MSI grid upsampled by its
+      `upsample` attribute (1 when it has none), e.g. a `msisynth.synthesize.Synthesizer` (which applies the
+      preprocessor stored with its checkpoint and records the factor its generator was trained at).
     registration_pixel_size_um: pixel size of the H&E registration copy, µm; None for a quarter of the MSI pixel.
       Never finer than the H&E.
     flips: also start the registration from 90° rotations and mirror images (sections are often mounted turned or
@@ -488,9 +390,10 @@ def process_section(
     output_pixel_size_um: pixel size of the MSI cube in histology space, µm; None for the working pixel size.
     mz_for_figures: m/z of the ion image under the region outlines; None for the most differential ion (or the
       channel with the highest mean intensity).
-    out_dir: report folder (see `write_section_report`); None keeps everything in memory and writes nothing. A
-      failure part-way leaves the files written so far (the batch launcher works in a temporary folder instead).
-    overwrite: write into an existing non-empty `out_dir`, replacing files of the same names.
+    out_dir: report folder (`msisynth.report.write_section_report`); None keeps everything in memory and writes
+      nothing. A failure part-way leaves the files written so far (the batch launcher works in a temporary folder
+      instead).
+    overwrite: write into an existing non-empty `out_dir` that msisynth created, replacing files of the same names.
     registration_config: registration options; None for the defaults (MI, affine, 3 levels). `flips` sets its
       `flips_and_rot90`.
     max_chunk_bytes: warped output held in memory at once while carrying the MSI cube, bytes.
@@ -507,12 +410,15 @@ def process_section(
 
   Raises:
     ConfigError: an unknown MSI pixel size, bad pixel sizes or options, a synthesizer returning the wrong shape.
-    DataError: unreadable inputs (naming the file), or an existing non-empty `out_dir` without `overwrite`.
+    DataError: unreadable inputs (naming the file).
+    OutputExistsError: an existing non-empty `out_dir` without `overwrite` (or one msisynth did not create).
     RegistrationError: when the registration fails or gives a degenerate transform.
   """
   name = inputs.section_name()
   stage = _Stages(name)
-  out = _check_out_dir(out_dir, overwrite) if out_dir is not None else None
+  out = None
+  if out_dir is not None:
+    out = outputs.prepare_output_dir(out_dir, overwrite=overwrite, owner="msisynth.pipeline")
   t_start = time.perf_counter()
   logging.info("[%s] processing section", name)
 
@@ -530,20 +436,19 @@ def process_section(
   )
 
   with stage("synthesise H&E"):
-    synthetic, factor = _check_synthetic(synthesizer(msi), msi, name)
+    factor = synthesizer_upsample(synthesizer)
+    synthetic = _check_synthetic(synthesizer(msi), msi, factor, name)
     # Pixel size of the synthetic H&E, and the measured-pixel mask on its grid.
-    syn_px = (msi_px[0] / factor, msi_px[1] / factor)
+    syn_px = geometry.Grid(msi.shape, msi_px).upsampled(factor).pixel_size_um
     syn_mask = msi.mask
     if factor > 1:
-      from msisynth.data import upsample_grid
-
-      syn_mask = upsample_grid(msi.mask.astype(np.float32), factor, "nearest") > 0.5
+      syn_mask = geometry.upsample_grid(msi.mask.astype(np.float32), factor, "nearest") > 0.5
 
   with stage("read H&E"):
     histology, histology_source = _read_histology(inputs)
     he_px = tuple(inputs.histology_pixel_size_um)
     working_px = working_pixel_size_um(msi_px, he_px, registration_pixel_size_um)
-    if _same_size(working_px, he_px):
+    if geometry.same_pixel_size(working_px, he_px):
       working = histology
     else:
       working = np.clip(msi_io.resample_to_pixel_size(histology, he_px, working_px, order=1), 0.0, 1.0)
@@ -628,9 +533,12 @@ def process_section(
     mi_after, nmi_after = _evaluation_mi(working, registered, inside_after & region)
 
   out_px = (
-    working_px if output_pixel_size_um is None else tf.pixel_size_yx(output_pixel_size_um, "output_pixel_size_um")
+    working_px if output_pixel_size_um is None else geometry.pixel_size_yx(output_pixel_size_um, "output_pixel_size_um")
   )
-  out_shape = working_shape if _same_size(out_px, working_px) else _grid_shape(histology_shape, he_px, out_px)
+  if geometry.same_pixel_size(out_px, working_px):
+    out_shape = working_shape
+  else:
+    out_shape = geometry.Grid(histology_shape, he_px).at_pixel_size(out_px).shape
   paths: dict[str, pathlib.Path] = {}
   with stage("carry MSI into histology space"):
     cube_path = None
@@ -694,8 +602,8 @@ def process_section(
     "nmi_before": nmi_before,
     "nmi_after": nmi_after,
     "mi_note": (
-      f"hard-histogram MI in bits ({MI_BINS} bins) of H&E and synthetic H&E grey levels inside the "
-      "H&E tissue (plus one MSI pixel) where the MSI was measured; before = identity transform"
+      _MI_NOTE + " of H&E and synthetic H&E inside the H&E tissue (plus one MSI pixel) where the MSI was "
+      "measured; before = identity transform"
     ),
     "registration_metric": result.metric,
     "registration_metric_name": result.metric_name,
@@ -742,6 +650,8 @@ def process_section(
     tissue_mask_working=tissue,
     msi_pixel_size_um=msi_px,
     synthetic_pixel_size_um=syn_px,
+    upsample=factor,
+    before_registration=before,
     histology_pixel_size_um=he_px,
     working_pixel_size_um=working_px,
     output_pixel_size_um=out_px,
@@ -764,274 +674,164 @@ def process_section(
   )
   if out is not None:
     with stage("write report"):
-      _write_report(section, out, overwrite=overwrite, before=before, figures=figures)
+      report.write_report_files(section, out, overwrite=overwrite, figures=figures)
   section.timings_s = dict(stage.timings)
   section.timings_s["total"] = round(time.perf_counter() - t_start, 3)
   if out is not None:
     # The timing of the report stage itself is known only now.
     section.metrics["timing_s"] = section.timings_s
-    _write_json(out / REPORT_FILES["metrics"], section.metrics, overwrite=True)
+    outputs.atomic_write_json(out / REPORT_FILES["metrics"], section.metrics)
   logging.info("[%s] done in %.1f s%s", name, section.timings_s["total"], f" → {out}" if out is not None else "")
   return section
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The report.
+# Two images (no MSI): the same registration and evaluation, for image pairs.
 
 
-def _write_json(path: pathlib.Path, data: Mapping[str, Any], overwrite: bool) -> None:
-  if path.exists() and not overwrite:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", path)
-  path.write_text(json.dumps(json_ready(dict(data)), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+@dataclasses.dataclass
+class PairResult:
+  """What `register_images` found (and wrote, with `out_dir`).
+
+  Attributes:
+    transform: FIXED µm → MOVING µm `AffineTransform`.
+    registration: `msisynth.register.optimize.result_summary` of the registration.
+    fixed: the fixed image; moving: the moving image (as given).
+    fixed_pixel_size_um, moving_pixel_size_um: (y, x) µm.
+    warped: the moving image resampled onto the fixed grid by the transform; before: the same under the identity.
+    landmarks: (N, 4) fixed_x, fixed_y, moving_x, moving_y µm, or None.
+    metrics: every number of the report (what `metrics.json` holds): evaluation MI/NMI before and after (hard
+      histogram, bits, inside the overlap), the registration's own metric, TRE before/after with landmarks.
+    simulated: whether the data are simulated (titles and metrics say so).
+    fixed_name, moving_name: where the images came from.
+    paths: {name: path} of the files written (empty without an output folder).
+  """
+
+  transform: AffineTransform
+  registration: dict[str, Any]
+  fixed: np.ndarray
+  moving: np.ndarray
+  fixed_pixel_size_um: tuple[float, float]
+  moving_pixel_size_um: tuple[float, float]
+  warped: np.ndarray
+  before: np.ndarray
+  landmarks: np.ndarray | None
+  metrics: dict[str, Any]
+  simulated: bool = False
+  fixed_name: str = "fixed"
+  moving_name: str = "moving"
+  paths: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)
 
 
-def _save_png(path: pathlib.Path, rgb: np.ndarray, overwrite: bool) -> None:
-  msi_io.write_image(path, np.clip(np.asarray(rgb, np.float32), 0.0, 1.0), overwrite=overwrite)
-
-
-def _save_fig(fig, path: pathlib.Path, overwrite: bool) -> None:
-  from msisynth.viz import msi as viz_msi
-
-  viz_msi.save_figure(fig, path, overwrite=overwrite)
-
-
-def write_section_report(
-  result: SectionResult, out_dir: str | os.PathLike, overwrite: bool = False, figures: bool = True
-) -> dict:
-  """Writes a section's report folder (what `process_section` does when given `out_dir`).
-
-  Files (those that apply): `transform.json` + `transform.tfm` (histology µm → MSI µm), `synthetic_he.png` (MSI
-  grid), `histology_working.png` and `registered_synthetic_he.png` (working grid), `checkerboard_before.png`
-  (identity) and `checkerboard_after.png`, `overlay.png`, with landmarks `landmarks.png`,
-  `msi_in_histology_space.npy` (float32 (H, W, C)) + `msi_mask_in_histology_space.npy` + `mz.npy`, `metrics.json`,
-  with regions `region_labels_msi.npy`, `region_table.csv`, `region_mean_spectra.csv`, `differential_ions.csv`,
-  `regions_on_ion_image.png`, `region_spectra.png`, and `report.md` listing them with the key numbers. Titles of
-  simulated data say "simulated".
+def register_images(
+  fixed: np.ndarray,
+  moving: np.ndarray,
+  *,
+  fixed_pixel_size_um,
+  moving_pixel_size_um,
+  fixed_mask: np.ndarray | None = None,
+  moving_mask: np.ndarray | None = None,
+  landmarks: str | os.PathLike | None = None,
+  registration_config: optimize.RegistrationConfig | None = None,
+  simulated: bool = False,
+  fixed_name: str = "fixed",
+  moving_name: str = "moving",
+  out_dir: str | os.PathLike | None = None,
+  overwrite: bool = False,
+) -> PairResult:
+  """Registers a moving image to a fixed one by `msisynth.register` and evaluates it like `process_section`.
 
   Args:
-    result: from `process_section` run without `out_dir` (the MSI cube is then in memory).
-    out_dir: the folder; created when missing.
-    overwrite: write into an existing non-empty folder, replacing files of the same names.
-    figures: draw the figures (PNG plots); the images, arrays, tables and texts are always written.
+    fixed: (H, W) or (H, W, C) fixed image (histology).
+    moving: (h, w) or (h, w, C) moving image.
+    fixed_pixel_size_um, moving_pixel_size_um: pixel sizes, a number or (y, x) µm.
+    fixed_mask, moving_mask: optional bool masks on each grid (True = use).
+    landmarks: optional CSV of matched points (fixed_x, fixed_y, moving_x, moving_y µm, or *_px in pixels).
+    registration_config: registration options; None for the defaults.
+    simulated: mark every title and metric as simulated.
+    fixed_name, moving_name: where the images came from (in the transform file and the metrics).
+    out_dir: report folder (`msisynth.report.write_pair_report`); None writes nothing.
+    overwrite: write into an existing non-empty `out_dir` that msisynth created.
 
   Returns:
-    {name: path} of the files written (also stored in `result.paths`).
+    A `PairResult`.
 
   Raises:
-    DataError: an existing non-empty folder without `overwrite`.
+    ConfigError, DataError, RegistrationError: bad options or inputs, a refused registration.
+    OutputExistsError: an existing non-empty `out_dir` without `overwrite` (or one msisynth did not create).
   """
-  out = _check_out_dir(out_dir, overwrite)
-  if result.msi_in_histology is None and "msi_in_histology_space" not in result.paths:
-    raise errors.ConfigError("the result holds no MSI cube in histology space to write")
-  if result.msi_in_histology is not None:
-    path = out / REPORT_FILES["msi_in_histology_space"]
-    np.save(path, result.msi_in_histology)
-    result.paths["msi_in_histology_space"] = path
-  before = _warp_to_working(
-    result.synthetic_he,
-    AffineTransform.identity(),
-    result.histology_working.shape[:2],
-    result.working_pixel_size_um,
-    result.msi_pixel_size_um,
-    cval=1.0,
+  fixed_px = geometry.pixel_size_yx(fixed_pixel_size_um, "fixed_pixel_size_um")
+  moving_px = geometry.pixel_size_yx(moving_pixel_size_um, "moving_pixel_size_um")
+  # Every input is read and checked before anything is written.
+  points = None if landmarks is None else _read_landmarks(landmarks, fixed_px, moving_px)
+  out = None
+  if out_dir is not None:
+    out = outputs.prepare_output_dir(out_dir, overwrite=overwrite, owner="msisynth.pipeline")
+  fixed, moving = np.asarray(fixed), np.asarray(moving)
+  for what, mask, image in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
+    if mask is not None and np.shape(mask) != image.shape[:2]:
+      raise errors.ConfigError(f"{what} has shape {np.shape(mask)}, the image is {image.shape[:2]}")
+  started = time.perf_counter()
+  logging.info("registering %s (%s px at %s µm) to %s (%s px at %s µm)", moving_name, moving.shape[:2], moving_px,
+               fixed_name, fixed.shape[:2], fixed_px)  # fmt: skip
+  result = optimize.register(fixed, moving, fixed_pixel_size_um=fixed_px, moving_pixel_size_um=moving_px,
+                             fixed_mask=fixed_mask, moving_mask=moving_mask,
+                             config=registration_config or optimize.RegistrationConfig())  # fmt: skip
+  seconds = time.perf_counter() - started
+  logging.info("registered in %.1f s: %s %.4f, start %s, converged %s, uncertainty %.1f µm", seconds,
+               result.metric_name, result.metric, result.start, result.converged, result.uncertainty_um)  # fmt: skip
+  summary = optimize.result_summary(result)
+  common = {"fixed_pixel_size_um": fixed_px, "moving_pixel_size_um": moving_px}
+  identity = AffineTransform.identity()
+  warped = np.asarray(tf.warp_image(moving, result.transform, fixed.shape[:2], **common))
+  before = np.asarray(tf.warp_image(moving, identity, fixed.shape[:2], **common))
+
+  # Evaluation MI / NMI on the fixed grid, inside the part of it the moving image covers.
+  fixed_grey = optimize.to_grey(fixed)
+  quality = {}
+  for key, t, image in (("before", identity, before), ("after", result.transform, warped)):
+    inside = np.asarray(tf.warp_image(np.ones(moving.shape[:2], bool), t, fixed.shape[:2], order=0, **common))
+    if fixed_mask is not None:
+      inside &= np.asarray(fixed_mask, bool)
+    grey = optimize.to_grey(image)
+    in_unit = min(fixed_grey.min(), grey.min()) >= 0 and max(fixed_grey.max(), grey.max()) <= 1
+    mi, nmi = (None, None) if inside.sum() < 16 else _evaluation_mi(fixed_grey, grey, inside, in_unit)
+    quality[f"mi_{key}"], quality[f"nmi_{key}"] = mi, nmi
+  metrics = {
+    "fixed": fixed_name,
+    "moving": moving_name,
+    "simulated": bool(simulated),
+    "fixed_pixel_size_um": list(fixed_px),
+    "moving_pixel_size_um": list(moving_px),
+    **quality,
+    "mi_note": _MI_NOTE + " inside the overlap (and the fixed mask); before = identity transform",
+    "registration_metric": result.metric,
+    "registration_metric_name": result.metric_name,
+    "seconds": seconds,
+    "converged": result.converged,
+    "uncertainty_um": result.uncertainty_um,
+    "registration": summary,
+  }
+  if points is not None:
+    for key, t in (("before", identity), ("after", result.transform)):
+      metrics[f"tre_{key}"] = _tre(t, points, moving_px)
+  for warning in result.warnings:
+    logging.warning("%s", warning)
+  pair = PairResult(
+    transform=result.transform,
+    registration=summary,
+    fixed=fixed,
+    moving=moving,
+    fixed_pixel_size_um=fixed_px,
+    moving_pixel_size_um=moving_px,
+    warped=warped,
+    before=before,
+    landmarks=points,
+    metrics=metrics,
+    simulated=bool(simulated),
+    fixed_name=fixed_name,
+    moving_name=moving_name,
   )
-  _write_report(result, out, overwrite=overwrite, before=before, figures=figures)
-  return dict(result.paths)
-
-
-def _write_report(
-  result: SectionResult, out: pathlib.Path, *, overwrite: bool, before: np.ndarray | None, figures: bool = True
-) -> None:
-  """Writes every report file but the MSI cube (written while it is computed) into `out`."""
-  from msisynth.register import transform_io
-
-  paths = result.paths
-  files = {key: out / name for key, name in REPORT_FILES.items()}
-
-  transform_io.save_transform_json(
-    files["transform_json"],
-    result.transform,
-    fixed_pixel_size_um=result.histology_pixel_size_um,
-    moving_pixel_size_um=result.msi_pixel_size_um,
-    fixed_shape=result.metrics.get("histology_shape"),
-    moving_shape=result.metrics.get("msi_shape"),
-    fixed_name=f"histology ({result.metrics.get('histology_source')})",
-    moving_name=f"MSI ({result.metrics.get('msi_source')})",
-    metadata={"section": result.name, "simulated": result.simulated, "registration": json_ready(result.registration)},
-    overwrite=overwrite,
-  )
-  paths["transform_json"] = files["transform_json"]
-  center = tf.image_center_um(result.histology_working.shape[:2], result.working_pixel_size_um)
-  transform_io.save_itk_transform(
-    files["transform_tfm"], result.transform, center_um=np.asarray(center).tolist(), overwrite=overwrite
-  )
-  paths["transform_tfm"] = files["transform_tfm"]
-
-  for key, image in (
-    ("synthetic_he", result.synthetic_he),
-    ("registered_synthetic_he", result.registered_synthetic_he),
-    ("histology_working", result.histology_working),
-  ):
-    _save_png(files[key], image, overwrite)
-    paths[key] = files[key]
-
-  if figures:
-    _write_registration_figures(result, files, paths, overwrite, before)
-
-  if result.msi_in_histology is None and "msi_in_histology_space" not in paths:
-    raise errors.ConfigError("the result holds no MSI cube in histology space to write")
-  for key, array in (("msi_mask_in_histology_space", result.msi_mask_in_histology), ("mz", result.mz)):
-    if files[key].exists() and not overwrite:
-      raise errors.DataError("file exists; pass overwrite=True to replace it", files[key])
-    np.save(files[key], np.asarray(array))
-    paths[key] = files[key]
-
-  if result.region_stats is not None:
-    np.save(files["region_labels_msi"], result.labels_msi)
-    paths["region_labels_msi"] = files["region_labels_msi"]
-    msi_regions.write_region_table_csv(result.region_stats, files["region_table"], overwrite=overwrite)
-    paths["region_table"] = files["region_table"]
-    msi_regions.write_mean_spectra_csv(result.region_stats, files["region_mean_spectra"], overwrite=overwrite)
-    paths["region_mean_spectra"] = files["region_mean_spectra"]
-    if result.differential is not None:
-      msi_regions.write_differential_ions_csv(result.differential, files["differential_ions"], overwrite=overwrite)
-      paths["differential_ions"] = files["differential_ions"]
-    if figures:
-      _write_region_figures(result, files, paths, overwrite)
-
-  paths["metrics"] = files["metrics"]
-  paths["report"] = files["report"]
-  _write_json(files["metrics"], result.metrics, overwrite=overwrite)
-  text = _report_markdown(result)
-  if files["report"].exists() and not overwrite:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", files["report"])
-  files["report"].write_text(text, encoding="utf-8")
-
-
-def _write_registration_figures(result: SectionResult, files, paths, overwrite: bool, before) -> None:
-  from msisynth.viz import registration as viz_registration
-
-  common = {"pixel_size_um": result.working_pixel_size_um, "simulated": result.simulated}
-  if before is not None:
-    fig = viz_registration.plot_checkerboard(
-      result.histology_working, before, title="H&E / synthetic H&E before registration (identity)", **common
-    )
-    _save_fig(fig, files["checkerboard_before"], overwrite)
-    paths["checkerboard_before"] = files["checkerboard_before"]
-  fig = viz_registration.plot_checkerboard(
-    result.histology_working, result.registered_synthetic_he, title="H&E / synthetic H&E after registration", **common
-  )
-  _save_fig(fig, files["checkerboard_after"], overwrite)
-  paths["checkerboard_after"] = files["checkerboard_after"]
-  fig = viz_registration.plot_overlay(
-    result.histology_working,
-    result.registered_synthetic_he,
-    title="H&E (magenta) and synthetic H&E (green) after registration",
-    **common,
-  )
-  _save_fig(fig, files["overlay"], overwrite)
-  paths["overlay"] = files["overlay"]
-  if result.landmarks is not None:
-    fig = viz_registration.plot_landmarks(
-      result.histology_working,
-      result.synthetic_he,
-      result.landmarks[:, :2],
-      result.landmarks[:, 2:],
-      transform=result.transform,
-      fixed_pixel_size_um=result.working_pixel_size_um,
-      moving_pixel_size_um=result.synthetic_pixel_size_um or result.msi_pixel_size_um,
-      title="Landmarks: H&E (left), synthetic H&E on the MSI grid",
-      simulated=result.simulated,
-    )
-    _save_fig(fig, files["landmarks"], overwrite)
-    paths["landmarks"] = files["landmarks"]
-
-
-def _write_region_figures(result: SectionResult, files, paths, overwrite: bool) -> None:
-  from msisynth.viz import regions as viz_regions
-
-  if result._msi is not None and result._mz_for_figures is not None:
-    fig = viz_regions.plot_regions_on_ion_image(
-      result._msi, result.labels_msi, result.region_names, result._mz_for_figures, colors=result.region_colors
-    )
-    _save_fig(fig, files["regions_on_ion_image"], overwrite)
-    paths["regions_on_ion_image"] = files["regions_on_ion_image"]
-  fig = viz_regions.plot_region_spectra(result.region_stats, colors=result.region_colors)
-  _save_fig(fig, files["region_spectra"], overwrite)
-  paths["region_spectra"] = files["region_spectra"]
-
-
-def _fmt(value, spec: str = ".4f", unit: str = "") -> str:
-  if value is None or (isinstance(value, float) and not math.isfinite(value)):
-    return "n/a"
-  return f"{value:{spec}}{unit}"
-
-
-def _report_markdown(result: SectionResult) -> str:
-  m = result.metrics
-  tag = " (simulated)" if result.simulated else ""
-  lines = [f"# Section {result.name}: MSI → histology registration{tag}", ""]
-  if result.simulated:
-    lines += [
-      "**The MSI data of this section are simulated** (semi-synthetic: MSI simulated from a real H&E). "
-      "Every number below is on simulated data.",
-      "",
-    ]
-  lines += [
-    "Synthetic H&E was generated from the MSI, registered (fixed = H&E, moving = synthetic H&E on the MSI grid, "
-    f"mutual information, affine{', then a B-spline deformation' if m.get('deformable') else ''}) and every MSI "
-    "channel carried into histology space. The transform maps "
-    "histology µm to MSI µm (pixel centres, (x, y)).",
-    "",
-    "## Key numbers",
-    "",
-    "| quantity | value |",
-    "|---|---|",
-    f"| MSI | {m['msi_shape'][0]} × {m['msi_shape'][1]} px, {m['n_channels']} channels, "
-    f"{_fmt(m['msi_pixel_size_um'][1], 'g')} µm |",
-    f"| H&E | {m['histology_shape'][0]} × {m['histology_shape'][1]} px, "
-    f"{_fmt(m['histology_pixel_size_um'][1], 'g')} µm |",
-    f"| registration copy | {m['working_shape'][0]} × {m['working_shape'][1]} px, "
-    f"{_fmt(m['working_pixel_size_um'][1], 'g')} µm |",
-    f"| MI before → after (bits) | {_fmt(m['mi_before'])} → {_fmt(m['mi_after'])} |",
-    f"| NMI before → after | {_fmt(m['nmi_before'])} → {_fmt(m['nmi_after'])} |",
-    f"| registration {m['registration_metric_name'].upper()} (Parzen, bits) | {_fmt(m['registration_metric'])} |",
-    f"| converged | {m['converged']} (iterations per level {m['iterations']}) |",
-    f"| uncertainty | {_fmt(m['uncertainty_um'], '.1f', ' µm')} |",
-    f"| chosen start | {m['start']} (mirrored: {m['mirrored']}, rotation {_fmt(m['rotation_deg'], '.1f', '°')}) |",
-  ]
-  deformable = m.get("deformable")
-  if deformable:
-    lines.append(
-      f"| deformable (B-spline, {_fmt(deformable['grid_spacing_um'][0], 'g')} µm grid) | "
-      f"{deformable['metric_name'].upper()} {_fmt(deformable['metric_affine'])} → {_fmt(deformable['metric'])}, "
-      f"max displacement {_fmt(deformable['max_displacement_um'], '.1f', ' µm')}, "
-      f"min det {_fmt(deformable['min_jacobian'], '.2f')} |"
-    )
-  tre = m.get("tre")
-  if tre:
-    lines.append(
-      f"| TRE (mean over {tre.get('n', '?')} landmarks) | {_fmt(tre.get('mean_um'), '.1f', ' µm')} "
-      f"({_fmt(tre.get('mean_px'), '.2f', ' MSI px')}) |"
-    )
-  regions = m.get("regions")
-  if regions:
-    lines.append(
-      f"| regions | {regions['n_regions']}: "
-      + ", ".join(f"{k} ({v} px)" for k, v in regions["n_pixels"].items())
-      + " |"
-    )
-    diff = regions.get("differential")
-    if diff:
-      lines.append(
-        f"| differential ions {diff['region_a']} vs {diff['region_b']} | {diff['n_q_below_0_05']} of "
-        f"{diff['n_ions']} with q < 0.05 |"
-      )
-  lines.append(f"| runtime | {_fmt(result.timings_s.get('total', sum(result.timings_s.values())), '.1f', ' s')} |")
-  for warning in m.get("warnings") or []:
-    lines += ["", f"Warning: {warning}"]
-  lines += ["", "## Files", ""]
-  for key, name in REPORT_FILES.items():
-    if key in result.paths:
-      lines.append(f"- `{name}`: {_DESCRIPTIONS[key]}{tag if key in _FIGURES else ''}")
-  return "\n".join(lines) + "\n"
+  if out is not None:
+    report.write_pair_files(pair, out, overwrite=overwrite)
+  return pair

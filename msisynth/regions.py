@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import numpy as np
 import scipy.stats
 import skimage.draw
 
-from msisynth import errors
+from msisynth import errors, geometry, outputs
 from msisynth.register import transforms
 from msisynth.types import MSIImage
 
@@ -369,9 +370,9 @@ def rasterize_regions(
   Raises:
     ConfigError: for a bad shape or pixel size, or no regions.
   """
-  grid = transforms.pixel_size_yx(pixel_size_um, "pixel_size_um")
+  grid = geometry.pixel_size_yx(pixel_size_um, "pixel_size_um")
   source = (
-    grid if regions_pixel_size_um is None else transforms.pixel_size_yx(regions_pixel_size_um, "regions_pixel_size_um")
+    grid if regions_pixel_size_um is None else geometry.pixel_size_yx(regions_pixel_size_um, "regions_pixel_size_um")
   )
   scale = np.array([source[1] / grid[1], source[0] / grid[0]])
   return _rasterize(regions, _shape(shape), lambda points: points * scale)
@@ -463,8 +464,8 @@ def regions_to_msi(
     ConfigError: for a bad shape, pixel size, method or label image, or `names` given with regions.
   """
   msi_shape = _shape(msi_shape)
-  histology_size = transforms.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
-  msi_size = transforms.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
+  histology_size = geometry.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  msi_size = geometry.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
   if method not in ("majority", "nearest"):
     raise errors.ConfigError(f"method must be 'majority' or 'nearest', got {method!r}")
 
@@ -886,14 +887,11 @@ def _num(value) -> str:
 
 
 def _write_csv(path, header: list[str], rows: list[list], overwrite: bool) -> None:
-  mode = "w" if overwrite else "x"
-  try:
-    with open(path, mode, newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(header)
-      writer.writerows(rows)
-  except FileExistsError as e:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", path) from e
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(header)
+  writer.writerows(rows)
+  outputs.atomic_write(path, buffer.getvalue(), overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Coordinates follow docs/architecture.md: images are row-major, pixel (r, c) of a
 
 The model
 ---------
-Let I be the H&E image (H, W, 3) in [0, 1] with pixel size `he_pixel_size_um` = h µm, and a =
+Let I be the H&E image (H, W, 3) in [0, 1] with pixel size `histology_pixel_size_um` = h µm, and a =
 `msi_pixel_size_um` the MSI pixel size (10–50 µm for MALDI/DESI).
 
 1. **Stains and tissue.** t(x) = `he_tissue_mask(I)` (`msisynth.io.tissue_mask`, small parts dropped). Colour
@@ -63,6 +63,36 @@ footprint at a random offset in [0, `max_translation_um`] (plus the deformation 
 acquisition rectangle, whose far side has a random margin of the same size. The MSI grid always starts at µm
 (0, 0) of the MSI frame and extends to cover the transformed H&E footprint.
 
+The benchmark: MSI of a neighbouring section (`simulate_benchmark_case`)
+-----------------------------------------------------------------------
+The model above simulates the MSI from the very H&E it is registered to: every channel is a function of that
+section's stain densities, with the same geometry and a sharp tissue outline. On such pairs a closed-form ridge
+regression matches pix2pix and every registration route, direct ones included, lands within about 0.2 MSI px: they
+cannot separate methods. `simulate_benchmark_case` makes a harder, still SIMULATED, case closer to real practice:
+1. **A neighbouring section.** The MSI is simulated (model above) from a *neighbour* of the H&E I: I warped by a
+   smooth elastic field e (Gaussian-filtered white noise, largest displacement `elastic_um`), with `n_tears` local
+   tissue losses (smooth blobs inside the tissue set to the background colour) and `n_folds` folds (a band of
+   tissue whose optical density doubles). The registration ground truth is the affine T alone (H&E µm → MSI µm);
+   e is anatomy, not misalignment, so even a perfect affine leaves |e| of residual at the tissue.
+2. **A weak tissue outline.** Off-tissue pixels receive `outline_leak` × the mean on-tissue spectrum (analyte
+   delocalisation, a matrix background) and on-tissue pixels the same share of the off-tissue mean, times a
+   smooth random field: the TIC no longer outlines the tissue sharply.
+3. **A polygonal region of interest.** Only pixels inside a random star-shaped polygon (`roi_vertices` vertices
+   around the tissue centre, radii `roi_radius` × the tissue's extent) are acquired, as in the msight data; the
+   rest are unmeasured (mask False, spectrum 0).
+4. **Slide-to-slide stain variation.** The H&E the MSI is registered to (and trained against) is re-stained: its
+   optical density is multiplied by a random 3 × 3 matrix near the identity (`stain_jitter`) and scaled by a random
+   overall density, per slide.
+5. **Isotope patterns and m/z drift.** Every simulated ion gets its M+1 and M+2 isotope peaks (m/z + 1.00336 and
+   + 2.00671; relative abundances λ and λ²/2 with λ = 0.011 · m/z / 14, the ¹³C count of a CH₂-rich ion), and each
+   channel is integrated over a bin of ± `bin_ppm` ppm around its nominal m/z while the instrument's calibration
+   drifts smoothly over the slide by d(p) (up to `drift_ppm` ppm, plus a term linear in m/z): a Gaussian peak of
+   σ = `peak_sigma_ppm` ppm keeps the share Φ((b − d)/σ) − Φ((−b − d)/σ) of its ions in the bin.
+6. **Resolution.** The MSI pixel is `msi_pixel_size_um` (20-50 µm) and the H&E keeps its own pixel
+   (`he_pixel_size_um`, 2-5 µm): pairs built at the H&E pixel make synthesis one-to-many (texture the MSI cannot
+   see).
+Everything returned is labelled simulated (`metadata["simulated"]` True, `BenchmarkCase.simulated`).
+
 Pixel size of the shipped slides. The H&E PNGs in the shared data are reduced scans whose true pixel size is
 not recorded; a tissue section a few mm across spans a few hundred of their pixels. The pixel size is therefore
 a parameter; the demos assume a nominal h = 5 µm with a = 20 µm, i.e. 4 H&E pixels per MSI pixel. With the point
@@ -73,6 +103,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -84,7 +115,7 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.cluster import vq
 
-from msisynth import errors, progress
+from msisynth import errors, geometry, outputs, progress
 from msisynth import io as msi_io
 from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
@@ -195,7 +226,7 @@ class SimulatedMSI:
     msi: the simulated MSI, counts as float32; `metadata["simulated"]` is True and `metadata["simulation"]` holds
       every generating parameter.
     he: the H&E image (H, W, 3) float32 in [0, 1] it was simulated from.
-    he_pixel_size_um: (y, x) H&E pixel size, µm.
+    histology_pixel_size_um: (y, x) H&E pixel size, µm.
     transform: the affine ground truth, H&E (fixed) µm → MSI (moving) µm.
     displacement: the smooth displacement u of the MSI frame, or None (see the module docstring).
     displacement_um: u evaluated at the MSI pixel centres, (H_msi, W_msi, 2) (x, y) µm, or None.
@@ -208,7 +239,7 @@ class SimulatedMSI:
 
   msi: MSIImage
   he: np.ndarray
-  he_pixel_size_um: tuple[float, float]
+  histology_pixel_size_um: tuple[float, float]
   transform: AffineTransform
   displacement: SmoothDisplacement | None
   displacement_um: np.ndarray | None
@@ -216,6 +247,11 @@ class SimulatedMSI:
   tissue_classes: np.ndarray
   tissue_classes_msi: np.ndarray
   class_centroids: np.ndarray
+
+  @property
+  def he_pixel_size_um(self) -> tuple[float, float]:
+    """Deprecated name of `histology_pixel_size_um`."""
+    return self.histology_pixel_size_um
 
   @property
   def landmarks_fixed_um(self) -> np.ndarray:
@@ -234,19 +270,6 @@ class SimulatedMSI:
   def fixed_to_moving(self, points_um: np.ndarray) -> np.ndarray:
     """The MSI position p (µm) at which the H&E point q (µm) appears: p = T(q) + u(p); (N, 2) → (N, 2)."""
     return _fixed_to_moving(self.transform, self.displacement, points_um)
-
-
-def _as_pair(value, name: str) -> tuple[float, float]:
-  """A positive (y, x) pair from a float or a pair."""
-  if np.isscalar(value):
-    value = (value, value)
-  try:
-    pair = tuple(float(v) for v in value)
-  except (TypeError, ValueError):
-    raise errors.ConfigError(f"{name} must be a positive number or a (y, x) pair, got {value!r}") from None
-  if len(pair) != 2 or not all(np.isfinite(pair)) or min(pair) <= 0:
-    raise errors.ConfigError(f"{name} must be a positive number or a (y, x) pair, got {value!r}")
-  return pair
 
 
 def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -534,7 +557,7 @@ def simulate_msi(
   seed: int,
   he_rgb: np.ndarray,
   *,
-  he_pixel_size_um: float | Sequence[float],
+  histology_pixel_size_um: float | Sequence[float] | None = None,
   msi_pixel_size_um: float | Sequence[float] = 20.0,
   n_channels: int = 200,
   mz_range: tuple[float, float] = (400.0, 1000.0),
@@ -554,13 +577,14 @@ def simulate_msi(
   chemistry_seed: int | None = None,
   n_landmarks: int = 50,
   he_name: str = "",
+  he_pixel_size_um: float | Sequence[float] | None = None,
 ) -> SimulatedMSI:
   """Simulates an MSI acquisition of the tissue in a real H&E image (model in the module docstring).
 
   Args:
     seed: seed of everything that is not the chemistry (classes, latent fields, misalignment, noise, landmarks).
     he_rgb: (H, W, 3) H&E, float in [0, 1] or uint8 (an alpha channel is dropped).
-    he_pixel_size_um: H&E pixel size, µm (float or (y, x)).
+    histology_pixel_size_um: H&E pixel size, µm (float or (y, x)); required.
     msi_pixel_size_um: MSI pixel size, µm (float or (y, x)); 10-50 µm is typical.
     n_channels: number of m/z channels.
     mz_range: (low, high) m/z of the channels.
@@ -584,6 +608,7 @@ def simulate_msi(
       between slides to give them one chemistry.
     n_landmarks: number of ground-truth landmarks drawn in the tissue.
     he_name: a name for the H&E source, recorded in the metadata.
+    he_pixel_size_um: deprecated name of `histology_pixel_size_um`.
 
   Returns:
     A SimulatedMSI; `msi.cube` holds counts (float32), `msi.metadata["simulated"]` is True.
@@ -593,8 +618,11 @@ def simulate_msi(
     DataError: when the H&E shows no tissue.
   """
   he = _check_he(he_rgb)
-  he_px = _as_pair(he_pixel_size_um, "he_pixel_size_um")
-  msi_px = _as_pair(msi_pixel_size_um, "msi_pixel_size_um")
+  histology_pixel_size_um = geometry.renamed_argument(
+    histology_pixel_size_um, he_pixel_size_um, "histology_pixel_size_um", "he_pixel_size_um"
+  )
+  he_px = geometry.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  msi_px = geometry.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
   if n_channels < 1:
     raise errors.ConfigError(f"n_channels must be >= 1, got {n_channels}")
   if len(mz_range) != 2 or not 0 < mz_range[0] < mz_range[1]:
@@ -739,7 +767,7 @@ def simulate_msi(
     "chemistry_seed": int(chemistry_seed),
     "he_name": he_name,
     "he_shape": [height, width],
-    "he_pixel_size_um": list(he_px),
+    "histology_pixel_size_um": list(he_px),
     "msi_pixel_size_um": list(msi_px),
     "msi_shape": [msi_h, msi_w],
     "n_channels": int(n_channels),
@@ -778,7 +806,7 @@ def simulate_msi(
   return SimulatedMSI(
     msi=msi,
     he=he,
-    he_pixel_size_um=he_px,
+    histology_pixel_size_um=he_px,
     transform=transform,
     displacement=displacement,
     displacement_um=displacement_um,
@@ -941,10 +969,7 @@ def save_simulated(sim: SimulatedMSI, out_dir: str | os.PathLike, overwrite: boo
   }
   if sim.displacement_um is not None:
     paths["displacement"] = out / "displacement_um.npy"
-  if not overwrite:
-    for path in [*paths.values(), paths["imzml"].with_suffix(".ibd")]:
-      if path.exists():
-        raise errors.ConfigError(f"{path} exists; pass overwrite=True to replace it")
+  outputs.refuse_existing(*paths.values(), paths["imzml"].with_suffix(".ibd"), overwrite=overwrite)
   out.mkdir(parents=True, exist_ok=True)
   msi_io.write_imzml(paths["imzml"], sim.msi, mode="processed", overwrite=overwrite)
   msi_io.write_image(paths["he"], np.clip(sim.he, 0, 1), overwrite=overwrite)
@@ -957,19 +982,296 @@ def save_simulated(sim: SimulatedMSI, out_dir: str | os.PathLike, overwrite: boo
     "transform_units": "µm, points (x, y), pixel (0, 0) centre at the origin",
     "displacement_model": "the MSI at p shows the H&E at T^-1(p - u(p)); u in the MSI frame, µm",
     "displacement": None if sim.displacement is None else sim.displacement.to_dict(),
-    "he_pixel_size_um": list(sim.he_pixel_size_um),
+    "histology_pixel_size_um": list(sim.histology_pixel_size_um),
+    "he_pixel_size_um": list(sim.histology_pixel_size_um),  # deprecated name of histology_pixel_size_um
     "msi_pixel_size_um": list(sim.msi.pixel_size_um),
     "he_shape": list(sim.he.shape[:2]),
     "msi_shape": list(sim.msi.shape),
     "n_landmarks": int(len(sim.landmarks)),
     "parameters": simulation,
   }
-  paths["ground_truth"].write_text(json.dumps(ground_truth, indent=2))
-  with open(paths["landmarks"], "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["fixed_x", "fixed_y", "moving_x", "moving_y"])
-    writer.writerows([[f"{v:.6f}" for v in row] for row in sim.landmarks])
-  np.save(paths["tissue_classes"], sim.tissue_classes)
+  outputs.atomic_write(paths["ground_truth"], json.dumps(ground_truth, indent=2))
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(["fixed_x", "fixed_y", "moving_x", "moving_y"])
+  writer.writerows([[f"{v:.6f}" for v in row] for row in sim.landmarks])
+  outputs.atomic_write(paths["landmarks"], buffer.getvalue())
+  outputs.save_npy(paths["tissue_classes"], sim.tissue_classes)
   if sim.displacement_um is not None:
-    np.save(paths["displacement"], sim.displacement_um)
+    outputs.save_npy(paths["displacement"], sim.displacement_um)
   return paths
+
+
+# --------------------------------------------------------------------------------------------------- benchmark
+
+_STREAM_NEIGHBOUR, _STREAM_OUTLINE, _STREAM_ROI, _STREAM_STAIN, _STREAM_DRIFT, _STREAM_BENCH_LM = range(200, 206)
+ISOTOPE_SPACING = 1.00336
+
+
+@dataclasses.dataclass
+class BenchmarkCase:
+  """One SIMULATED benchmark case (`simulate_benchmark_case`): MSI of a neighbouring section and the H&E.
+
+  Attributes:
+    msi: the simulated MSI (counts), isotope and drift effects included; `metadata["simulated"]` is True.
+    he: the H&E the MSI is registered to, re-stained (stain variation), (H, W, 3) in [0, 1].
+    he_pixel_size_um: (y, x) µm.
+    transform: the affine ground truth, H&E (fixed) µm → MSI (moving) µm.
+    landmarks: (N, 4) fixed_x, fixed_y (H&E µm), moving_x, moving_y (MSI µm) = T(fixed): the affine ground truth
+      at tissue points, for the TRE of an affine registration.
+    neighbour_he: the neighbouring section the MSI was simulated from (elastic warp, tears, folds), unstained copy.
+    elastic_um: (H, W, 2) the elastic displacement (x, y) µm of the neighbour, on the H&E grid.
+    roi_mask: (H_msi, W_msi) bool, the acquired polygon.
+    tissue_msi: (H_msi, W_msi) bool, tissue of the neighbour at the MSI pixels.
+    simulated: always True.
+    metadata: every generating parameter.
+  """
+
+  msi: MSIImage
+  he: np.ndarray
+  he_pixel_size_um: tuple[float, float]
+  transform: AffineTransform
+  landmarks: np.ndarray
+  neighbour_he: np.ndarray
+  elastic_um: np.ndarray
+  roi_mask: np.ndarray
+  tissue_msi: np.ndarray
+  simulated: bool = True
+  metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+  return np.random.default_rng([int(seed), stream])
+
+
+def neighbour_section(
+  seed: int,
+  he_rgb: np.ndarray,
+  *,
+  he_pixel_size_um: float,
+  elastic_um: float = 40.0,
+  elastic_length_um: float = 300.0,
+  n_tears: int = 2,
+  tear_size_um: float = 150.0,
+  n_folds: int = 1,
+  fold_width_um: float = 60.0,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+  """A neighbouring section of an H&E: elastic warp, local tissue loss and folds (see the module docstring).
+
+  Args:
+    seed: seed of the deformation, tears and folds.
+    he_rgb: (H, W, 3) float in [0, 1].
+    he_pixel_size_um: isotropic H&E pixel, µm.
+    elastic_um: largest elastic displacement, µm.
+    elastic_length_um: Gaussian σ of the elastic field, µm.
+    n_tears: number of local tissue losses.
+    tear_size_um: typical tear diameter, µm.
+    n_folds: number of folds.
+    fold_width_um: width of a fold band, µm.
+
+  Returns:
+    (neighbour (H, W, 3) float32, displacement (H, W, 2) float32 (x, y) µm, info dict).
+  """
+  he = _check_he(he_rgb)
+  rng = _rng(seed, _STREAM_NEIGHBOUR)
+  h, w = he.shape[:2]
+  px = float(he_pixel_size_um)
+  field = np.stack([ndimage.gaussian_filter(rng.standard_normal((h, w)), elastic_length_um / px, mode="reflect")
+                    for _ in range(2)], axis=-1)  # fmt: skip
+  field *= elastic_um / max(float(np.abs(field).max()), 1e-12)
+  rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+  coords = [rows + field[..., 1] / px, cols + field[..., 0] / px]
+  neighbour = np.stack([ndimage.map_coordinates(he[..., c], coords, order=1, mode="nearest") for c in range(3)], -1)
+  tissue = he_tissue_mask(neighbour)
+  background = np.median(neighbour[~tissue], axis=0) if (~tissue).any() else np.ones(3)
+  info = {"elastic_um": float(elastic_um), "elastic_length_um": float(elastic_length_um), "tears": [], "folds": []}
+  ty, tx = np.nonzero(tissue)
+  for _ in range(int(n_tears) if ty.size else 0):
+    i = rng.integers(ty.size)
+    blob = np.zeros((h, w))
+    blob[ty[i], tx[i]] = 1.0
+    blob = ndimage.gaussian_filter(blob, tear_size_um / px / 2.5)
+    blob = blob / blob.max() * (0.7 + 0.6 * ndimage.gaussian_filter(rng.random((h, w)), 3))
+    hole = (blob > 0.5) & tissue
+    neighbour[hole] = background
+    info["tears"].append({"centre_px": [int(ty[i]), int(tx[i])], "pixels": int(hole.sum())})
+  for _ in range(int(n_folds) if ty.size else 0):
+    theta = rng.uniform(0, np.pi)
+    i = rng.integers(ty.size)
+    dist = (rows - ty[i]) * math.cos(theta) - (cols - tx[i]) * math.sin(theta)
+    band = (np.abs(dist) < fold_width_um / px / 2) & tissue
+    od = -np.log(np.clip(neighbour[band], 1e-3, 1.0))
+    neighbour[band] = np.exp(-2.0 * od)
+    info["folds"].append({"through_px": [int(ty[i]), int(tx[i])], "angle_rad": float(theta),
+                          "pixels": int(band.sum())})  # fmt: skip
+  return np.clip(neighbour, 0, 1).astype(np.float32), field.astype(np.float32), info
+
+
+def restain(seed: int, he_rgb: np.ndarray, *, stain_jitter: float = 0.12, density_jitter: float = 0.15) -> np.ndarray:
+  """The same H&E under another slide's staining: optical density times a random matrix near the identity."""
+  he = _check_he(he_rgb)
+  rng = _rng(seed, _STREAM_STAIN)
+  od = -np.log(np.clip(he.astype(np.float64), 1e-3, 1.0))
+  matrix = np.eye(3) + rng.normal(0, stain_jitter, (3, 3))
+  density = math.exp(rng.normal(0, density_jitter))
+  return np.clip(np.exp(-density * np.clip(od @ matrix, 0, None)), 0, 1).astype(np.float32)
+
+
+def _star_polygon(rng, centre_rc, extent_rc, n_vertices, radius):
+  angles = np.sort(rng.uniform(0, 2 * np.pi, n_vertices))
+  r = rng.uniform(radius[0], radius[1], n_vertices)
+  return np.stack([centre_rc[0] + r * extent_rc[0] * np.sin(angles),
+                   centre_rc[1] + r * extent_rc[1] * np.cos(angles)], axis=-1)  # fmt: skip
+
+
+def isotope_abundances(mz: np.ndarray) -> np.ndarray:
+  """(N, 3) relative abundances of M, M+1, M+2 (normalised to sum 1) of ions of monoisotopic m/z `mz`."""
+  lam = 0.011 * np.asarray(mz, np.float64) / 14.0
+  rel = np.stack([np.ones_like(lam), lam, lam**2 / 2], axis=-1)
+  return rel / rel.sum(axis=-1, keepdims=True)
+
+
+def drift_gain(drift_ppm: np.ndarray, *, bin_ppm: float, peak_sigma_ppm: float) -> np.ndarray:
+  """The share of a Gaussian peak (σ ppm) shifted by `drift_ppm` that falls into a bin of ± `bin_ppm` ppm."""
+  d = np.asarray(drift_ppm, np.float64)
+  return special.ndtr((bin_ppm - d) / peak_sigma_ppm) - special.ndtr((-bin_ppm - d) / peak_sigma_ppm)
+
+
+def simulate_benchmark_case(
+  seed: int,
+  he_rgb: np.ndarray,
+  *,
+  he_pixel_size_um: float = 5.0,
+  msi_pixel_size_um: float = 20.0,
+  n_ions: int = 40,
+  chemistry_seed: int = 0,
+  class_centroids: np.ndarray | None = None,
+  elastic_um: float = 40.0,
+  n_tears: int = 2,
+  n_folds: int = 1,
+  outline_leak: float = 0.6,
+  roi_vertices: int = 7,
+  roi_radius: tuple[float, float] = (0.45, 0.75),
+  stain_jitter: float = 0.12,
+  drift_ppm: float = 15.0,
+  bin_ppm: float = 10.0,
+  peak_sigma_ppm: float = 6.0,
+  max_rotation_deg: float = 10.0,
+  max_scale: float = 0.05,
+  max_translation_um: float = 200.0,
+  n_landmarks: int = 50,
+  he_name: str = "",
+) -> BenchmarkCase:
+  """One case of the semi-synthetic benchmark (SIMULATED; model in the module docstring, "The benchmark").
+
+  Args:
+    seed: seed of this case (neighbour section, misalignment, outline, ROI, stain, drift, noise, landmarks).
+    he_rgb: the real H&E, (H, W, 3) in [0, 1].
+    he_pixel_size_um: its (assumed) pixel, µm (2-5).
+    msi_pixel_size_um: MSI pixel, µm (20-50).
+    n_ions: simulated ions; the cube has 3 · n_ions channels (M, M+1, M+2 of each).
+    chemistry_seed: the ions' model, shared across slides.
+    class_centroids: tissue-class centroids shared across slides (`fit_class_centroids`).
+    elastic_um, n_tears, n_folds: the neighbouring section (`neighbour_section`).
+    outline_leak: share of the other side's mean spectrum added on and off tissue (0: a sharp outline).
+    roi_vertices, roi_radius: the acquisition polygon.
+    stain_jitter: slide-to-slide stain variation of the H&E.
+    drift_ppm, bin_ppm, peak_sigma_ppm: m/z drift, bin half-width and peak width, ppm.
+    max_rotation_deg, max_scale, max_translation_um: bounds of the random affine misalignment.
+    n_landmarks: tissue points for the TRE.
+    he_name: recorded in the metadata.
+
+  Returns:
+    A BenchmarkCase.
+
+  Raises:
+    ConfigError: for bad arguments; DataError: when the H&E shows no tissue.
+  """
+  from skimage import draw
+
+  he = _check_he(he_rgb)
+  if not 0 <= outline_leak <= 1:
+    raise errors.ConfigError(f"outline_leak must be in [0, 1], got {outline_leak}")
+  if n_ions < 1 or roi_vertices < 3:
+    raise errors.ConfigError(f"need n_ions >= 1 and roi_vertices >= 3, got {n_ions}, {roi_vertices}")
+  neighbour, field, neighbour_info = neighbour_section(
+    seed, he, he_pixel_size_um=he_pixel_size_um, elastic_um=elastic_um, n_tears=n_tears, n_folds=n_folds
+  )
+  sim = simulate_msi(seed, neighbour, histology_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_pixel_size_um,
+                     n_channels=n_ions, misalignment="random", max_rotation_deg=max_rotation_deg,
+                     max_scale=max_scale, max_translation_um=max_translation_um, chemistry_seed=chemistry_seed,
+                     class_centroids=class_centroids, he_name=he_name, n_landmarks=4)  # fmt: skip
+  cube = np.asarray(sim.msi.cube, np.float64)
+  measured = np.asarray(sim.msi.mask, bool)
+  tissue = (np.asarray(sim.tissue_classes_msi) > 0)
+  hm, wm = cube.shape[:2]
+
+  # Weak outline: each side receives a share of the other side's mean spectrum, modulated smoothly.
+  rng = _rng(seed, _STREAM_OUTLINE)
+  on, off = tissue & measured, ~tissue & measured
+  mean_on = cube[on].mean(axis=0) if on.any() else np.zeros(cube.shape[-1])
+  mean_off = cube[off].mean(axis=0) if off.any() else np.zeros(cube.shape[-1])
+  smooth = ndimage.gaussian_filter(rng.standard_normal((hm, wm)), 4.0)
+  smooth = np.exp(0.3 * smooth / max(float(smooth.std()), 1e-12))
+  leak = np.where(tissue[..., None], mean_off, mean_on) * (outline_leak * smooth)[..., None]
+  cube = cube + leak * measured[..., None]
+
+  # Isotopes and m/z drift.
+  mz_mono = np.asarray(sim.msi.mz, np.float64)
+  abundance = isotope_abundances(mz_mono)
+  rng = _rng(seed, _STREAM_DRIFT)
+  drift = ndimage.gaussian_filter(rng.standard_normal((hm, wm)), max(hm, wm) / 6)
+  drift = drift / max(float(np.abs(drift).max()), 1e-12) * drift_ppm
+  slope = rng.uniform(-0.5, 0.5) * drift_ppm
+  mz_all = (mz_mono[:, None] + ISOTOPE_SPACING * np.arange(3)[None]).ravel()
+  lo, hi = float(mz_all.min()), float(mz_all.max())
+  rel_mz = (mz_all - lo) / max(hi - lo, 1e-12) - 0.5
+  channels = []
+  for j in range(len(mz_all)):
+    ion, iso = divmod(j, 3)
+    gain = drift_gain(drift + slope * rel_mz[j], bin_ppm=bin_ppm, peak_sigma_ppm=peak_sigma_ppm)
+    channels.append(cube[..., ion] * abundance[ion, iso] * gain)
+  cube = np.stack(channels, axis=-1)
+  order = np.argsort(mz_all, kind="stable")
+  cube, mz_all = cube[..., order], mz_all[order]
+
+  # The acquisition polygon.
+  rng = _rng(seed, _STREAM_ROI)
+  ty, tx = np.nonzero(tissue)
+  if ty.size:
+    centre = (ty.mean(), tx.mean())
+    extent = (max(ty.max() - ty.min(), 4) * 1.2, max(tx.max() - tx.min(), 4) * 1.2)
+  else:
+    centre, extent = (hm / 2, wm / 2), (hm, wm)
+  poly = _star_polygon(rng, centre, extent, int(roi_vertices), roi_radius)
+  roi = np.zeros((hm, wm), bool)
+  rr, cc = draw.polygon(poly[:, 0], poly[:, 1], shape=(hm, wm))
+  roi[rr, cc] = True
+  mask = measured & roi
+  cube = np.where(mask[..., None], cube, 0.0).astype(np.float32)
+
+  stained = restain(seed, he, stain_jitter=stain_jitter)
+  rng = _rng(seed, _STREAM_BENCH_LM)
+  he_tissue = he_tissue_mask(he)
+  ly, lx = np.nonzero(he_tissue)
+  px = geometry.pixel_size_yx(he_pixel_size_um, "he_pixel_size_um")
+  pick = rng.choice(ly.size, size=min(int(n_landmarks), ly.size), replace=False) if ly.size else np.zeros(0, int)
+  fixed = np.stack([lx[pick] * px[1], ly[pick] * px[0]], axis=-1).astype(np.float64)
+  moving = _apply(np.asarray(sim.transform.matrix, np.float64), fixed) if len(fixed) else fixed
+  metadata = {
+    "simulated": True,
+    "benchmark": "neighbouring-section semi-synthetic benchmark (msisynth.simulate.simulate_benchmark_case)",
+    "seed": int(seed), "he_name": he_name, "he_pixel_size_um": float(he_pixel_size_um),
+    "msi_pixel_size_um": float(msi_pixel_size_um), "n_ions": int(n_ions), "chemistry_seed": int(chemistry_seed),
+    "neighbour": neighbour_info, "outline_leak": float(outline_leak), "roi_polygon_rc": poly.tolist(),
+    "stain_jitter": float(stain_jitter), "drift_ppm": float(drift_ppm), "bin_ppm": float(bin_ppm),
+    "peak_sigma_ppm": float(peak_sigma_ppm), "drift_slope_ppm": float(slope),
+    "transform_fixed_to_moving": np.asarray(sim.transform.matrix, np.float64).tolist(),
+    "simulation": sim.msi.metadata["simulation"],
+  }  # fmt: skip
+  msi = MSIImage(cube=cube, mz=mz_all.astype(np.float64), mask=mask, pixel_size_um=sim.msi.pixel_size_um,
+                 metadata={"simulated": True, "source": f"SIMULATED benchmark case from {he_name or 'an H&E'} "
+                                                        f"(seed {seed})", "simulation": metadata})  # fmt: skip
+  return BenchmarkCase(msi=msi, he=stained, he_pixel_size_um=px, transform=sim.transform,
+                       landmarks=np.concatenate([fixed, moving], axis=1), neighbour_he=neighbour, elastic_um=field,
+                       roi_mask=roi, tissue_msi=tissue, metadata=metadata)  # fmt: skip

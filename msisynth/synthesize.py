@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msisynth import checkpoint, errors, models, preprocess, progress
+from msisynth import checkpoint, errors, geometry, models, preprocess, progress
 from msisynth import io as msi_io
 from msisynth.types import MSIImage
 
@@ -253,8 +253,7 @@ class Synthesizer:
 
   def output_pixel_size_um(self, msi_pixel_size_um) -> tuple[float, float]:
     """(y, x) pixel size (µm) of the synthetic H&E made from an MSIImage of the given pixel size."""
-    py, px = (msi_pixel_size_um, msi_pixel_size_um) if np.isscalar(msi_pixel_size_um) else msi_pixel_size_um
-    return float(py) / self.upsample, float(px) / self.upsample
+    return geometry.Grid((1, 1), msi_pixel_size_um).upsampled(self.upsample).pixel_size_um
 
   def network_input(self, msi: MSIImage | np.ndarray) -> np.ndarray:
     """The (H, W, k) float32 generator input for `msi`.
@@ -271,9 +270,7 @@ class Synthesizer:
         )
       x = np.asarray(self.preprocessor.transform(msi), dtype=np.float32)
       if self.upsample > 1:
-        from msisynth.data import upsample_grid
-
-        x = np.clip(upsample_grid(x, self.upsample, "bilinear"), -1.0, 1.0)
+        x = np.clip(geometry.upsample_grid(x, self.upsample, "bilinear"), -1.0, 1.0)
       source = msi.metadata.get("source")
     else:
       x = np.asarray(msi, dtype=np.float32)
@@ -303,7 +300,8 @@ class Synthesizer:
       (H, W, 3) float32 RGB in [0, 1].
 
     Raises:
-      CheckpointError: for an MSIImage when the checkpoint holds no preprocessor.
+      CheckpointError: for an MSIImage when the checkpoint holds no preprocessor, or when the generator gives
+        NaN/Inf.
       DataError: for an array of the wrong shape, channel count or range.
     """
     y = synthesize_tiled(
@@ -314,6 +312,11 @@ class Synthesizer:
       batch_size=self.batch_size,
       size_multiple=self.size_multiple,
     )
+    if not np.isfinite(y).all():  # finite weights and input, yet NaN/Inf out: never hand back a NaN image
+      raise errors.CheckpointError(
+        f"{self.workdir}: the generator gave NaN/Inf for {np.mean(~np.isfinite(y)):.1%} of the output; the "
+        "checkpoint is not usable on this input"
+      )
     return np.clip((y + 1.0) * 0.5, 0.0, 1.0).astype(np.float32)
 
 

@@ -47,7 +47,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from msisynth import checkpoint, distributed, errors, losses, metrics, models, progress
+from msisynth import checkpoint, distributed, errors, losses, metrics, models, outputs, progress
 
 Batch = Mapping[str, Any]
 MODEL_KINDS = ("pix2pix", "unet")
@@ -66,6 +66,8 @@ class StepHParams:
   gan_weight: float = 1.0
   l1_weight: float = 100.0
   mask_l1: bool = False
+  recon_loss: str = "l1"
+  max_shift_px: int = 2
 
   @property
   def use_gan(self) -> bool:
@@ -129,7 +131,8 @@ def step_hparams(config) -> StepHParams:
   if gan_weight < 0 or float(m.l1_weight) < 0:
     raise errors.ConfigError(f"loss weights must be >= 0, got gan_weight={gan_weight}, l1_weight={m.l1_weight}")
   return StepHParams(
-    gan_mode=m.gan_mode, gan_weight=gan_weight, l1_weight=float(m.l1_weight), mask_l1=bool(m.get("mask_l1", False))
+    gan_mode=m.gan_mode, gan_weight=gan_weight, l1_weight=float(m.l1_weight), mask_l1=bool(m.get("mask_l1", False)),
+    recon_loss=str(m.get("recon_loss", "l1")), max_shift_px=int(m.get("max_shift_px", 2)),
   )
 
 
@@ -355,7 +358,8 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
     if hp.use_gan:
       fake_logits, stats = score(d_params, d_batch_stats, fake_image)
     total, parts = losses.pix2pix_generator_loss(
-      fake_logits, fake_image, real, gan_weight=hp.gan_weight, l1_weight=hp.l1_weight, mode=hp.gan_mode, mask=mask
+      fake_logits, fake_image, real, gan_weight=hp.gan_weight, l1_weight=hp.l1_weight, mode=hp.gan_mode, mask=mask,
+      recon_loss=hp.recon_loss, max_shift=hp.max_shift_px,
     )
     return total, (parts, stats)
 
@@ -466,10 +470,8 @@ class MetricWriter:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     if self._primary and os.path.exists(self.path):
       # Lines written after the checkpoint we resume from belong to a run that was cut off: drop them.
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+      kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+      outputs.atomic_write(self.path, "".join(kept))
     self._tb = None
     try:
       if not self._primary:
@@ -493,6 +495,36 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file; lines that are not JSON records are dropped with a warning.
+
+  A run killed mid-write, or a full disk, leaves a torn last line; it must not block resuming.
+
+  Args:
+    path: the metrics.jsonl file.
+
+  Returns:
+    The records (dicts), in file order.
+  """
+  records, torn = [], []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      if isinstance(record, dict):
+        records.append(record)
+      else:
+        torn.append(number)
+  if torn:
+    logging.warning("%s: dropped %d line(s) that are not JSON records (a write cut off?): line(s) %s",
+                    path, len(torn), torn[:10])
+  return records
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,18 +612,86 @@ def evaluate(
   return scores, fake
 
 
+def _last_good(workdir: str, last_saved: int | None) -> str:
+  return f"step {last_saved} in {workdir}" if last_saved else f"none in {workdir}"
+
+
 def _check_finite(pending: list[tuple[int, dict]], workdir: str, last_saved: int | None) -> list[dict]:
-  """Host copies of the pending step metrics; TrainingError at the first non-finite loss."""
+  """Host copies of the pending step metrics; TrainingError at the first non-finite loss or parameter norm.
+
+  The losses are computed before a step's update and the parameter norms after it, so an update that makes the
+  parameters NaN/Inf is caught at that step, before it can be saved.
+  """
   host = jax.device_get([m for _, m in pending])
   for (step, _), m in zip(pending, host):
-    bad = {k: float(v) for k, v in m.items() if k.endswith("loss") and not math.isfinite(float(v))}
+    bad = {
+      k: float(v)
+      for k, v in m.items()
+      if (k.endswith("loss") or k.endswith("param_norm")) and not math.isfinite(float(v))
+    }
     if bad:
-      where = f"step {last_saved} in {workdir}" if last_saved else f"none in {workdir}"
       raise errors.TrainingError(
-        f"non-finite loss at step {step} (the update on data batch {step - 1}): {bad}. Training stopped; "
-        f"the last good checkpoint is {where}. Check the input data for NaN/Inf or lower the learning rate."
+        f"non-finite values at step {step} (the update on data batch {step - 1}): {bad}. Training stopped; "
+        f"the last good checkpoint is {_last_good(workdir, last_saved)}. Check the input data for NaN/Inf or "
+        "lower the learning rate."
       )
   return host
+
+
+def check_train_config(config) -> None:
+  """ConfigError unless the step counts of `config.train` are usable.
+
+  Args:
+    config: the training ConfigDict.
+
+  Raises:
+    ConfigError: naming the first field that is not a positive integer (image_every may be 0: no images).
+  """
+  tc = config.train
+  for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "max_to_keep"):
+    value = tc.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+      raise errors.ConfigError(f"config.train.{name} must be a positive integer, got {value!r}")
+  image_every = tc.get("image_every", 0)
+  if isinstance(image_every, bool) or not isinstance(image_every, int | np.integer) or image_every < 0:
+    raise errors.ConfigError(f"config.train.image_every must be an integer >= 0 (0: no images), got {image_every!r}")
+
+
+WORKDIR_OWNER = "msisynth.train"
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> str:
+  """Checks that `workdir` is a run folder msisynth created (resumed) or new/empty (created and marked).
+
+  Args:
+    workdir: the run folder.
+
+  Returns:
+    The folder, as a string.
+
+  Raises:
+    OutputExistsError: when the folder holds files and was not created by msisynth (nothing is changed), is a
+      file, or cannot be created.
+  """
+  workdir = os.fspath(workdir)
+  if outputs.is_own_dir(workdir):
+    return workdir
+  if jax.process_index() > 0:
+    # In a job of several processes the first one checks and marks the folder; the others would race it.
+    os.makedirs(workdir, exist_ok=True)
+    return workdir
+  try:
+    outputs.prepare_output_dir(workdir, owner=WORKDIR_OWNER)
+  except errors.OutputExistsError as e:
+    if os.path.isdir(workdir) and any(os.scandir(workdir)):
+      raise errors.OutputExistsError(
+        "is not empty and was not created by msisynth training, so it is neither resumed nor overwritten "
+        f"(nothing was changed); choose a new or empty workdir. A run folder of an older msisynth can be "
+        f"adopted by creating the marker file {outputs.MARKER!r} in it",
+        workdir,
+      ) from e
+    raise
+  return workdir
 
 
 def _subsample(data: Mapping[str, np.ndarray], max_items: int) -> dict[str, np.ndarray]:
@@ -646,7 +746,7 @@ def data_from_config(config) -> tuple[Any, dict[str, np.ndarray] | None, Any]:
     paired = data_lib.semi_synthetic_pairs(
       list(slides),
       seed=seed,
-      he_pixel_size_um=float(d.he_pixel_size_um),
+      histology_pixel_size_um=float(d.histology_pixel_size_um),
       msi_pixel_size_um=float(d.msi_pixel_size_um),
       n_channels=int(d.n_channels),
       n_components=int(d.n_components),
@@ -680,7 +780,9 @@ def _preprocessor_dict(preprocessor) -> dict | None:
   raise errors.ConfigError(f"preprocessor must be a dict or have to_dict(), got {type(preprocessor).__name__}")
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=None, preprocessor=None) -> TrainState:
+def train_and_evaluate(
+  config, workdir: str | os.PathLike, train_data, val_data=None, preprocessor=None, *, resume_from: str = "latest"
+) -> TrainState:
   """Trains pix2pix (or the U-Net baseline) and evaluates it, resuming from `workdir` when it holds a checkpoint.
 
   Writes `workdir/metrics.jsonl` (and TensorBoard when installed), image grids to `workdir/images/` and
@@ -696,16 +798,24 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
     val_data: None, a batch dict holding the validation set, or an object with `validation_set()` (a
       `msisynth.data.PatchDataset`).
     preprocessor: the fitted `MSIPreprocessor` (or its `to_dict()`), saved beside the weights.
+    resume_from: "latest" resumes from the latest checkpoint and stops with CheckpointError when it is damaged
+      (the message names the newest intact step); "intact" resumes from the newest intact checkpoint (damaged
+      newer ones are moved to `workdir/checkpoints.damaged/`). A workdir with no checkpoint starts from step 0.
 
   Returns:
     The final train state.
 
   Raises:
-    TrainingError: when a loss becomes NaN/Inf (the message names the step) or a checkpoint does not match.
+    TrainingError: when a loss, parameter or optimiser state becomes NaN/Inf (the message names the step and the
+      last good checkpoint) or a checkpoint does not match.
+    CheckpointError: when the latest checkpoint is damaged (and `resume_from` is "latest") or none is intact.
     ConfigError: on an invalid configuration or batch.
+    OutputExistsError: when `workdir` holds files and was not created by msisynth.
   """
-  workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  check_train_config(config)
+  if resume_from not in checkpoint.RESUME_FROM:
+    raise errors.ConfigError(f"resume_from must be one of {checkpoint.RESUME_FROM}, got {resume_from!r}")
+  workdir = prepare_workdir(workdir)
   tc = config.train
   num_steps, batch_size = int(tc.num_steps), int(tc.batch_size)
   get_batch = _batch_fn(train_data)
@@ -730,8 +840,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
       )
     state = create_train_state(jax.random.key(int(config.seed)), config, first["msi"].shape, mesh)
     if start:
-      state, _ = checkpoint.restore_latest(manager, target_state=state)
+      state, _ = checkpoint.restore_latest(manager, target_state=state, resume_from=resume_from)
       logging.info("resumed from step %d in %s", int(state.step), workdir)
+      if int(state.step) != start:  # an older, intact step
+        first = get_batch(int(state.step))
     start = int(state.step)
     logging.info(
       "training %s: %d steps of batch %d on %d device(s), generator %d parameters",
@@ -813,14 +925,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike, train_data, val_data=
             target_name="microscopy" if data_config.get("source") == "msiflow" else "H&E",
           )
         if save_now:
-          checkpoint.save(
-            manager,
-            state,
-            config=config,
-            data_state={"seed": int(config.seed), "step": done},
-            preprocessor=preprocessor,
-            metrics=val_scores,
-          )
+          try:
+            checkpoint.save(
+              manager,
+              state,
+              config=config,
+              data_state={"seed": int(config.seed), "step": done},
+              preprocessor=preprocessor,
+              metrics=val_scores,
+            )
+          except errors.TrainingError as e:
+            raise errors.TrainingError(
+              f"{e}. Training stopped at step {done}; the last good checkpoint is {_last_good(workdir, last_saved)}"
+            ) from None
           last_saved = done
     flush()
     return state

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, geometry
 
 
 @dataclasses.dataclass
@@ -49,11 +49,10 @@ class MSIImage:
     if self.mz.size > 1 and not np.all(np.diff(self.mz) > 0):
       raise errors.DataError("m/z axis is not strictly increasing", source)
     if self.pixel_size_um is not None:
-      if np.isscalar(self.pixel_size_um):
-        self.pixel_size_um = (float(self.pixel_size_um), float(self.pixel_size_um))
-      self.pixel_size_um = tuple(float(v) for v in self.pixel_size_um)
-      if len(self.pixel_size_um) != 2 or min(self.pixel_size_um) <= 0:
-        raise errors.DataError(f"pixel_size_um must be two positive numbers, got {self.pixel_size_um}", source)
+      try:
+        self.pixel_size_um = geometry.pixel_size_yx(self.pixel_size_um, "pixel_size_um")
+      except errors.ConfigError as e:
+        raise errors.DataError(str(e), source) from None
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -81,6 +80,16 @@ class MSIImage:
           f"no channel within m/z {mz} ± {tol} {tol_unit} (axis spans {self.mz[0]:.4f}-{self.mz[-1]:.4f})",
           self.metadata.get("source"))
     return self.cube[..., sel].sum(axis=-1)
+
+  def tic_image(self, quantile: float = 99.0) -> np.ndarray:
+    """The total ion count image scaled to [0, 1] by its `quantile`-th percentile over the measured pixels.
+
+    Returns:
+      (H, W) float32 in [0, 1] (the sum of every channel per pixel, divided by the percentile, clipped).
+    """
+    tic = np.asarray(self.cube, np.float64).sum(axis=-1)
+    top = float(np.percentile(tic[self.mask], quantile)) if self.mask.any() else float(tic.max())
+    return np.clip(tic / max(top, 1e-12), 0, 1).astype(np.float32)
 
   def select_mz(self, indices) -> MSIImage:
     """A new MSIImage with only the given channels (indices or boolean mask)."""

@@ -1,5 +1,7 @@
 """Tests of msisynth.checkpoint: round trips, retention of the latest and the best, inference restore, errors."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -113,3 +115,103 @@ def test_errors(state, config, tmp_path):
   target = jax.eval_shape(lambda: train.create_train_state(0, other, (P, P, K)))
   with pytest.raises(errors.TrainingError, match="does not match"):
     checkpoint.restore_latest(tmp_path, target_state=target)
+
+
+def test_save_refuses_non_finite_state(state, config, tmp_path):
+  bad = state.replace(step=np.int32(1), g_params=jax.tree_util.tree_map(lambda x: x * np.inf, state.g_params))
+  with pytest.raises(errors.TrainingError, match="NaN/Inf"):
+    checkpoint.save(tmp_path, bad, config=config)
+  opt = jax.tree_util.tree_map(lambda x: np.full_like(x, np.nan) if x.dtype == np.float32 else x, state.g_opt_state)
+  with pytest.raises(errors.TrainingError, match="g_opt_state"):
+    checkpoint.save(tmp_path, state.replace(step=np.int32(2), g_opt_state=opt), config=config)
+  assert checkpoint.latest_step(tmp_path) is None
+
+
+def test_non_finite_weights_do_not_load(state, config, tmp_path, monkeypatch):
+  # A checkpoint written without the check (an older msisynth) does not give NaN images silently.
+  from msisynth import synthesize
+
+  monkeypatch.setattr(checkpoint, "check_finite", lambda *a, **k: None)
+  bad = state.replace(step=np.int32(1), g_params=jax.tree_util.tree_map(lambda x: x * np.inf, state.g_params))
+  checkpoint.save(tmp_path, bad, config=config)
+  monkeypatch.undo()
+  with pytest.raises(errors.CheckpointError, match="NaN/Inf"):
+    checkpoint.restore_for_inference(tmp_path)
+  with pytest.raises(errors.CheckpointError, match="NaN/Inf"):
+    synthesize.load_synthesizer(tmp_path, tile_size=32, overlap=8)
+
+
+def _largest_file(folder):
+  files = [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  path = _largest_file(step_dir / "generator")
+  os.truncate(path, path.stat().st_size // 2)
+
+
+def _flip_bit(step_dir):
+  path = _largest_file(step_dir / "generator")
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+def _delete_manifest(step_dir):
+  (step_dir / "generator" / "manifest.ocdbt").unlink()
+
+
+def _corrupt_json(step_dir):
+  (step_dir / "config" / "metadata").write_text('{"model": ')
+
+
+def _edit_json(step_dir):
+  (step_dir / "preprocessor" / "metadata").write_text('{"preprocessor": {"a": 1}}')
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bit, _delete_manifest, _corrupt_json, _edit_json])
+def test_damaged_latest_step_is_named_and_intact_one_offered(state, config, tmp_path, damage):
+  for step in (1, 2):
+    checkpoint.save(tmp_path, _with_step(state, step), config=config)
+  damage(tmp_path / "checkpoints" / "2")
+  target = train.create_train_state(0, config, (P, P, K))
+  message = r"checkpoint step 2 is damaged .*step 1 is intact"
+  with pytest.raises(errors.CheckpointError, match=message + r": pass resume_from='intact'"):
+    checkpoint.restore_latest(tmp_path, target_state=target)
+  with pytest.raises(errors.CheckpointError, match=message + ": pass step=1"):
+    checkpoint.restore_for_inference(tmp_path)
+  assert checkpoint.newest_intact_step(tmp_path) == 1
+  assert checkpoint.latest_step(tmp_path) == 2  # nothing was changed until asked
+  restored, extras = checkpoint.restore_latest(tmp_path, target_state=target, resume_from="intact")
+  assert extras["step"] == 1 and leaves_equal(restored, _with_step(state, 1))
+  # The damaged step is kept aside, and the checkpoint folder now ends at the intact step.
+  assert (tmp_path / "checkpoints.damaged" / "2").is_dir()
+  assert checkpoint.latest_step(tmp_path) == 1
+
+
+def test_no_intact_step_is_an_error(state, config, tmp_path):
+  checkpoint.save(tmp_path, _with_step(state, 1), config=config)
+  _truncate(tmp_path / "checkpoints" / "1")
+  with pytest.raises(errors.CheckpointError, match="step 1 is damaged .*no earlier step is intact"):
+    checkpoint.restore_latest(tmp_path)
+  with pytest.raises(errors.CheckpointError, match="no earlier step is intact"):
+    checkpoint.restore_latest(tmp_path, resume_from="intact")
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+def test_synthesizer_never_returns_a_nan_image(config):
+  from msisynth import synthesize
+
+  synthesizer = synthesize.Synthesizer(
+    apply_fn=lambda x: np.full(x.shape[:3] + (3,), np.nan, np.float32),
+    config=config,
+    preprocessor=None,
+    in_channels=K,
+    size_multiple=16,
+    tile_size=32,
+    overlap=8,
+    workdir="run",
+  )
+  with pytest.raises(errors.CheckpointError, match="NaN/Inf"):
+    synthesizer(np.zeros((40, 48, K), np.float32))

@@ -236,7 +236,7 @@ def test_semi_synthetic_pairs_spatial_split(he_crops):
   paired = data.semi_synthetic_pairs(
     he_crops,
     seed=0,
-    he_pixel_size_um=5.0,
+    histology_pixel_size_um=5.0,
     msi_pixel_size_um=20.0,
     n_channels=30,
     n_components=4,
@@ -268,7 +268,7 @@ def test_semi_synthetic_pairs_split_by_section(he_crops):
     he_crops[:1],
     val_he_paths=he_crops[1:],
     seed=1,
-    he_pixel_size_um=5.0,
+    histology_pixel_size_um=5.0,
     n_channels=30,
     n_components=4,
     upsample=2,

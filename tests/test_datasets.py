@@ -154,7 +154,7 @@ def test_load_msight_bladder_from_a_local_copy():
   assert msi.pixel_size_um == (25.0, 25.0) and msi.metadata["mode"] == "continuous"
   assert pair.he.shape == (1920, 2560, 3)
   assert pair.he_recorded_pixel_size_um == pytest.approx(0.17)
-  assert 2.5 < pair.he_pixel_size_um < 3.0
+  assert 2.5 < pair.histology_pixel_size_um < 3.0
   assert pair.landmarks_px.shape == (4, 4)
   assert pair.landmarks_um().shape == (4, 4)
   # The merged channel holds both of the file's channels at 1450.5458: check the first spectrum by hand.

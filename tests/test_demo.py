@@ -36,3 +36,12 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
   assert again.returncode != 0
   assert "--overwrite" in again.stderr
   assert (out / "report.md").stat().st_mtime_ns == before
+
+
+def test_demo_refuses_a_non_positive_step_count(tmp_path):
+  out = tmp_path / "demo"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "experiments.demo", "--quick", "--steps=-1", f"--output_dir={out}"]
+  run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert run.returncode != 0 and "--steps" in run.stderr
+  assert not out.exists()

@@ -90,10 +90,14 @@ def test_summarise_pairs_differences_per_case():
     {"unet": {"mi_bits": 2.0, "nmi": 1.3, "ssim": 0.4, "psnr_db": 12.0},
      "pix2pix": {"mi_bits": 2.1, "nmi": 1.2, "ssim": float("nan"), "psnr_db": 13.0}},
   ]  # fmt: skip
+  # A NaN metric is an error, never dropped: dropping it would take the means over different case sets.
+  with pytest.raises(errors.DataError, match="not finite"):
+    ev.summarise(cases)
+  cases[1]["pix2pix"]["ssim"] = 0.3
   s = ev.summarise(cases)
   assert s["mi_bits"]["unet"] == {"mean": 1.5, "std": pytest.approx(np.std([1.0, 2.0], ddof=1)), "n": 2}
   assert s["mi_bits"]["difference"]["mean"] == pytest.approx(0.3)
-  assert s["ssim"]["pix2pix"]["n"] == 1 and s["ssim"]["difference"]["mean"] == pytest.approx(-0.1)
+  assert s["ssim"]["pix2pix"]["n"] == 2 and s["ssim"]["difference"]["mean"] == pytest.approx(-0.1)
 
 
 def test_same_preprocessor_compares_fitted_state():
@@ -103,3 +107,21 @@ def test_same_preprocessor_compares_fitted_state():
   b["state"]["mean"][1] = 2.1
   assert not ev._same_preprocessor(a, b)
   assert not ev._same_preprocessor(a, None) and ev._same_preprocessor(None, None)
+
+
+def test_msiflow_mask_channel_is_softened_once_per_pair_and_lr_is_pix2pix():
+  from msisynth.data import Pair, PairedData
+  from msisynth.evaluation import paper
+
+  target = np.zeros((20, 20, 3), np.float32)
+  target[:, 10:, 2] = 1.0  # the near-binary mask channel
+  pair = Pair(name="p", msi=np.zeros((20, 20, 2), np.float32), histology=target, mask=np.ones((20, 20), bool),
+              metadata={})  # fmt: skip
+  paired = PairedData([pair], [None], [pair], [None], None, "region", {})
+  soft = paper.soften_mask_channel(paired, 2.0)
+  assert soft.train_pairs[0] is soft.val_pairs[0]
+  channel = soft.train_pairs[0].histology[..., 2]
+  assert 0 < channel[0, 9] < 1 and np.mean((channel == 0) | (channel == 1)) < 0.7
+  np.testing.assert_array_equal(soft.train_pairs[0].histology[..., :2], target[..., :2])
+  assert pair.histology[0, 9, 2] == 0.0  # the input is not modified
+  assert ev.load_config("msiflow").train.optim.learning_rate == 2e-4

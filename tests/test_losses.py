@@ -1,5 +1,6 @@
 """Tests of msisynth.losses against hand-computed values."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,3 +74,27 @@ def test_pix2pix_generator_loss_weights():
 def test_unknown_mode_raises():
   with pytest.raises(errors.ConfigError, match="wgan"):
     losses.gan_loss(np.zeros(2), True, "wgan")
+
+
+def test_shift_tolerant_l1_forgives_a_small_shift_only():
+  rng = np.random.default_rng(0)
+  target = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  shifted = jnp.roll(target, (1, -2), axis=(1, 2))  # the prediction sees the target moved by (1, -2) px
+  assert float(losses.l1_loss(shifted, target)) > 0.3
+  assert float(losses.shift_tolerant_l1_loss(shifted, target, max_shift=2)) == pytest.approx(0.0, abs=1e-6)
+  assert float(losses.shift_tolerant_l1_loss(shifted, target, max_shift=1)) > 0.3
+  assert float(losses.shift_tolerant_l1_loss(shifted, target, max_shift=0)) == pytest.approx(
+    float(losses.l1_loss(shifted, target)))
+  grad = jax.grad(lambda p: losses.shift_tolerant_l1_loss(p, target, max_shift=2))(shifted + 0.1)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_shift_tolerant_l1_options_and_generator_loss():
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(errors.ConfigError, match="max_shift"):
+    losses.shift_tolerant_l1_loss(x, x, max_shift=4)
+  total, parts = losses.pix2pix_generator_loss(None, x + 0.5, x, gan_weight=0.0, l1_weight=2.0,
+                                               recon_loss="shift_l1", max_shift=1)  # fmt: skip
+  assert float(parts["g_l1"]) == pytest.approx(0.5) and float(total) == pytest.approx(1.0)
+  with pytest.raises(errors.ConfigError, match="recon_loss"):
+    losses.pix2pix_generator_loss(None, x, x, gan_weight=0.0, recon_loss="l2")

@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from msisynth import errors, pipeline, simulate
+from msisynth import errors, outputs, pipeline, simulate
 from msisynth import io as msi_io
 from msisynth.register import optimize
 from msisynth.register.transforms import AffineTransform, warp_image, warp_msi
@@ -55,7 +55,8 @@ def _write_section(folder: pathlib.Path, he: np.ndarray, mirrored: bool, seed: i
     centre = ((he.shape[1] - 1) * HE_PX / 2, (he.shape[0] - 1) * HE_PX / 2)
     transform = transform.compose(AffineTransform.mirror("x", centre))
   sim = simulate.simulate_msi(
-    seed, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform, n_landmarks=12
+    seed, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform,
+    n_landmarks=12,
   )
   simulate.save_simulated(sim, folder)
   return sim
@@ -72,7 +73,7 @@ def perfect_synthesizer(msi: MSIImage) -> np.ndarray:
     transform.inverse(),
     msi.shape,
     fixed_pixel_size_um=truth["msi_pixel_size_um"],
-    moving_pixel_size_um=truth["he_pixel_size_um"],
+    moving_pixel_size_um=truth["histology_pixel_size_um"],
     cval=1.0,
   )
   return np.clip(np.asarray(rgb), 0.0, 1.0)
@@ -111,7 +112,7 @@ def test_process_section_writes_a_complete_report(sections, tmp_path):
   result = pipeline.process_section(inputs, perfect_synthesizer, registration_config=REGISTRATION, out_dir=out)
 
   # Every file of the report is there, and nothing else.
-  assert sorted(p.name for p in out.iterdir()) == sorted(pipeline.REPORT_FILES.values())
+  assert sorted(p.name for p in out.iterdir()) == sorted([*pipeline.REPORT_FILES.values(), outputs.MARKER])
   assert set(result.paths) == set(pipeline.REPORT_FILES)
 
   # The transform: finite, orientation-preserving here, and accurate (the synthesizer is perfect).
@@ -231,6 +232,13 @@ def test_a_synthesizer_of_the_wrong_shape_is_refused(sections):
   with pytest.raises(errors.ConfigError, match=r"must return \(H, W, 3\) RGB on the MSI grid"):
     pipeline.process_section(_inputs(root, "shifted"), lambda msi: np.zeros((4, 4, 3), np.float32))
 
+  # The upsampling factor is read from the synthesizer, never guessed from the shape it returns.
+  def upsampled_without_record(msi):
+    return np.ones(((msi.shape[0] - 1) * 2 + 1, (msi.shape[1] - 1) * 2 + 1, 3), np.float32)
+
+  with pytest.raises(errors.ConfigError, match="recorded factor u = 1"):
+    pipeline.process_section(_inputs(root, "shifted"), upsampled_without_record)
+
 
 def test_working_pixel_size():
   assert pipeline.working_pixel_size_um(20.0, 0.5) == (5.0, 5.0)  # a quarter of the MSI pixel
@@ -254,9 +262,10 @@ def test_a_synthesizer_on_an_upsampled_grid_registers_at_its_own_pixel_size(sect
     shape = ((msi.shape[0] - 1) * 2 + 1, (msi.shape[1] - 1) * 2 + 1)
     transform = AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse()
     rgb = warp_image(he, transform, shape, fixed_pixel_size_um=np.asarray(truth["msi_pixel_size_um"]) / 2,
-                     moving_pixel_size_um=truth["he_pixel_size_um"], cval=1.0)
+                     moving_pixel_size_um=truth["histology_pixel_size_um"], cval=1.0)
     return np.clip(np.asarray(rgb), 0.0, 1.0)
 
+  upsampled_synthesizer.upsample = 2  # recorded, as a Synthesizer records its checkpoint's config.data.upsample
   inputs = _inputs(root, "shifted", landmarks=root / "shifted" / "landmarks.csv")
   result = pipeline.process_section(inputs, upsampled_synthesizer, registration_config=REGISTRATION)
   msi_px = result.msi_pixel_size_um

@@ -94,7 +94,7 @@ def test_remove_hotspots_clips_at_numpy_quantile_of_masked_pixels():
   x[3, 3, 5] = 1000.0  # a hotspot
   mask = np.ones(x.shape[:2], bool)
   mask[0] = False
-  clipped, thresholds = pp.remove_hotspots(x, 0.9, mask, return_thresholds=True)
+  clipped, thresholds = pp.remove_hotspots(x, 0.9, mask, nonzero=False, return_thresholds=True)
   want_t = np.quantile(x[mask].astype(np.float64), 0.9, axis=0)
   np.testing.assert_allclose(np.asarray(thresholds), want_t, rtol=1e-5)
   want = np.where(mask[..., None], np.minimum(x, want_t), 0.0)
@@ -292,11 +292,12 @@ def test_scale_to_range_matches_formula_and_sets_lo_off_mask():
 
 
 def _by_hand(p, msi):
-  """The stored transform applied with NumPy, from the stored state (PCA, TIC, hotspot clipping)."""
+  """The stored transform applied with NumPy, from the stored state (PCA, TIC, hotspot clipping, sqrt)."""
   x = msi.cube.astype(np.float64)
   tic = x.sum(-1, keepdims=True)
   x = np.where(tic > 0, x / np.where(tic > 0, tic, 1.0), 0.0)
   x = np.minimum(x, p.hotspot_thresholds)
+  x = np.sqrt(x)  # the default variance transform
   f = (x - p.mean) @ p.components.T
   y = -1.0 + 2.0 * np.clip((f - p.scale_lo) / (p.scale_hi - p.scale_lo), 0.0, 1.0)
   return np.where(msi.mask[..., None], y, -1.0)
@@ -426,3 +427,92 @@ def test_preprocessor_errors():
     pp.MSIPreprocessor().fit(bad)
   with pytest.raises(errors.ConfigError, match="version"):
     pp.MSIPreprocessor.from_dict({**pp.MSIPreprocessor().to_dict(), "version": 99})
+
+
+# -- hotspots of localised ions, variance transforms, sparse input -------------------------------------------------
+
+
+def test_hotspot_quantile_is_over_pixels_where_the_ion_is_present():
+  x = _cube(4)
+  mask = np.ones(x.shape[:2], bool)
+  thresholds = np.asarray(pp.hotspot_thresholds(x, 0.9, mask))
+  for c in range(x.shape[-1]):
+    column = x[..., c][mask]
+    np.testing.assert_allclose(thresholds[c], np.quantile(column[column != 0], 0.9), rtol=1e-6)
+  empty = np.zeros((4, 4, 2), np.float32)
+  empty[..., 1] = 1.0
+  t = np.asarray(pp.hotspot_thresholds(empty, 0.99))
+  assert t[0] == np.finfo(np.float32).max and t[1] == 1.0
+
+
+def test_an_ion_in_half_a_percent_of_the_tissue_survives_default_preprocessing():
+  """A 0.5 % patch (50 of 10,000 pixels) of a localised ion keeps its contrast through the default steps."""
+  rng = np.random.default_rng(0)
+  h = w = 100
+  cube = rng.gamma(5.0, 1.0, (h, w, 6)).astype(np.float32)
+  cube[..., 5] = 0.0
+  cube[40:45, 60:70, 5] = 100.0  # the localised ion: 50 pixels
+  msi = MSIImage(cube, np.linspace(500.0, 600.0, 6), np.ones((h, w), bool), metadata={"source": "patch.imzML"})
+  # The old rule (zeros included) erased it.
+  old = np.asarray(pp.remove_hotspots(cube, 0.99, nonzero=False))
+  assert not old[..., 5].any()
+  config = pp.PreprocessConfig(reduction="none")  # every other option at its default
+  out = pp.MSIPreprocessor(config).fit_transform(msi)[..., 5]
+  inside = out[40:45, 60:70]
+  outside = np.delete(out.reshape(-1), (np.arange(40, 45)[:, None] * w + np.arange(60, 70)).reshape(-1))
+  assert inside.min() > 0.9 and outside.max() == -1.0
+  clipped = np.asarray(pp.remove_hotspots(cube, 0.99))[..., 5]
+  assert clipped[40:45, 60:70].min() == 100.0
+
+
+def test_variance_transforms():
+  x = _cube(5)
+  mask = np.ones(x.shape[:2], bool)
+  mask[0] = False
+  np.testing.assert_allclose(np.asarray(pp.stabilize_variance(x, "sqrt", mask=mask))[mask], np.sqrt(x[mask]), rtol=1e-6)
+  s = pp.fit_variance_scale(x, "log1p", mask)
+  np.testing.assert_allclose(s, [np.median(x[mask][x[mask] > 0])], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(pp.stabilize_variance(x, "log1p", s, mask))[mask], np.log1p(x[mask] / s),
+                             rtol=1e-5)
+  s = pp.fit_variance_scale(x, "pareto", mask)
+  np.testing.assert_allclose(s, np.sqrt(x[mask].std(axis=0)), rtol=1e-5)
+  y = np.asarray(pp.stabilize_variance(x, "pareto", s, mask))
+  np.testing.assert_allclose(y[mask], x[mask] / s, rtol=1e-5)
+  assert not y[~mask].any()
+  with pytest.raises(errors.ConfigError):
+    pp.stabilize_variance(x, "pareto")
+  with pytest.raises(errors.DataError):
+    pp.stabilize_variance(-x - 1, "sqrt")
+  with pytest.raises(errors.ConfigError):
+    pp.PreprocessConfig(variance="cube-root")
+
+
+@pytest.mark.parametrize("variance", ["sqrt", "log1p", "pareto"])
+def test_preprocessor_variance_round_trip(variance):
+  train, other = _msi(6), _msi(7, source="other.imzML")
+  p = pp.MSIPreprocessor(pp.PreprocessConfig(n_components=2, variance=variance)).fit(train)
+  q = pp.MSIPreprocessor.from_dict(json.loads(json.dumps(p.to_dict())))
+  np.testing.assert_array_equal(p.transform(other), q.transform(other))
+  # Descriptions from before the option existed read back as no transform.
+  d = p.to_dict()
+  del d["config"]["variance"]
+  d["state"]["variance_scale"] = None
+  assert pp.MSIPreprocessor.from_dict(d).config.variance == "none"
+
+
+def test_preprocessor_fits_from_sparse_data():
+  from msisynth.io.sparse import SparseMSI
+
+  msi = _msi(8, mz=np.array([300.0, 300.5, 301.0, 350.0, 351.0, 352.0, 400.0, 401.0, 402.0, 450.0, 451.0, 452.0]))
+  sparse = SparseMSI.from_msi(msi)
+  config = pp.PreprocessConfig(channels="mz", mz_values=(300.0, 350.0, 400.0, 450.0), tol=0.1, tol_unit="da",
+                               n_components=2)  # fmt: skip
+  dense = pp.MSIPreprocessor(config).fit(msi)
+  from_sparse = pp.MSIPreprocessor(config).fit(sparse)
+  np.testing.assert_allclose(from_sparse.transform(msi), dense.transform(msi), atol=1e-5)
+  np.testing.assert_allclose(from_sparse.transform(sparse), dense.transform(msi), atol=1e-5)
+  peaks = pp.MSIPreprocessor(pp.PreprocessConfig(channels="peaks", n_peaks=3, tol=0.1, tol_unit="da",
+                                                 n_components=2)).fit(sparse)  # fmt: skip
+  assert peaks.mz.size == 3 and set(peaks.mz) <= set(msi.mz.round(6))
+  with pytest.raises(errors.ConfigError, match="dense"):
+    pp.MSIPreprocessor(pp.PreprocessConfig()).fit(sparse)

@@ -27,7 +27,7 @@ def test_tiled_synthesis_shows_a_bar(bars, capsys):
 def test_simulation_shows_a_bar(bars, capsys):
   he = np.full((40, 40, 3), 0.9, np.float32)
   he[10:30, 10:30] = (0.6, 0.3, 0.6)
-  simulate.simulate_msi(0, he, he_pixel_size_um=5.0, msi_pixel_size_um=20.0, n_channels=20)
+  simulate.simulate_msi(0, he, histology_pixel_size_um=5.0, msi_pixel_size_um=20.0, n_channels=20)
   assert "simulating MSI channels" in capsys.readouterr().err
 
 

@@ -328,7 +328,7 @@ def _perfect_synthesizer(msi):
   he = msi_io.read_histology(folder / "he.png")
   inverse = AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse()
   rgb = tf.warp_image(he, inverse, msi.shape, fixed_pixel_size_um=truth["msi_pixel_size_um"],
-                      moving_pixel_size_um=truth["he_pixel_size_um"], cval=1.0)  # fmt: skip
+                      moving_pixel_size_um=truth["histology_pixel_size_um"], cval=1.0)  # fmt: skip
   return np.clip(np.asarray(rgb), 0.0, 1.0)
 
 
@@ -340,7 +340,7 @@ def test_pipeline_with_deformable_refinement(shared_data, tmp_path):
   he = np.clip(msi_io.resample_to_pixel_size(he, 1.0, 5.0), 0.0, 1.0)[: CROP[0], : CROP[1]]
   folder = tmp_path / "section"
   shift = AffineTransform.from_linear(np.eye(2), (90.0, 70.0))
-  sim = simulate.simulate_msi(0, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8,
+  sim = simulate.simulate_msi(0, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8,
                               misalignment=shift, n_landmarks=12)  # fmt: skip
   simulate.save_simulated(sim, folder)
   inputs = pipeline.SectionInputs(msi=folder / "simulated_msi.imzML", histology=folder / "he.png",

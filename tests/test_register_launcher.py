@@ -6,12 +6,15 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
+from test_synthesize import _random_variables
 
 from experiments import register as launcher
-from msisynth import errors, io
+from msisynth import checkpoint, errors, io, preprocess, synthesize, train
 from msisynth.register import transform_io
 from msisynth.register import transforms as tf
 from msisynth.register.transforms import AffineTransform
@@ -96,34 +99,86 @@ def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
     launcher.run(_flags(argv))
 
 
-def test_launcher_msi_route_carries_the_cube(images, tmp_path, monkeypatch):
-  folder, _, moving = images
-  cube = np.stack([moving, 1 - moving, moving**2], axis=-1)
-  msi = MSIImage(cube=cube, mz=np.array([100.0, 200.0, 300.0]), mask=np.ones(MOVING_SHAPE, bool),
-                 pixel_size_um=(2.0, 2.0), metadata={"simulated": True})  # fmt: skip
-  synthetic = np.repeat(1 - moving[..., None], 3, axis=2)  # RGB on the MSI grid, like a synthetic H&E
-  monkeypatch.setattr(launcher, "_synthesize", lambda fv: (synthetic, msi))
-  out = tmp_path / "msi"
+@pytest.mark.parametrize("content", [None, "fixed_x,fixed_y\n1,2\n"])
+def test_bad_landmarks_are_refused_before_anything_is_written(images, tmp_path, content):
+  folder, _, _ = images
+  landmarks = tmp_path / "landmarks.csv"
+  if content is not None:
+    landmarks.write_text(content)
+  out = tmp_path / "out"
   argv = [
     f"--fixed={folder / 'fixed.tif'}",
     "--fixed_pixel_size_um=1",
-    f"--msi={folder / 'x.imzML'}",
-    f"--checkpoint={tmp_path}",
+    f"--moving={folder / 'moving.tif'}",
+    "--moving_pixel_size_um=2",
+    f"--landmarks={landmarks}",
     f"--output_dir={out}",
-    "--output_pixel_size_um=2",
+    *SPEED,
+  ]
+  with pytest.raises((errors.MSISynthError, FileNotFoundError)):
+    launcher.run(_flags(argv))
+  assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.fixture(scope="module")
+def upsampling_section(tmp_path_factory):
+  """A real checkpoint of a generator trained at upsample = 2 (as the shipped configs upsample), an imzML section
+  at 20 µm, and, as the fixed image, that generator's own synthetic H&E at its 10 µm pixel size."""
+  folder = tmp_path_factory.mktemp("upsampling")
+  config = ml_collections.ConfigDict(dict(
+    model=dict(kind="unet", depth=2, ngf=4, max_mult=8, dropout_rate=0.0, norm="batch", gan_mode="vanilla",
+               gan_weight=0.0, l1_weight=100.0, d_layers=1, ndf=4, d_kind="patch"),
+    optim=dict(learning_rate=2e-4, b1=0.5, b2=0.999, constant_steps=0, decay_steps=0),
+    precision="float32", train=dict(batch_size=1), data=dict(upsample=2)))  # fmt: skip
+  state = train.create_train_state(jax.random.key(0, impl="rbg"), config, (16, 16, 3))
+  variables = _random_variables(state.generator)  # 3 input channels, unit-gain weights (not a flat image)
+  state = state.replace(g_params=variables["params"], g_batch_stats=variables["batch_stats"])
+  yy, xx = np.mgrid[:40, :40].astype(np.float32) * 2.0
+  cube = np.stack([scene(xx, yy), scene(yy, xx), scene(xx, 128 - yy)], axis=-1) + 0.1
+  msi = MSIImage(cube=cube, mz=np.array([100.0, 200.0, 300.0]), mask=np.ones((40, 40), bool), pixel_size_um=20.0)
+  preprocessor = preprocess.MSIPreprocessor(preprocess.PreprocessConfig(n_components=3)).fit(msi)
+  workdir = folder / "run"
+  checkpoint.save(workdir, state, config=config, preprocessor=preprocessor.to_dict())
+  io.write_imzml(folder / "section.imzML", msi, progress=False)
+  synthesizer = synthesize.load_synthesizer(workdir)
+  assert synthesizer.upsample == 2
+  synthetic = synthesizer(io.read_imzml(folder / "section.imzML"))
+  assert synthetic.shape == (79, 79, 3)
+  io.write_image(folder / "fixed.tif", synthetic)
+  return folder, workdir, msi
+
+
+def test_launcher_msi_route_registers_at_the_generators_pixel_size(upsampling_section, tmp_path):
+  """Regression: `--msi` registered the synthetic H&E at the MSI pixel size, off by the generator's factor u.
+
+  The fixed image is the generator's own output at 10 µm (MSI 20 µm / u = 2), so the right transform is the
+  identity; registering at the MSI pixel size gives a scale of 2.
+  """
+  folder, workdir, msi = upsampling_section
+  out = tmp_path / "msi"
+  argv = [
+    f"--fixed={folder / 'fixed.tif'}",
+    "--fixed_pixel_size_um=10",
+    f"--msi={folder / 'section.imzML'}",
+    f"--checkpoint={workdir}",
+    f"--output_dir={out}",
+    "--output_pixel_size_um=20",
     "--output_format=npy,spatialdata",
+    "--simulated",
     *SPEED,
   ]
   metrics = launcher.run(_flags(argv))
   assert metrics["exports"] == {"spatialdata": "section.zarr"} and (out / "section.zarr").is_dir()
-  assert metrics["simulated"] and metrics["registration"]["start"]  # flips on by default for MSI
-  carried = np.load(out / "msi_in_histology.npy")
-  assert carried.shape == (64, 64, 3)
-  np.testing.assert_allclose(np.load(out / "mz.npy"), msi.mz)
-  assert np.load(out / "msi_mask_in_histology.npy").dtype == bool
-  assert (out / "synthetic_he.png").is_file()
+  assert metrics["simulated"] and metrics["flips_searched"]  # flips on by default for MSI
   transform = transform_io.load_transform_json(out / "transform.json")
-  np.testing.assert_allclose(transform.apply([[60.0, 60.0]]), TRUE.apply([[60.0, 60.0]]), atol=1.0)
+  np.testing.assert_allclose(np.asarray(transform.linear), np.eye(2), atol=0.03)
+  pts = np.array([[100.0, 100.0], [700.0, 400.0]])
+  np.testing.assert_allclose(transform.apply(pts), pts, atol=10.0)  # within one MSI pixel / 2
+  carried = np.load(out / "msi_in_histology_space.npy")
+  assert carried.shape == (40, 40, 3)
+  np.testing.assert_allclose(np.load(out / "mz.npy"), msi.mz)
+  assert np.load(out / "msi_mask_in_histology_space.npy").dtype == bool
+  assert (out / "synthetic_he.png").is_file() and (out / "report.md").is_file()
 
 
 def test_launcher_flag_errors(tmp_path):
@@ -131,10 +186,18 @@ def test_launcher_flag_errors(tmp_path):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", f"--output_dir={tmp_path}"]))
   with pytest.raises(errors.ConfigError, match="--checkpoint"):
     launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--msi=b.imzML", f"--output_dir={tmp_path}"]))
-  # As a script (not only as a module): a missing flag is reported and the exit status is 1.
+  with pytest.raises(errors.ConfigError, match="--moving only"):
+    launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--msi=b.imzML", "--checkpoint=c",
+                         "--fixed_mask=m.png", f"--output_dir={tmp_path}"]))  # fmt: skip
+  with pytest.raises(errors.ConfigError, match="--iterations must be positive"):
+    launcher.run(_flags(["--fixed=a.png", "--fixed_pixel_size_um=1", "--moving=b.png", "--moving_pixel_size_um=1",
+                         "--iterations=10,-5", f"--output_dir={tmp_path}"]))  # fmt: skip
+  with pytest.raises(flags.IllegalFlagValueError):
+    _flags(["--samples=0"])
+  # As a script (not only as a module): a missing flag is reported on one line and the exit status is 2.
   proc = subprocess.run([sys.executable, str(REPO / "experiments" / "register.py"), "--fixed=a.png"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)  # fmt: skip
-  assert proc.returncode == 1 and "--fixed_pixel_size_um" in proc.stderr
+  assert proc.returncode == 2 and "--fixed_pixel_size_um" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_figures():

@@ -181,7 +181,7 @@ def test_msi_to_histology_defaults_turn_on_flips(monkeypatch):
                                   msi_pixel_size_um=20.0)  # fmt: skip
   config = seen["config"]
   assert config.flips_and_rot90 and config.similarity == "mi"
-  assert config.working_pixel_size_um == pytest.approx(10.0)  # half the MSI pixel size
+  assert config.working_pixel_size_um == pytest.approx(5.0)  # a quarter of the MSI pixel (geometry)
   assert seen["fixed_pixel_size_um"] == (0.5, 0.5) and seen["moving_pixel_size_um"] == (20.0, 20.0)
 
 

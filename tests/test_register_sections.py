@@ -55,7 +55,8 @@ def _simulate(folder: pathlib.Path, he: np.ndarray, mirrored: bool, seed: int) -
     centre = ((he.shape[1] - 1) * HE_PX / 2, (he.shape[0] - 1) * HE_PX / 2)
     transform = transform.compose(AffineTransform.mirror("x", centre))
   sim = simulate.simulate_msi(
-    seed, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform, n_landmarks=8
+    seed, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform,
+    n_landmarks=8,
   )
   simulate.save_simulated(sim, folder)
 
@@ -71,7 +72,7 @@ def perfect_synthesizer(msi):
     transform.inverse(),
     msi.shape,
     fixed_pixel_size_um=truth["msi_pixel_size_um"],
-    moving_pixel_size_um=truth["he_pixel_size_um"],
+    moving_pixel_size_um=truth["histology_pixel_size_um"],
     cval=1.0,
   )
   return np.clip(np.asarray(rgb), 0.0, 1.0)

@@ -22,7 +22,7 @@ def he(shared_data):
 
 def _quiet(**kwargs):
   return simulate.simulate_msi(
-    0, kwargs.pop("he"), he_pixel_size_um=HE_PX, n_channels=kwargs.pop("n_channels", 30), noise=False, **kwargs
+    0, kwargs.pop("he"), histology_pixel_size_um=HE_PX, n_channels=kwargs.pop("n_channels", 30), noise=False, **kwargs
   )
 
 
@@ -36,23 +36,29 @@ def _foreground_centre_um(sim):
 
 
 def test_same_seed_same_simulation_and_other_seed_differs(he):
-  a = simulate.simulate_msi(3, he, he_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5)
-  b = simulate.simulate_msi(3, he, he_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5)
+  a = simulate.simulate_msi(
+    3, he, histology_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5
+  )
+  b = simulate.simulate_msi(
+    3, he, histology_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5
+  )
   np.testing.assert_array_equal(a.msi.cube, b.msi.cube)
   np.testing.assert_array_equal(a.msi.mask, b.msi.mask)
   np.testing.assert_array_equal(a.landmarks, b.landmarks)
   np.testing.assert_array_equal(np.asarray(a.transform.matrix), np.asarray(b.transform.matrix))
-  c = simulate.simulate_msi(4, he, he_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5)
+  c = simulate.simulate_msi(
+    4, he, histology_pixel_size_um=HE_PX, n_channels=20, misalignment="random", deformation_um=5
+  )
   assert not np.allclose(np.asarray(a.transform.matrix), np.asarray(c.transform.matrix))
   # One chemistry across seeds: same m/z and channel kinds, different noise.
-  d = simulate.simulate_msi(5, he, he_pixel_size_um=HE_PX, n_channels=20, chemistry_seed=3)
+  d = simulate.simulate_msi(5, he, histology_pixel_size_um=HE_PX, n_channels=20, chemistry_seed=3)
   np.testing.assert_array_equal(d.msi.mz, a.msi.mz)
   assert d.msi.metadata["simulation"]["channel_kinds"] == a.msi.metadata["simulation"]["channel_kinds"]
 
 
 @pytest.mark.parametrize("msi_px, shape", [(20.0, (40, 43)), (25.0, (32, 34)), ((10.0, 40.0), (80, 22))])
 def test_shapes_mz_and_metadata(he, msi_px, shape):
-  sim = simulate.simulate_msi(1, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=msi_px, n_channels=200)
+  sim = simulate.simulate_msi(1, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=msi_px, n_channels=200)
   assert sim.msi.cube.shape == shape + (200,) and sim.msi.cube.dtype == np.float32
   assert sim.msi.pixel_size_um == (msi_px if isinstance(msi_px, tuple) else (msi_px, msi_px))
   assert np.all(np.diff(sim.msi.mz) > 0) and 400 <= sim.msi.mz[0] and sim.msi.mz[-1] <= 1000
@@ -92,7 +98,7 @@ def test_channels_are_nonlinear_mixtures_of_more_than_the_stains(he):
 
 def test_noise_hotspots_and_missing_pixels(he):
   noise = simulate.NoiseModel(missing_fraction=0.05, missing_lines=1, hotspot_fraction=1e-3)
-  sim = simulate.simulate_msi(2, he, he_pixel_size_um=HE_PX, n_channels=40, noise=noise)
+  sim = simulate.simulate_msi(2, he, histology_pixel_size_um=HE_PX, n_channels=40, noise=noise)
   mask, cube = sim.msi.mask, sim.msi.cube
   assert np.all(cube[~mask] == 0)
   assert np.any(~mask.any(axis=1))  # a whole scan line missing
@@ -154,7 +160,8 @@ def test_landmarks_follow_the_ground_truth(he):
 
 def test_save_simulated_writes_readable_files(he, tmp_path):
   sim = simulate.simulate_msi(
-    0, he[:80, :80], he_pixel_size_um=HE_PX, n_channels=12, misalignment="random", deformation_um=5.0, n_landmarks=8
+    0, he[:80, :80], histology_pixel_size_um=HE_PX,
+    n_channels=12, misalignment="random", deformation_um=5.0, n_landmarks=8
   )
   paths = simulate.save_simulated(sim, tmp_path / "sim")
   back = msi_io.read_imzml(paths["imzml"], mz_values=sim.msi.mz, tol=0, tol_unit="da")
@@ -177,12 +184,89 @@ def test_save_simulated_writes_readable_files(he, tmp_path):
 
 def test_bad_arguments_raise_config_errors(he):
   with pytest.raises(errors.ConfigError, match="misalignment"):
-    simulate.simulate_msi(0, he, he_pixel_size_um=HE_PX, misalignment="sideways")
+    simulate.simulate_msi(0, he, histology_pixel_size_um=HE_PX, misalignment="sideways")
   with pytest.raises(errors.ConfigError, match="too small"):
-    simulate.simulate_msi(0, he[:6, :6], he_pixel_size_um=HE_PX, msi_pixel_size_um=50.0)
-  with pytest.raises(errors.ConfigError, match="he_pixel_size_um"):
-    simulate.simulate_msi(0, he, he_pixel_size_um=-1.0)
+    simulate.simulate_msi(0, he[:6, :6], histology_pixel_size_um=HE_PX, msi_pixel_size_um=50.0)
+  with pytest.raises(errors.ConfigError, match="histology_pixel_size_um"):
+    simulate.simulate_msi(0, he, histology_pixel_size_um=-1.0)
   with pytest.raises(errors.ConfigError, match="deformation"):
-    simulate.simulate_msi(0, he, he_pixel_size_um=HE_PX, deformation_um=500.0)
+    simulate.simulate_msi(0, he, histology_pixel_size_um=HE_PX, deformation_um=500.0)
   with pytest.raises(errors.DataError, match="no tissue"):
-    simulate.simulate_msi(0, np.ones((40, 40, 3), np.float32), he_pixel_size_um=HE_PX)
+    simulate.simulate_msi(0, np.ones((40, 40, 3), np.float32), histology_pixel_size_um=HE_PX)
+
+
+# ------------------------------------------------------------------------------------ the benchmark simulator
+
+
+@pytest.fixture(scope="module")
+def bench(he):
+  return simulate.simulate_benchmark_case(3, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
+                                          he_name="crop")  # fmt: skip
+
+
+def test_benchmark_case_is_labelled_simulated_and_reproducible(he, bench):
+  assert bench.simulated and bench.msi.metadata["simulated"] and bench.metadata["simulated"]
+  assert "SIMULATED" in bench.msi.metadata["source"]
+  again = simulate.simulate_benchmark_case(3, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
+                                           he_name="crop")  # fmt: skip
+  np.testing.assert_array_equal(again.msi.cube, bench.msi.cube)
+  other = simulate.simulate_benchmark_case(4, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6)
+  assert not np.array_equal(other.roi_mask, bench.roi_mask) or not np.allclose(other.he, bench.he)
+
+
+def test_benchmark_msi_comes_from_a_deformed_neighbour_section(he, bench):
+  # The neighbour differs from the H&E (elastic warp, tears, folds) by at most the elastic amplitude.
+  assert np.abs(bench.elastic_um).max() == pytest.approx(40.0, rel=1e-4)
+  assert np.mean(np.abs(bench.neighbour_he - he)) > 0.01
+  assert bench.metadata["neighbour"]["tears"] and bench.metadata["neighbour"]["folds"]
+  # The landmarks follow the affine ground truth exactly.
+  m = np.asarray(bench.transform.matrix)
+  np.testing.assert_allclose(bench.landmarks[:, :2] @ m[:2, :2].T + m[:2, 2], bench.landmarks[:, 2:], atol=1e-9)
+
+
+def test_benchmark_acquires_inside_a_polygon_only(bench):
+  mask = bench.msi.mask
+  assert mask.any() and not mask[~bench.roi_mask].any()
+  assert np.all(bench.msi.cube[~mask] == 0)
+  assert 0.1 < bench.roi_mask.mean() < 0.95
+
+
+def test_benchmark_has_isotope_patterns_and_sorted_mz(bench):
+  mz = bench.msi.mz
+  assert mz.size == 18 and np.all(np.diff(mz) > 0)
+  ab = simulate.isotope_abundances(np.array([500.0, 1500.0]))
+  np.testing.assert_allclose(ab.sum(axis=1), 1.0)
+  # Heavier ions carry more 13C: at m/z 500 the M peak dominates, at 1500 M+1 exceeds it (lambda = 1.18).
+  assert ab[0, 0] > ab[0, 1] > ab[0, 2] and ab[1, 1] > ab[1, 0] and ab[1, 1] > ab[0, 1]
+  # Each M+1 peak sits 1.00336 above a monoisotopic peak and follows its image.
+  for j in range(mz.size):
+    partner = np.flatnonzero(np.isclose(mz, mz[j] + simulate.ISOTOPE_SPACING, atol=1e-6))
+    if partner.size:
+      a, b = bench.msi.cube[..., j][bench.msi.mask], bench.msi.cube[..., partner[0]][bench.msi.mask]
+      assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_drift_gain_is_a_bin_share():
+  g = simulate.drift_gain(np.array([0.0, 5.0, 20.0, -20.0]), bin_ppm=10.0, peak_sigma_ppm=6.0)
+  assert 0.9 < g[0] < 1 and g[0] > g[1] > g[2] and g[2] == pytest.approx(g[3])
+
+
+def test_benchmark_outline_is_weaker_than_the_plain_simulation(he, bench):
+  plain = simulate.simulate_msi(3, bench.neighbour_he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_channels=6,
+                                misalignment=bench.transform)  # fmt: skip
+
+  def contrast(cube, mask, tissue):
+    tic = cube.sum(axis=-1)
+    on, off = tic[mask & tissue], tic[mask & ~tissue]
+    return abs(on.mean() - off.mean()) / (on.std() + off.std())
+
+  c_plain = contrast(plain.msi.cube, plain.msi.mask, plain.tissue_classes_msi > 0)
+  c_bench = contrast(bench.msi.cube, bench.msi.mask, bench.tissue_msi)
+  assert c_bench < c_plain
+
+
+def test_restain_changes_colour_not_structure(he):
+  other = simulate.restain(5, he)
+  assert other.shape == he.shape and np.mean(np.abs(other - he)) > 0.005
+  grey = lambda x: x.mean(axis=-1)  # noqa: E731
+  assert np.corrcoef(grey(other).ravel(), grey(he).ravel())[0, 1] > 0.8

@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(config, tmp_path):
     return batch
 
   val = make_batch(99, batch=4)
-  with pytest.raises(errors.TrainingError, match=r"non-finite loss at step 4 .*last good checkpoint is step 3"):
+  with pytest.raises(errors.TrainingError, match=r"non-finite values at step 4 .*last good checkpoint is step 3"):
     _run(config, tmp_path, 6, data=data, val=val)
   assert checkpoint.latest_step(tmp_path) == 3
   _, variables, _ = checkpoint.restore_for_inference(tmp_path)
@@ -179,6 +179,65 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(config, tmp_path):
     records = [json.loads(line) for line in f]
   assert max(r["step"] for r in records) == 3 and any("val_ssim" in r for r in records)
   assert sorted(os.listdir(tmp_path / "images")) == ["step_000003.png"]
+
+
+def test_parameters_that_become_non_finite_are_never_saved(config, tmp_path):
+  # A huge learning rate: the losses of step 1 are computed before its update and are finite, its parameters not.
+  config = config.copy_and_resolve_references()
+  config.optim.learning_rate = 1e39
+  with pytest.raises(errors.TrainingError, match=r"non-finite values at step 1 .*last good checkpoint is none"):
+    _run(config, tmp_path, 3)
+  assert checkpoint.latest_step(tmp_path) is None
+
+
+def test_bad_counts_are_refused(config, tmp_path):
+  for field, value in [("num_steps", -5), ("num_steps", 0), ("checkpoint_every", 0), ("eval_every", 0),
+                       ("image_every", -1), ("batch_size", 0)]:
+    bad = config.copy_and_resolve_references()
+    bad.train[field] = value
+    with pytest.raises(errors.ConfigError, match=f"config.train.{field}"):
+      train.train_and_evaluate(bad, tmp_path / "run", make_batch)
+  assert not (tmp_path / "run").exists()
+
+
+def test_refuses_a_folder_it_did_not_create(config, tmp_path):
+  user = tmp_path / "user"
+  (user / "images").mkdir(parents=True)
+  lines = "".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(100))
+  (user / "metrics.jsonl").write_text(lines)
+  (user / "images" / "step_000003.png").write_bytes(b"user's picture")
+  with pytest.raises(errors.OutputExistsError, match="not created by msisynth"):
+    _run(config, user, 3)
+  assert (user / "metrics.jsonl").read_text() == lines
+  assert (user / "images" / "step_000003.png").read_bytes() == b"user's picture"
+  assert sorted(os.listdir(user)) == ["images", "metrics.jsonl"]
+
+
+def test_torn_metrics_line_does_not_block_resume(config, tmp_path):
+  config = config.copy_and_resolve_references()
+  config.train.image_every = 0
+  _run(config, tmp_path, 2)
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "g_lo')  # a kill or a full disk mid-line
+  _run(config, tmp_path, 4)
+  assert [r["step"] for r in train.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_damaged_latest_checkpoint_resumes_from_intact_only_when_asked(config, tmp_path):
+  config = config.copy_and_resolve_references()
+  config.train.image_every = 0
+  straight = jax.device_get(_run(config, tmp_path / "straight", 4))
+  run = tmp_path / "run"
+  _run(config, run, 3)
+  (run / "checkpoints" / "3" / "train" / "manifest.ocdbt").unlink()
+  with pytest.raises(errors.CheckpointError, match=r"step 3 is damaged .*step 2 is intact.*--resume_from=intact"):
+    _run(config, run, 4)
+  assert checkpoint.latest_step(run) == 3  # not silently started over, nothing moved
+  config.train.num_steps = 4
+  resumed = jax.device_get(train.train_and_evaluate(config, run, make_batch, resume_from="intact"))
+  assert leaves_equal(straight, resumed)
+  assert (run / "checkpoints.damaged" / "3").is_dir()
+  assert [r["step"] for r in train.read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""

@@ -127,3 +127,40 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path, shared_data):
   synthesizer = synthesize.load_synthesizer(run, tile_size=32, overlap=8, batch_size=2)
   rgb = synthesizer(np.zeros((40, 48, variables["params"]["down0"]["kernel"].shape[2]), np.float32))
   assert rgb.shape == (40, 48, 3) and 0 <= rgb.min() and rgb.max() <= 1
+
+
+TINY = f"--config={os.path.join('experiments', 'configs', 'unet.py')}:tiny"
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config=no_such_config.py"], "No such file or directory: 'no_such_config.py'"),
+    ([TINY.replace(":tiny", ":huge")], "unknown config variant 'huge'"),
+    ([TINY, "--config.train.bogus=3"], "unknown config field 'bogus'"),
+    ([TINY, "--config.train.checkpoint_every=0"], "config.train.checkpoint_every must be a positive integer"),
+    ([TINY, "--config.train.num_steps=-5"], "config.train.num_steps must be a positive integer"),
+    ([TINY, "--resume_from=oldest"], "--resume_from"),
+    ([TINY, "--overwrite"], "not created by msisynth"),
+    ([TINY, "--workdir=/proc/no_such_folder/run"], "cannot create the output folder"),
+  ],
+)
+def test_mistakes_give_one_line_and_leave_user_files(tmp_path, shared_data, args, message):
+  user = tmp_path / "user"
+  (user / "images").mkdir(parents=True)
+  (user / "metrics.jsonl").write_text('{"step": 1}\n')
+  (user / "images" / "step_000003.png").write_bytes(b"mine")
+  proc = subprocess.run(
+    [sys.executable, os.path.join("experiments", "train.py"), f"--workdir={user}", *args],
+    cwd=REPO,
+    env=_env(tmp_path, shared_data),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors_printed = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors_printed) == 1 and message in errors_printed[0], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert (user / "metrics.jsonl").read_text() == '{"step": 1}\n'
+  assert (user / "images" / "step_000003.png").read_bytes() == b"mine"

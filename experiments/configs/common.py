@@ -3,12 +3,12 @@
 Fields other code depends on:
   seed, precision ("float32" | "bfloat16")
   model.{kind ("pix2pix" | "unet"), depth, ngf, max_mult, out_channels, dropout_rate, norm, d_kind, d_layers, ndf,
-         gan_mode, gan_weight, l1_weight, mask_l1}
+         gan_mode, gan_weight, l1_weight, mask_l1, recon_loss ("l1" | "shift_l1"), max_shift_px}
   optim.{learning_rate, b1, b2, constant_steps, decay_steps}
   train.{num_steps, batch_size, log_every, eval_every, checkpoint_every, image_every, max_to_keep}
   data.{source ("simulated" | "msiflow"), data_dir, patch_size, augment, min_tissue_fraction, val_fraction,
-        split_axis, gap_px, upsample, max_val_patches, he_slides, val_he_slides, he_pixel_size_um, msi_pixel_size_um,
-        n_channels, n_components}
+        split_axis, gap_px, upsample, max_val_patches, he_slides, val_he_slides, histology_pixel_size_um
+        (deprecated alias he_pixel_size_um), msi_pixel_size_um, n_channels, n_components}
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ def get_base_config(kind: str = "pix2pix") -> ml_collections.ConfigDict:
   # pix2pix's L1 covers the whole patch, background included: the synthetic background must look like the real
   # one for registration. True restricts L1 to the tissue mask.
   config.model.mask_l1 = False
+  # "shift_l1" forgives a misalignment of the pairs up to max_shift_px pixels (msisynth.losses.shift_tolerant_l1_loss).
+  config.model.recon_loss = "l1"
+  config.model.max_shift_px = 2
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-4
@@ -76,7 +79,9 @@ def get_base_config(kind: str = "pix2pix") -> ml_collections.ConfigDict:
   # or names of shipped slides; he_slides None takes every shipped slide not held out for validation.
   config.data.he_slides = ml_collections.config_dict.placeholder(tuple)
   config.data.val_he_slides = ("rcc-UH9912_01",)
-  config.data.he_pixel_size_um = 5.0
+  config.data.histology_pixel_size_um = 5.0
+  # Deprecated name of histology_pixel_size_um (one value: setting either sets both).
+  config.data.he_pixel_size_um = config.data.get_ref("histology_pixel_size_um")
   config.data.msi_pixel_size_um = 20.0
   config.data.n_channels = 200
   config.data.n_components = 16

@@ -14,9 +14,11 @@ from msisynth.io.histology import (
   write_image,
 )
 from msisynth.io.imzml import imzml_info, mz_bin_edges, read_imzml, read_ion_image, write_imzml
+from msisynth.io.sparse import SparseMSI, read_imzml_sparse
 
 __all__ = [
   "PixelSizeWarning",
+  "SparseMSI",
   "he_deconvolve",
   "histology_pixel_size_um",
   "imzml_info",
@@ -24,6 +26,7 @@ __all__ = [
   "read_histology",
   "read_image",
   "read_imzml",
+  "read_imzml_sparse",
   "read_ion_image",
   "resample_to_pixel_size",
   "tissue_mask",

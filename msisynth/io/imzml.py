@@ -15,8 +15,12 @@ x - min(x) in imzML pixel coordinates; pixels without a spectrum are 0 and False
 
 The XML metadata is read with pyimzml (`pyimzml.metadata.Metadata`); the spectrum list (positions, offsets,
 lengths) is scanned with a fast byte-level tokenizer, checked for consistency, and read with an XML parser
-instead when the file's layout is one the tokenizer does not recognise. The binary file is read in chunks of
-spectra with vectorised NumPy code, so memory stays near the size of the output cube.
+instead when the file's layout is one the tokenizer does not recognise (a compiled scan, `msisynth.io._scan`,
+reads the common layout first). The binary file is memory-mapped in windows and binned by compiled numba kernels
+on several threads (`msisynth.io._engine`, `_kernels`), so memory stays near the size of the output cube.
+
+Processed files are read by default to at most `DEFAULT_MAX_CHANNELS` channels chosen from the data
+(`msisynth.io._auto`); `msisynth.io.sparse` keeps every peak in CSR form instead.
 
 Real exporters' files are read as they are written:
 - unsorted m/z arrays are valid: a processed spectrum's peaks are binned by value (as if sorted), and an
@@ -29,13 +33,14 @@ Real exporters' files are read as they are written:
 - a file declared continuous is checked spectrum by spectrum: every m/z array must be the shared one, or a
   byte-identical copy; spectra with axes of their own make it read as processed, with a warning.
 
-Imports at import time: NumPy and absl only (pyimzml when a file is opened; never JAX or matplotlib).
+Imports at import time: NumPy, numba and absl only (pyimzml when a file is opened; never JAX or matplotlib).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -52,11 +57,17 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from msisynth import errors
+from msisynth import errors, outputs
+from msisynth.io import _engine
 from msisynth.types import MSIImage
 
-# Bin width used for processed files when neither `bin_width` nor `mz_values` is given.
+# Bin width of channels="every_bin" (the reader's default before channels="auto") when `bin_width` is not given.
 DEFAULT_BIN_WIDTH_PPM = 10.0
+# Most channels that channels="auto" gives a processed file.
+DEFAULT_MAX_CHANNELS = 2000
+# Largest output cube allocated unless the caller raises the limit (or passes max_cube_gib=None).
+DEFAULT_MAX_CUBE_GIB = 4.0
+CHANNEL_CHOICES = ("auto", "peaks", "bins", "every_bin")
 
 _NS = "{http://psi.hupo.org/ms/mzml}"
 _PRECISIONS = {
@@ -344,7 +355,7 @@ def _scan_spectrum_list(path: pathlib.Path, header: _Header) -> dict[str, np.nda
     accession = table[:, 0]
     try:
       values = table[:, 1].astype(np.int64)
-    except ValueError:
+    except (ValueError, OverflowError):
       return None
     for key, acc in (
       ("x", b"IMS:1000050"),
@@ -565,6 +576,19 @@ def _inflate_ibd(
   return out_path, folder
 
 
+def _compiled_scan(path: pathlib.Path, header: _Header) -> dict[str, np.ndarray] | None:
+  """The spectrum list by the compiled scanner (`msisynth.io._scan`), or None when it leaves the file to the
+  general tokenizer."""
+  from msisynth.io import _scan
+
+  if header.mz_group is None or header.intensity_group is None or header.mz_zlib or header.intensity_zlib:
+    return None
+  fields = _scan.scan_spectrum_list(path, header.mz_group, header.intensity_group, _fix_wrapped_offsets)
+  if fields is None or (header.spectrum_count is not None and header.spectrum_count != fields["coords"].shape[0]):
+    return None
+  return fields
+
+
 def _parse_with_pyimzml(path: pathlib.Path) -> dict[str, np.ndarray]:
   from pyimzml.ImzMLParser import ImzMLParser
 
@@ -576,13 +600,17 @@ def _parse_with_pyimzml(path: pathlib.Path) -> dict[str, np.ndarray]:
     raise errors.ImzMLError(f"cannot read the spectrum list ({type(e).__name__}: {e})", path) from e
   if not parser.coordinates:
     raise errors.ImzMLError("the imzML file lists no spectra", path)
-  return {
-    "coords": np.asarray(parser.coordinates, dtype=np.int64).reshape(-1, 3),
-    "mz_offsets": np.asarray(parser.mzOffsets, dtype=np.int64),
-    "mz_lengths": np.asarray(parser.mzLengths, dtype=np.int64),
-    "intensity_offsets": np.asarray(parser.intensityOffsets, dtype=np.int64),
-    "intensity_lengths": np.asarray(parser.intensityLengths, dtype=np.int64),
-  }
+  try:
+    return {
+      "coords": np.asarray(parser.coordinates, dtype=np.int64).reshape(-1, 3),
+      "mz_offsets": np.asarray(parser.mzOffsets, dtype=np.int64),
+      "mz_lengths": np.asarray(parser.mzLengths, dtype=np.int64),
+      "intensity_offsets": np.asarray(parser.intensityOffsets, dtype=np.int64),
+      "intensity_lengths": np.asarray(parser.intensityLengths, dtype=np.int64),
+    }
+  except (OverflowError, ValueError, TypeError) as e:
+    raise errors.ImzMLError(f"a position, offset or length of the spectrum list is not a 64-bit integer: {e}",
+                            path) from e  # fmt: skip
 
 
 def _find_ibd(path: pathlib.Path) -> pathlib.Path:
@@ -617,7 +645,9 @@ def _open_index(path: str | os.PathLike, *, check_uuid: bool = True, parser: str
       raise errors.ImzMLError("zlib-compressed arrays are read with parser='auto' only", path)
     fields = _parse_with_pyimzml(path)
   else:
-    fields = _scan_spectrum_list(path, header)
+    fields = _compiled_scan(path, header)
+    if fields is None:
+      fields = _scan_spectrum_list(path, header)
     if fields is None:
       logging.info("%s: spectrum list not recognised by the fast scanner; reading it with the XML parser", path)
       fields = _parse_spectrum_list_xml(path, header)
@@ -633,6 +663,13 @@ def _open_index(path: str | os.PathLike, *, check_uuid: bool = True, parser: str
   for dtype, what in ((header.mz_dtype, "m/z"), (header.intensity_dtype, "intensity")):
     if dtype is None:
       raise errors.ImzMLError(f"the {what} array's number format is not declared", path)
+  declared, listed = header.spectrum_count, len(fields["coords"])
+  if declared is not None and declared != listed:
+    raise errors.ImzMLError(
+      f'<spectrumList count="{declared}"> declares {declared} spectra but the file lists {listed}: its XML is cut '
+      "short or corrupt",
+      path,
+    )
   index = _Index(
     path=path, ibd_path=ibd_path, ibd_size=ibd_size, header=header, continuous=False, owner=owner, **fields
   )
@@ -721,13 +758,16 @@ def _validate_index(index: _Index, check_uuid: bool) -> None:
     bad = np.flatnonzero(lengths < 0)
     if bad.size:
       raise errors.ImzMLError(f"{index.position(bad[0])}: negative {name} array length", path)
-    ends = offsets + lengths * dtype.itemsize
-    bad = np.flatnonzero((lengths > 0) & ((offsets < 0) | (ends > index.ibd_size)))
+    # Compared as room left after the offset, so that no product or sum can overflow int64 (lengths of 2^62).
+    outside = (offsets < 0) | (offsets > index.ibd_size)
+    room = np.where(outside, 0, index.ibd_size - np.clip(offsets, 0, index.ibd_size)) // dtype.itemsize
+    bad = np.flatnonzero((lengths > 0) & (outside | (lengths > room)))
     if bad.size:
       i = bad[0]
+      end = int(offsets[i]) + int(lengths[i]) * dtype.itemsize  # Python integers
       raise errors.ImzMLError(
-        f"{index.position(i)}: its {name} array spans bytes {offsets[i]}-{ends[i]} but "
-        f"{index.ibd_path.name} has only {index.ibd_size} bytes (truncated .ibd?)",
+        f"{index.position(i)}: its {name} array spans bytes {int(offsets[i])}-{end} but "
+        f"{index.ibd_path.name} has only {index.ibd_size} bytes (truncated .ibd, or a corrupt offset or length)",
         path,
       )
   # An empty spectrum of a continuous file may keep the shared m/z array but store no intensities.
@@ -1015,12 +1055,33 @@ def _validate_read_args(
     raise errors.ConfigError(f"chunk_spectra must be a positive integer or None, got {chunk_spectra!r}")
   if num_threads is not None and (not isinstance(num_threads, int | np.integer) or num_threads < 1):
     raise errors.ConfigError(f"num_threads must be a positive integer or None, got {num_threads!r}")
-  if not max_cube_gib > 0:
-    raise errors.ConfigError(f"max_cube_gib must be positive, got {max_cube_gib}")
+  if max_cube_gib is not None and not max_cube_gib > 0:
+    raise errors.ConfigError(f"max_cube_gib must be positive or None, got {max_cube_gib}")
   return mz_range, mz_values, tol_unit, bin_unit
 
 
-def _grid(index: _Index, z: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int], dict]:
+# A dense cube whose measured pixels cover less than this share of its rectangle is refused (or cropped).
+MIN_COVERAGE = 0.01
+
+
+def _core_box(x: np.ndarray, y: np.ndarray) -> tuple[int, int, int, int]:
+  """The rectangle (x0, x1, y0, y1) of the bulk of the positions: quartiles widened by 3 interquartile ranges."""
+  bounds = []
+  for v in (x, y):
+    q1, q3 = np.quantile(v.astype(np.float64), [0.25, 0.75])
+    reach = 3 * (q3 - q1) + 2
+    bounds += [math.floor(q1 - reach), math.ceil(q3 + reach)]
+  return tuple(bounds)
+
+
+def _area(x: np.ndarray, y: np.ndarray) -> int:
+  # Python integers: the area of positions near 2^62 does not overflow.
+  return (int(x.max()) - int(x.min()) + 1) * (int(y.max()) - int(y.min()) + 1)
+
+
+def _grid(
+  index: _Index, z: int | None, outliers: str = "raise"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int], dict]:
   """Selects the spectra of one z plane and maps them to (row, column) of the dense image."""
   coords = index.coords
   z_values = np.unique(coords[:, 2])
@@ -1032,7 +1093,30 @@ def _grid(index: _Index, z: int | None) -> tuple[np.ndarray, np.ndarray, np.ndar
     selected = np.flatnonzero(coords[:, 2] == z)
     if selected.size == 0:
       raise errors.ImzMLError(f"no spectra at z={z}; the file has z positions {z_values.tolist()}", index.path)
+  extra = {}
   x, y = coords[selected, 0], coords[selected, 1]
+  area = _area(x, y)
+  if selected.size < MIN_COVERAGE * area:
+    x0, x1, y0, y1 = _core_box(x, y)
+    outside = (x < x0) | (x > x1) | (y < y0) | (y > y1)
+    named = ", ".join(index.position(int(i)) for i in selected[outside][:5])
+    more = f" and {int(outside.sum()) - 5} more" if outside.sum() > 5 else ""
+    inside = ~outside
+    cropped_ok = outside.any() and inside.any() and inside.sum() >= MIN_COVERAGE * _area(x[inside], y[inside])
+    if outliers == "raise" or not cropped_ok:
+      where = f"; outlying: {named}{more}" if outside.any() else ""
+      hint = " (pass outliers='crop' to leave them out)" if cropped_ok else ""
+      raise errors.ImzMLError(
+        f"the {selected.size} spectra cover only {100 * selected.size / area:.3g} % of the "
+        f"{int(y.max()) - int(y.min()) + 1} x {int(x.max()) - int(x.min()) + 1} pixel rectangle of their "
+        f"positions{where}{hint}",
+        index.path,
+      )
+    logging.warning("%s: left out %d spectra at outlying positions: %s%s", index.path.name, int(outside.sum()),
+                    named, more)  # fmt: skip
+    extra["dropped_spectra"] = [int(i) for i in selected[outside]]
+    selected = selected[inside]
+    x, y = coords[selected, 0], coords[selected, 1]
   x0, y0 = int(x.min()), int(y.min())
   rows, cols = y - y0, x - x0
   shape = (int(rows.max()) + 1, int(cols.max()) + 1)
@@ -1041,7 +1125,7 @@ def _grid(index: _Index, z: int | None) -> tuple[np.ndarray, np.ndarray, np.ndar
   if unique.size != linear.size:
     dup = selected[first[np.flatnonzero(counts > 1)[0]]]
     raise errors.ImzMLError(f"{index.position(dup)}: several spectra share this pixel position", index.path)
-  offset = {"coordinate_offset": [x0, y0]}
+  offset = {"coordinate_offset": [x0, y0], **extra}
   return selected, rows, cols, shape, offset
 
 
@@ -1207,7 +1291,6 @@ def _exact_mz_range(index: _Index, selected: np.ndarray, chunk_spectra, threads,
 
 def _data_mz_range(index: _Index, selected: np.ndarray) -> tuple[float, float]:
   """Smallest and largest m/z over the selected spectra, from the first and last value of each m/z array."""
-  dtype = index.header.mz_dtype
   lengths = index.mz_lengths[selected]
   nonempty = selected[lengths > 0]
   if nonempty.size == 0:
@@ -1216,20 +1299,18 @@ def _data_mz_range(index: _Index, selected: np.ndarray) -> tuple[float, float]:
     return index.mz_extent
   if index.continuous:
     # One array; read it whole, since a shared axis may be unsorted.
-    axis = np.empty(int(index.mz_lengths[nonempty[0]]), dtype)
+    axis = np.empty(int(index.mz_lengths[nonempty[0]]), index.header.mz_dtype)
     with open(index.ibd_path, "rb") as fh:
       _read_exact(fh, int(index.mz_offsets[nonempty[0]]), axis)
     if not np.all(np.isfinite(axis)) or np.any(axis <= 0):
       raise errors.ImzMLError(f"{index.position(int(nonempty[0]))}: the shared m/z array holds NaN, Inf or m/z <= 0",
                               index.path)  # fmt: skip
     return float(axis.min()), float(axis.max())
-  offsets = index.mz_offsets[nonempty]
-  last = offsets + (index.mz_lengths[nonempty] - 1) * dtype.itemsize
-  values = _read_scalars(index.ibd_path, np.concatenate([offsets, last]), dtype).astype(np.float64)
+  values = _engine.mz_extremes(index, nonempty)
   bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
   if bad.size:
-    i = int(nonempty[bad[0] % nonempty.size])
-    value = values[bad[0]]
+    i = int(nonempty[bad[0] // 2])
+    value = values.reshape(-1)[bad[0]]
     what = "NaN or Inf" if not np.isfinite(value) else f"m/z <= 0 ({value})"
     raise errors.ImzMLError(f"{index.position(i)}: {what} in its m/z array", index.path)
   return float(values.min()), float(values.max())
@@ -1241,6 +1322,26 @@ def _effective_threads(num_threads: int | None) -> int:
   return max(1, min(4, os.cpu_count() or 1))
 
 
+def reader_errors(function: Callable) -> Callable:
+  """Turns any raw OverflowError / ValueError / IndexError of a reader into an ImzMLError naming the file.
+
+  The readers check what they read; this is the net under those checks, so that a corrupt file never surfaces
+  as a bare NumPy error.
+  """
+
+  @functools.wraps(function)
+  def wrapped(path, *args, **kwargs):
+    try:
+      return function(path, *args, **kwargs)
+    except errors.MSISynthError:
+      raise
+    except (OverflowError, ValueError, IndexError) as e:
+      raise errors.ImzMLError(f"corrupt or unsupported file ({type(e).__name__}: {e})", path) from e
+
+  return wrapped
+
+
+@reader_errors
 def read_imzml(
   path: str | os.PathLike,
   *,
@@ -1251,13 +1352,18 @@ def read_imzml(
   bin_width: float | None = None,
   bin_unit: str = "ppm",
   keep_empty_bins: bool = False,
+  channels: str = "auto",
+  max_channels: int = DEFAULT_MAX_CHANNELS,
+  peak_options: dict | None = None,
   z: int | None = None,
   nan_policy: str = "raise",
   check_uuid: bool = True,
   chunk_spectra: int | None = None,
   num_threads: int | None = None,
-  max_cube_gib: float = 16.0,
+  max_cube_gib: float | None = DEFAULT_MAX_CUBE_GIB,
+  outliers: str = "raise",
   progress: bool = True,
+  overflow: str = "raise",
 ) -> MSIImage:
   """Reads an imzML file (continuous or processed) into a dense MSI cube.
 
@@ -1266,18 +1372,30 @@ def read_imzml(
   - `mz_values` given: one channel per value (sorted increasing), the sum of the intensities whose m/z lies
     within `value ± tol` (ppm of the value, or Da), inclusive. Works in both modes; windows may overlap.
   - continuous file, no `bin_width`: the file's own channels, all of them or those with m/z in `mz_range`
-    (inclusive).
-  - processed file (or continuous with `bin_width`): intensities summed into bins of `bin_width` (ppm:
-    geometric bins; Da: fixed width; default 10 ppm) from the lowest m/z of `mz_range` or of the data, up to
-    its highest; see `mz_bin_edges` (bin membership is computed in float64, so a value within rounding
-    error of an edge may fall on either side). Channel m/z values are bin midpoints. Bins that no spectrum
-    reaches are dropped (a first pass over the m/z arrays finds them), unless `keep_empty_bins`: centroided
-    data with a few thousand peaks would otherwise give a cube of ~10^5 mostly empty channels.
+    (inclusive). An unsorted shared m/z array is read in increasing m/z, repeated values summed (logged).
+  - processed file, `channels="auto"` (the default): at most `max_channels` channels, chosen from the data
+    (see `msisynth.io._auto`): peaks are picked on the mean spectrum (smoothing, MAD noise, SNR >= 3, present
+    in >= 1 % of the pixels; `peak_options` changes these, see `msisynth.peaks.pick_peaks_mean`) and their
+    median width (ppm) is the data's resolution; when binning at that resolution gives at most `max_channels`
+    non-empty bins the file is binned so ("bins"), otherwise each channel integrates one of the `max_channels`
+    strongest peaks ("peaks"). A log line and `metadata["binning"]` say which, with the width found.
+    `channels="peaks"` or `"bins"` forces one of the two.
+  - processed file with `bin_width`, or `channels="every_bin"` (the behaviour before "auto"): intensities summed
+    into bins of `bin_width` (ppm: geometric bins; Da: fixed width; default 10 ppm) from the lowest m/z of
+    `mz_range` or of the data, up to its highest; see `mz_bin_edges` (membership is decided against the edges
+    in float64, as `np.histogram` does). Channel m/z values are bin midpoints. Bins that no spectrum reaches
+    are dropped (a first pass over the data finds them), unless `keep_empty_bins`. Continuous files with
+    `bin_width` are binned the same way.
 
   Pixels: row = y - min(y), column = x - min(x) over the file's spectra; positions without a spectrum are 0
   with mask False. A listed spectrum with no values (length 0) counts as measured: mask True, all channels 0.
-  Spectra are streamed in chunks, so memory stays near the size of the output cube, and a subset of channels
-  reads only the bytes it needs.
+  When the measured pixels cover under 1 % of that rectangle (a few spectra at outlying positions), the read is
+  refused naming the outlying spectra, or, with `outliers="crop"`, those spectra are left out (logged, and
+  listed in `metadata["dropped_spectra"]`).
+
+  The `.ibd` is memory-mapped in windows of 64 MB and binned by compiled (numba) kernels on `num_threads`
+  threads, so memory stays near the size of the output cube; a subset of channels of a continuous file reads
+  only the bytes it needs.
 
   Args:
     path: the .imzML file; the .ibd with the same stem must sit beside it.
@@ -1285,16 +1403,24 @@ def read_imzml(
     mz_values: m/z values of the output channels (summed within ± tol), or None.
     tol: half-width of the windows around `mz_values`.
     tol_unit: "ppm" or "da".
-    bin_width: bin width for processed data (or to re-bin continuous data); None: 10 ppm for processed data.
+    bin_width: bin width for processed data (or to re-bin continuous data); None: see `channels`.
     bin_unit: "ppm" or "da".
     keep_empty_bins: with binning, keep channels for bins that no spectrum reaches (a regular axis).
+    channels: processed files without `bin_width` or `mz_values`: "auto", "peaks", "bins" or "every_bin"
+      (every non-empty bin of `bin_width`, default 10 ppm).
+    max_channels: most channels "auto" and "peaks" give.
+    peak_options: overrides of the peak picking of "auto", "peaks" and "bins": smooth_sigma (fine-axis
+      channels of 2 ppm), snr, min_pixel_fraction, deisotope_peaks, window_fwhm.
     z: the z position to read from a 3D file; None for 2D files.
     nan_policy: "raise" (default) on NaN/Inf intensities, naming the pixel; "zero" reads them as 0.
     check_uuid: refuse an .ibd whose UUID differs from the one the .imzML names.
     chunk_spectra: spectra per chunk, or None to size chunks at about a million values.
-    num_threads: reader threads (None: up to 4, as many as there are CPUs).
-    max_cube_gib: refuse to allocate an output cube larger than this (GiB); pick a range or wider bins.
-    progress: log progress with absl.logging.
+    num_threads: reader threads (None: as many as there are CPUs).
+    max_cube_gib: refuse to allocate an output cube larger than this (GiB; default 4); None allows any size.
+    outliers: "raise" or "crop", for spectra at outlying positions (see above).
+    progress: log progress with absl.logging and show a progress bar (`msisynth.progress`).
+    overflow: "raise" (default) when an intensity, or a sum of them in one channel, exceeds the float32 range
+      (about 3.4e38) of the cube, naming the pixel; "clip" stores it as the largest float32 instead.
 
   Returns:
     MSIImage with float32 cube (H, W, C), float64 m/z (C,), mask (H, W), `pixel_size_um` from the file's
@@ -1311,10 +1437,18 @@ def read_imzml(
   mz_range, mz_values, tol_unit, bin_unit = _validate_read_args(
     mz_range, mz_values, tol, tol_unit, bin_width, bin_unit, nan_policy, chunk_spectra, num_threads, max_cube_gib
   )
+  if channels not in CHANNEL_CHOICES:
+    raise errors.ConfigError(f"channels must be one of {CHANNEL_CHOICES}, got {channels!r}")
+  if not isinstance(max_channels, int | np.integer) or max_channels < 1:
+    raise errors.ConfigError(f"max_channels must be a positive integer, got {max_channels!r}")
+  if outliers not in ("raise", "crop"):
+    raise errors.ConfigError(f"outliers must be 'raise' or 'crop', got {outliers!r}")
+  if overflow not in ("raise", "clip"):
+    raise errors.ConfigError(f"overflow must be 'raise' or 'clip', got {overflow!r}")
   start_time = time.perf_counter()
   index = _open_index(path, check_uuid=check_uuid)
   path = index.path
-  selected, rows, cols, shape, offset = _grid(index, z)
+  selected, rows, cols, shape, offset = _grid(index, z, outliers=outliers)
   nonempty = index.intensity_lengths[selected] > 0
   if not nonempty.any():
     raise errors.ImzMLError("every spectrum is empty (length 0): there is nothing to read", path)
@@ -1334,10 +1468,11 @@ def read_imzml(
 
   def check_size(num_channels: int) -> None:
     gib = shape[0] * shape[1] * num_channels * 4 / 2**30
-    if gib > max_cube_gib:
+    if max_cube_gib is not None and gib > max_cube_gib:
       raise errors.ConfigError(
         f"{path}: the output cube would be {shape[0]}x{shape[1]}x{num_channels} float32 = {gib:.1f} GiB "
-        f"(> max_cube_gib={max_cube_gib}); choose mz_range, mz_values or a wider bin_width"
+        f"(> max_cube_gib={max_cube_gib}); choose mz_range, mz_values, a wider bin_width or fewer max_channels, "
+        "or pass a larger max_cube_gib (None: no limit)"
       )
 
   def allocate(num_channels: int) -> np.ndarray:
@@ -1350,13 +1485,15 @@ def read_imzml(
     cube, mz, binning = _read_continuous(*args)
   else:
     try:
-      cube, mz, binning = _read_processed(*args, keep_empty_bins)
+      cube, mz, binning = _read_processed(*args, keep_empty_bins, channels, int(max_channels), peak_options)
     except _MzOutsideRange:
       # Unsorted m/z arrays: their first and last values are not the extremes. Measure the range and bin again.
       extent = _exact_mz_range(index, selected, chunk_spectra, threads, progress)
       logging.info("%s: m/z arrays are not sorted; the data spans m/z %.4f-%.4f", path.name, *extent)
       index = dataclasses.replace(index, mz_extent=extent)
-      cube, mz, binning = _read_processed(index, *args[1:], keep_empty_bins)
+      cube, mz, binning = _read_processed(index, *args[1:], keep_empty_bins, channels, int(max_channels),
+                                          peak_options)  # fmt: skip
+  cube = _check_overflow(cube, index, selected, rows, cols, overflow)
   metadata["mode"] = "continuous" if index.continuous else "processed"
   metadata["binning"] = binning
   mask = np.zeros(shape, bool)
@@ -1366,6 +1503,25 @@ def read_imzml(
       "%s: read %s %dx%dx%d cube in %.2f s", path.name, metadata["mode"], *cube.shape, time.perf_counter() - start_time
     )
   return MSIImage(cube=cube, mz=mz, mask=mask, pixel_size_um=index.header.pixel_size_um, metadata=metadata)
+
+
+def _check_overflow(cube: np.ndarray, index: _Index, selected, rows, cols, overflow: str) -> np.ndarray:
+  """Raises when float32 cube values overflowed to Inf (NaN/Inf inputs are refused before), or clips them."""
+  if np.isfinite(cube.sum(dtype=np.float64)):
+    return cube  # one cheap pass
+  bad = ~np.isfinite(cube)
+  if overflow == "clip":
+    big = np.finfo(np.float32).max
+    cube[bad] = np.where(cube[bad] > 0, big, -big)
+    return cube
+  r, c = np.argwhere(bad.any(axis=2))[0]
+  k = np.flatnonzero((rows == r) & (cols == c))
+  where = index.position(selected[k[0]]) if k.size else f"pixel (row {r}, column {c})"
+  raise errors.ImzMLError(
+    f"{where}: intensities exceed the float32 range of the cube (|x| > {np.finfo(np.float32).max:.3g}); pass "
+    "overflow='clip' to store them as the largest float32",
+    index.path,
+  )
 
 
 def _column_windows(axis: np.ndarray, plan: _BinPlan | _WindowPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -1438,10 +1594,31 @@ def _sort_shared_axis(axis: np.ndarray, path: pathlib.Path) -> tuple[np.ndarray,
   return unique, (order, starts if repeated.size else None)
 
 
-def _sorted_channels(block: np.ndarray, merge: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
-  order, starts = merge
-  block = block[:, order]
-  return block if starts is None else np.add.reduceat(block, starts, axis=1)
+def _shared_axis(index, selected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The shared m/z array of a continuous file: (as stored, sorted distinct values, column -> distinct index).
+
+  An unsorted shared array is read in increasing m/z; columns with the same m/z value are summed into one
+  channel. Both are logged (`_sort_shared_axis`).
+  """
+  path = index.path
+  first = int(selected[np.argmax(index.mz_lengths[selected] > 0)])
+  length = int(index.mz_lengths[first])
+  with open(index.ibd_path, "rb") as fh:
+    axis = np.empty(length, index.header.mz_dtype)
+    _read_exact(fh, int(index.mz_offsets[first]), axis)
+  axis = axis.astype(np.float64)
+  if not np.all(np.isfinite(axis)):
+    i = int(np.flatnonzero(~np.isfinite(axis))[0])
+    raise errors.ImzMLError(f"{index.position(first)}: the shared m/z array holds NaN or Inf (value {i})", path)
+  if np.any(axis <= 0):
+    i = int(np.flatnonzero(axis <= 0)[0])
+    raise errors.ImzMLError(f"{index.position(first)}: the shared m/z array holds m/z <= 0 (value {i}: {axis[i]})",
+                            path)  # fmt: skip
+  if axis.size < 2 or np.all(np.diff(axis) > 0):
+    return axis, axis, np.arange(axis.size)
+  _sort_shared_axis(axis, path)  # logs what is unsorted and repeated
+  distinct, inverse = np.unique(axis, return_inverse=True)
+  return axis, distinct, inverse.reshape(-1)
 
 
 def _read_continuous(
@@ -1463,68 +1640,69 @@ def _read_continuous(
   progress,
 ):
   path = index.path
-  first = int(selected[np.argmax(index.mz_lengths[selected] > 0)])
-  length = int(index.mz_lengths[first])
-  with open(index.ibd_path, "rb") as fh:
-    axis = np.empty(length, index.header.mz_dtype)
-    _read_exact(fh, int(index.mz_offsets[first]), axis)
-  axis = axis.astype(np.float64)
-  if not np.all(np.isfinite(axis)):
-    i = int(np.flatnonzero(~np.isfinite(axis))[0])
-    raise errors.ImzMLError(f"{index.position(first)}: the shared m/z array holds NaN or Inf (value {i})", path)
-  if np.any(axis <= 0):
-    i = int(np.flatnonzero(axis <= 0)[0])
-    raise errors.ImzMLError(
-      f"{index.position(first)}: the shared m/z array holds m/z <= 0 (value {i}: {axis[i]})", path
-    )
-  merge = None  # (order, starts): the file's channels in m/z order, and where runs of equal m/z begin
-  if np.any(np.diff(axis) <= 0):
-    axis, merge = _sort_shared_axis(axis, path)
-
-  windows = None  # (a, b): output channel k sums the file's channels a[k]:b[k]
+  raw_axis, axis, inverse = _shared_axis(index, selected)
   if mz_values is not None:
-    windows = _column_windows(axis, _WindowPlan.create(mz_values, tol, tol_unit))
-    out_mz = mz_values
+    plan = _WindowPlan.create(mz_values, tol, tol_unit)
     binning = {"method": "windows", "tol": float(tol), "tol_unit": tol_unit}
-    empty = np.flatnonzero(windows[1] <= windows[0])
+    a, b = _column_windows(axis, plan)
+    empty = np.flatnonzero(b <= a)
     if empty.size:
       logging.warning(
-        "%s: no channel within ± %g %s of m/z %s; those channels are 0",
-        path,
-        tol,
-        tol_unit,
+        "%s: no channel within ± %g %s of m/z %s; those channels are 0", path, tol, tol_unit,
         mz_values[empty][:5].tolist(),
-      )
+      )  # fmt: skip
+    if axis is raw_axis:
+      return _read_continuous_windows(index, selected, rows, cols, allocate, mz_values, (a, b), binning, nan_policy,
+                                      chunk_spectra, threads, progress)  # fmt: skip
+    # An unsorted shared axis: bin every spectrum (with the shared m/z array) onto the windows.
+    cube = allocate(mz_values.size)
+    flat_rows = rows.astype(np.int64) * cube.shape[1] + cols
+    _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]),
+                          _engine.KernelAxis.windows(plan.lows, plan.highs), nan_policy=nan_policy,
+                          num_threads=threads, show_progress=progress, allow_unsorted=True)  # fmt: skip
+    return cube, mz_values, binning
+  lo, hi = mz_range if mz_range is not None else (float(axis[0]), float(axis[-1]))
+  if bin_width is not None:
+    plan = _BinPlan.create(lo, hi, bin_width, bin_unit, data_range=mz_range is None)
+    check_size(plan.num_bins)
+    slots = plan.slots(axis)
+    distinct_dest = np.where((slots >= 1) & (slots <= plan.num_bins), slots - 1, -1)
+    out_mz = plan.centres()
+    binning = {"method": "bins", "bin_width": float(bin_width), "bin_unit": bin_unit, "mz_range": [lo, hi]}
   else:
-    lo, hi = mz_range if mz_range is not None else (float(axis[0]), float(axis[-1]))
-    if bin_width is not None:
-      plan = _BinPlan.create(lo, hi, bin_width, bin_unit, data_range=mz_range is None)
-      check_size(plan.num_bins)
-      windows = _column_windows(axis, plan)
-      out_mz = plan.centres()
-      binning = {"method": "bins", "bin_width": float(bin_width), "bin_unit": bin_unit, "mz_range": [lo, hi]}
-    else:
-      first_channel, stop_channel = np.searchsorted(axis, lo, side="left"), np.searchsorted(axis, hi, side="right")
-      if stop_channel <= first_channel:
-        raise errors.ImzMLError(
-          f"no channel in m/z range {mz_range}; the file spans {axis[0]:.4f}-{axis[-1]:.4f}", path
-        )
-      out_mz = axis[first_channel:stop_channel]
-      binning = {"method": "none", "mz_range": None if mz_range is None else [lo, hi]}
-  # Only the file's channels c0:c1 are read.
-  if windows is None:
-    c0, c1 = int(first_channel), int(stop_channel)
-  else:
-    used = windows[1] > windows[0]
-    c0 = int(windows[0][used].min()) if used.any() else 0
-    c1 = int(windows[1][used].max()) if used.any() else 0
-    layers = _reduce_layers(windows[0] - c0, windows[1] - c0, c1 - c0)
+    first_channel, stop_channel = np.searchsorted(axis, lo, side="left"), np.searchsorted(axis, hi, side="right")
+    if stop_channel <= first_channel:
+      raise errors.ImzMLError(f"no channel in m/z range {mz_range}; the file spans {axis[0]:.4f}-{axis[-1]:.4f}", path)
+    out_mz = axis[first_channel:stop_channel]
+    distinct_dest = np.arange(axis.size) - first_channel
+    distinct_dest[(distinct_dest < 0) | (distinct_dest >= out_mz.size)] = -1
+    binning = {"method": "none", "mz_range": None if mz_range is None else [lo, hi]}
+    if axis is not raw_axis:
+      binning["shared_axis_sorted"] = False
+      binning["repeated_mz_summed"] = int(raw_axis.size - axis.size)
+  column_dest = distinct_dest[inverse]
+  used = np.flatnonzero(column_dest >= 0)
+  cube = allocate(out_mz.size)
+  if used.size:
+    c0, c1 = int(used[0]), int(used[-1]) + 1  # only the file's channels c0:c1 are read
+    flat_rows = rows.astype(np.int64) * cube.shape[1] + cols
+    _engine.copy_continuous(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), c0, c1 - c0,
+                            column_dest[c0:c1], nan_policy=nan_policy, num_threads=threads,
+                            show_progress=progress)  # fmt: skip
+  return cube, out_mz, binning
+
+
+def _read_continuous_windows(index, selected, rows, cols, allocate, out_mz, windows, binning, nan_policy,
+                             chunk_spectra, threads, progress):  # fmt: skip
+  """Ion windows of a continuous file with a sorted shared axis: reads only the channels inside the windows."""
+  used = windows[1] > windows[0]
+  c0 = int(windows[0][used].min()) if used.any() else 0
+  c1 = int(windows[1][used].max()) if used.any() else 0
+  layers = _reduce_layers(windows[0] - c0, windows[1] - c0, c1 - c0)
   cube = allocate(out_mz.size)
   itemsize = index.header.intensity_dtype.itemsize
   lengths = index.intensity_lengths[selected]
-  # The file's channels r0:r1 are read: c0:c1, or all of them when they must be sorted first.
-  r0, r1 = (c0, c1) if merge is None else (0, length)
-  chunks = _chunks(np.where(lengths > 0, r1 - r0, 0) + out_mz.size, chunk_spectra)
+  chunks = _chunks(np.where(lengths > 0, c1 - c0, 0) + out_mz.size, chunk_spectra)
 
   def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
     ids = selected[start:stop]
@@ -1532,45 +1710,38 @@ def _read_continuous(
     ids, r, c = ids[keep], rows[start:stop][keep], cols[start:stop][keep]
     if ids.size == 0 or c1 <= c0:
       return
-    byte_offsets = index.intensity_offsets[ids] + r0 * itemsize
-    buf, starts = _read_arrays(fh, byte_offsets, np.full(ids.size, (r1 - r0) * itemsize, np.int64), scratch)
-    block = _typed_arrays(buf, starts, np.full(ids.size, r1 - r0), index.header.intensity_dtype)
-    if merge is not None:
-      block = _sorted_channels(block, merge)[:, c0:c1]
+    byte_offsets = index.intensity_offsets[ids] + c0 * itemsize
+    buf, starts = _read_arrays(fh, byte_offsets, np.full(ids.size, (c1 - c0) * itemsize, np.int64), scratch)
+    block = _typed_arrays(buf, starts, np.full(ids.size, c1 - c0), index.header.intensity_dtype)
     block = _check_finite(block, index, ids, None, nan_policy, "intensities")
-    if windows is None:
-      cube[r, c, :] = block
-    else:
-      sums = np.zeros((block.shape[0], out_mz.size), np.float64)
-      for channels, bounds, segments in layers:
-        sums[:, channels] = np.add.reduceat(block, bounds, axis=1, dtype=np.float64)[:, segments]
-      cube[r, c, :] = sums
+    sums = np.zeros((block.shape[0], out_mz.size), np.float64)
+    for channels, bounds, segments in layers:
+      sums[:, channels] = np.add.reduceat(block, bounds, axis=1, dtype=np.float64)[:, segments]
+    cube[r, c, :] = sums
 
   _run_chunks(chunks, work, index.ibd_path, threads, progress, "read")
   return cube, out_mz, binning
 
 
-def _occupied_bins(index, selected, plan: _BinPlan, chunk_spectra, threads, progress, data_range=None) -> np.ndarray:
-  """Which bins of `plan` hold at least one m/z value of the selected spectra (reads the m/z arrays only)."""
-  occupied = np.zeros(plan.num_bins, bool)
-  lock = threading.Lock()
-  mz_dtype = index.header.mz_dtype
-  chunks = _chunks(index.mz_lengths[selected], chunk_spectra)
+def _kernel_bins(plan: _BinPlan, remap: np.ndarray | None = None) -> _engine.KernelAxis:
+  return _engine.KernelAxis.bins(plan.edges(), clip=plan.data_range, remap=remap)
 
-  def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
-    ids = selected[start:stop]
-    ids = ids[index.mz_lengths[ids] > 0]
-    if ids.size == 0:
-      return
-    lengths = index.mz_lengths[ids]
-    buf, starts = _read_arrays(fh, index.mz_offsets[ids], lengths * mz_dtype.itemsize, scratch)
-    mz = _typed_arrays(buf, starts, lengths, mz_dtype)
-    _check_mz(mz, index, ids, None if mz.ndim == 2 else lengths, data_range)
-    hits = np.bincount(plan.slots(mz, scratch).reshape(-1), minlength=plan.num_bins + 2)[1:-1] > 0
-    with lock:
-      occupied[hits] = True
 
-  _run_chunks(chunks, work, index.ibd_path, threads, progress, "scanned m/z of")
+def _occupied_bins(index, selected, plan: _BinPlan, nan_policy, progress, check_range=False) -> np.ndarray:
+  """Which bins of `plan` hold intensity from at least one of the selected spectra (one pass over the data).
+
+  Raises:
+    _MzOutsideRange: with `check_range`, when some m/z array is unsorted (its first and last values may not be the
+      range the bins were planned on).
+  """
+  hist = _engine.histogram_processed(index, selected, _kernel_bins(plan), nan_policy=nan_policy,
+                                     show_progress=progress)  # fmt: skip
+  if check_range and hist.unsorted:
+    raise _MzOutsideRange()
+  occupied = hist.count > 0
+  if plan.data_range and occupied.size:
+    # Values at the extremes are clipped into the first and last bins by the binning pass.
+    occupied[0] = occupied[-1] = True
   return occupied
 
 
@@ -1592,91 +1763,57 @@ def _read_processed(
   threads,
   progress,
   keep_empty_bins=False,
+  channels="auto",
+  max_channels=DEFAULT_MAX_CHANNELS,
+  peak_options=None,
 ):
   path = index.path
-  remap = None  # slot -> output slot, when empty bins are dropped
-  check_range = False  # bins over the data's range from first/last values: check that no value lies outside
-  lock = threading.Lock()
-  counts = {"unsorted": 0}
+  del chunk_spectra  # the compiled path sizes its own windows
+  # Bins over the data's range from first/last values: unsorted arrays may reach beyond it (checked below).
+  check_range = mz_range is None and index.mz_extent is None
   if mz_values is not None:
     plan = _WindowPlan.create(mz_values, tol, tol_unit)
+    axis = _engine.KernelAxis.windows(plan.lows, plan.highs)
     out_mz = mz_values
     binning = {"method": "windows", "tol": float(tol), "tol_unit": tol_unit}
-  else:
+  elif channels == "every_bin" or bin_width is not None or keep_empty_bins:
     width = DEFAULT_BIN_WIDTH_PPM if bin_width is None else float(bin_width)
     unit = "ppm" if bin_width is None else bin_unit
     lo, hi = mz_range if mz_range is not None else _data_mz_range(index, selected)
     plan = _BinPlan.create(lo, hi, width, unit, data_range=mz_range is None)
-    check_range = mz_range is None and index.mz_extent is None
     out_mz = plan.centres()
     binning = {"method": "bins", "bin_width": width, "bin_unit": unit, "mz_range": [lo, hi]}
     if keep_empty_bins:
       check_size(plan.num_bins)
+      axis = _kernel_bins(plan)
     else:
-      data_range = (lo, hi) if check_range else None
-      occupied = _occupied_bins(index, selected, plan, chunk_spectra, threads, progress, data_range)
-      remap = np.zeros(plan.num_bins + 2, np.intp)
-      remap[1:-1][occupied] = np.arange(1, int(occupied.sum()) + 1)
-      remap[-1] = int(occupied.sum()) + 1
+      occupied = _occupied_bins(index, selected, plan, nan_policy, progress, check_range)
+      remap = np.where(occupied, np.cumsum(occupied) - 1, -1)
+      axis = _kernel_bins(plan, remap)
       out_mz = out_mz[occupied]
       binning["empty_bins_dropped"] = int(plan.num_bins - occupied.sum())
-  num_bins = plan.num_bins if remap is None else out_mz.size
-  cube = allocate(num_bins)
-  mz_dtype, int_dtype = index.header.mz_dtype, index.header.intensity_dtype
-  lengths_all = index.mz_lengths[selected]
-  chunks = _chunks(lengths_all + num_bins + 2, chunk_spectra)
+    if progress:
+      logging.info("%s: %d bins of %g %s over m/z %.4f-%.4f", path.name, out_mz.size, width, unit, lo, hi)
+  else:
+    from msisynth.io import _auto
 
-  def work(start: int, stop: int, fh, scratch: _Scratch) -> None:
-    ids = selected[start:stop]
-    keep = index.mz_lengths[ids] > 0
-    ids, r, c = ids[keep], rows[start:stop][keep], cols[start:stop][keep]
-    if ids.size == 0:
-      return
-    n = ids.size
-    lengths = index.mz_lengths[ids]
-    byte_offsets = np.concatenate([index.mz_offsets[ids], index.intensity_offsets[ids]])
-    byte_lengths = np.concatenate([lengths * mz_dtype.itemsize, lengths * int_dtype.itemsize])
-    buf, starts = _read_arrays(fh, byte_offsets, byte_lengths, scratch)
-    mz = _typed_arrays(buf, starts[:n], lengths, mz_dtype)
-    intensity = _typed_arrays(buf, starts[n:], lengths, int_dtype)
-    per_spectrum = None if mz.ndim == 2 else lengths
-    unsorted = _check_mz(mz, index, ids, per_spectrum, (lo, hi) if check_range else None)
-    if unsorted:
-      with lock:
-        counts["unsorted"] += unsorted
-    intensity = _check_finite(intensity, index, ids, per_spectrum, nan_policy, "intensities")
-    # Each pixel gets num_bins + 2 accumulator slots: below the axis, its bins, above the axis.
-    width = num_bins + 2
-    base = np.arange(n, dtype=np.intp) * width
-    base = base[:, None] if mz.ndim == 2 else np.repeat(base, lengths)
-    weights = intensity.reshape(-1)
-    sums = None
-    for slots in plan.slot_layers(mz) if isinstance(plan, _WindowPlan) else [plan.slots(mz, scratch)]:
-      if remap is not None:
-        slots = remap[slots]
-      slots += base
-      layer = np.bincount(slots.reshape(-1), weights=weights, minlength=n * width)
-      sums = layer if sums is None else sums + layer
-    cube[r, c, :] = sums.reshape(n, width)[:, 1:-1]
-
-  _run_chunks(chunks, work, index.ibd_path, threads, progress, "binned")
-  if counts["unsorted"]:
+    axis, out_mz, binning = _auto.choose_channels(
+      index, selected, channels=channels, max_channels=max_channels, mz_range=mz_range, nan_policy=nan_policy,
+      progress=progress, options=peak_options, check_size=check_size, check_range=check_range,
+    )  # fmt: skip
+  cube = allocate(out_mz.size)
+  flat_rows = rows.astype(np.int64) * cube.shape[1] + cols
+  unsorted = _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), axis,
+                                   nan_policy=nan_policy, num_threads=threads, show_progress=progress)  # fmt: skip
+  if unsorted:
+    if check_range and mz_values is None:
+      raise _MzOutsideRange()  # the bins were planned on first/last values, which unsorted arrays do not bound
     logging.warning(
       "%s: %d of %d spectra have m/z arrays that are not sorted; their peaks are binned by m/z value (repeated "
       "values summed), as if sorted",
-      path.name, counts["unsorted"], int(selected.size),
+      path.name, unsorted, int(selected.size),
     )  # fmt: skip
-    binning["unsorted_spectra"] = counts["unsorted"]
-  if progress and isinstance(plan, _BinPlan):
-    logging.info(
-      "%s: %d non-empty bins of %g %s over m/z %.4f-%.4f",
-      path.name,
-      num_bins,
-      plan.bin_width,
-      plan.bin_unit,
-      out_mz[0],
-      out_mz[-1],
-    )
+    binning["unsorted_spectra"] = unsorted
   return cube, out_mz, binning
 
 
@@ -1709,6 +1846,7 @@ def read_ion_image(
   return read_imzml(path, mz_values=[float(mz)], tol=tol, tol_unit=tol_unit, **kwargs)
 
 
+@reader_errors
 def imzml_info(path: str | os.PathLike, *, check_uuid: bool = True) -> dict[str, Any]:
   """Describes an imzML file without reading its intensities.
 
@@ -1834,10 +1972,7 @@ def write_imzml(
   if path.suffix.lower() != ".imzml":
     raise errors.ConfigError(f"{path}: the output file must end in .imzML")
   imzml_path, ibd_path = path.with_suffix(".imzML"), path.with_suffix(".ibd")
-  if not overwrite:
-    for p in (imzml_path, ibd_path):
-      if p.exists():
-        raise errors.ConfigError(f"{p} exists; pass overwrite=True to replace it")
+  outputs.refuse_existing(imzml_path, ibd_path, overwrite=overwrite)
   if not path.parent.is_dir():
     raise errors.ConfigError(f"{path.parent}: output directory does not exist")
   rows, cols = np.nonzero(msi.mask)

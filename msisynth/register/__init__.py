@@ -3,7 +3,19 @@
 Transforms map FIXED → MOVING (ITK's convention); see docs/architecture.md. `register` finds an affine map;
 `register_deformable` refines it with a cubic B-spline (`BSplineTransform`), which the warps, the regions and the
 ITK / displacement-field writers accept as well.
+
+This package is callable: `msisynth.register(fixed, moving, ...)` is `msisynth.register.optimize.register`. A
+package is bound as an attribute of its parent when it is imported (`import msisynth.register` sets
+`msisynth.register` to this module), so a function of the same name at the top level would be replaced by the
+module as soon as anything imported the package; making the module itself callable gives one object that is both.
+
+The similarity measures here are the registration's: `parzen_mutual_information` (and
+`parzen_normalized_mutual_information`) are differentiable Parzen-window estimates in bits, distinct from the
+evaluation MI of `msisynth.metrics` (hard histogram).
 """
+
+import sys
+import types
 
 from msisynth.register.bspline import (
   BSplineTransform,
@@ -29,13 +41,9 @@ from msisynth.register.optimize import (
   result_summary,
   tissue_crop,
 )
-from msisynth.register.similarity import (
-  joint_histogram,
-  mse,
-  mutual_information,
-  ncc,
-  normalized_mutual_information,
-)
+from msisynth.register.similarity import joint_histogram, mse, ncc
+from msisynth.register.similarity import mutual_information as parzen_mutual_information
+from msisynth.register.similarity import normalized_mutual_information as parzen_normalized_mutual_information
 from msisynth.register.transform_io import (
   load_itk_transform,
   load_transform_json,
@@ -69,9 +77,9 @@ __all__ = [
   "load_landmarks_csv",
   "load_transform_json",
   "mse",
-  "mutual_information",
   "ncc",
-  "normalized_mutual_information",
+  "parzen_mutual_information",
+  "parzen_normalized_mutual_information",
   "register",
   "register_batch",
   "enable_compilation_cache",
@@ -88,3 +96,13 @@ __all__ = [
   "warp_image",
   "warp_msi",
 ]
+
+
+class _CallableModule(types.ModuleType):
+  """The module type of `msisynth.register`: calling the package calls `register`."""
+
+  def __call__(self, *args, **kwargs):
+    return register(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -8,13 +8,14 @@ MOVING transform T is scored by how far T(fixed point) lands from the matching m
 from __future__ import annotations
 
 import csv
+import io
 import os
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from msisynth import errors
+from msisynth import errors, outputs
 from msisynth.register.transforms import AffineTransform, pixel_size_yx
 
 _UM_COLUMNS = ("fixed_x", "fixed_y", "moving_x", "moving_y")
@@ -90,19 +91,18 @@ def save_landmarks_csv(path: str | os.PathLike, landmarks_um: np.ndarray, *, ove
   """Writes (N, 4) fixed_x, fixed_y, moving_x, moving_y µm landmarks as CSV (readable by `load_landmarks_csv`).
 
   Raises:
-    DataError: when the file exists and overwrite is False.
+    OutputExistsError: when the file exists and overwrite is False.
     ConfigError: when the array is not (N, 4).
   """
   arr = np.asarray(landmarks_um, np.float64)
   if arr.ndim != 2 or arr.shape[1] != 4:
     raise errors.ConfigError(f"landmarks must be (N, 4), got shape {arr.shape}")
-  path = pathlib.Path(path)
-  if path.exists() and not overwrite:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", path)
-  with path.open("w", newline="", encoding="utf-8") as fh:
-    writer = csv.writer(fh)
-    writer.writerow(_UM_COLUMNS)
-    writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  path = outputs.refuse_existing(path, overwrite=overwrite)
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(_UM_COLUMNS)
+  writer.writerows([[repr(float(v)) for v in row] for row in arr])
+  outputs.atomic_write(path, buffer.getvalue())
   return path
 
 

@@ -47,7 +47,8 @@ import numpy as np
 import optax
 from scipy import ndimage as ndi
 
-from msisynth import errors
+from msisynth import errors, geometry
+from msisynth.metrics import LUMINANCE_WEIGHTS
 from msisynth.register import similarity as sim
 from msisynth.register import transforms as tf
 from msisynth.register.transforms import AffineTransform
@@ -55,7 +56,8 @@ from msisynth.register.transforms import AffineTransform
 _log = logging.getLogger(__name__)
 
 SIMILARITIES = ("mi", "nmi", "ncc", "mse")
-_LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)
+# One grey conversion in the library: ITU-R BT.709 luminance, as `msisynth.metrics.to_grey`.
+_LUMINANCE = np.asarray(LUMINANCE_WEIGHTS, np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +286,8 @@ class RegistrationResult:
 
 
 def to_grey(image: jax.typing.ArrayLike) -> np.ndarray:
-  """(H, W) float32 grey levels: (H, W) as is, RGB by luminance, other channel counts by their mean.
+  """(H, W) float32 grey levels: (H, W) as is, RGB by BT.709 luminance (`msisynth.metrics.to_grey`), other
+  channel counts by their mean.
 
   Raises:
     ConfigError: when the image is not (H, W) or (H, W, C).
@@ -1121,8 +1124,8 @@ def register_msi_to_histology(
   (fixed), allowing flips and 90° turns.
 
   The default configuration differs from `register`'s: `flips_and_rot90=True` (a section may be mounted turned or
-  face down) and `working_pixel_size_um` = half the MSI pixel size (finer histology detail cannot be matched by
-  MSI). Before registering:
+  face down), and `working_pixel_size_um` from `msisynth.geometry.working_pixel_size_um` (a quarter of the MSI
+  pixel, never finer than the histology; the rule `msisynth.pipeline` uses). Before registering:
   - with `crop_to_tissue` (default) and RGB histology, the histology is cropped to its tissue (`tissue_crop`:
     the largest tissue components, with labels, debris and slide edges left out), so that a small section on a
     large slide fills the field; the crop is in `result.notes["tissue_crop"]` and the returned transform maps
@@ -1153,7 +1156,7 @@ def register_msi_to_histology(
   py, px = tf.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
   hy, hx = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
   if config is None:
-    working = max(math.sqrt(py * px) / 2.0, math.sqrt(hy * hx))
+    working = max(geometry.working_pixel_size_um(msi_pixel_size_um, histology_pixel_size_um))
     config = RegistrationConfig(flips_and_rot90=True, working_pixel_size_um=working)
   histology = np.asarray(histology)
   moving = np.asarray(synthetic_he)

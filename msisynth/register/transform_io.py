@@ -40,9 +40,7 @@ CONVENTION = (
 
 
 def _target(path, overwrite: bool) -> pathlib.Path:
-  path = pathlib.Path(path)
-  if path.exists() and not overwrite:
-    raise errors.DataError("file exists; pass overwrite=True to replace it", path)
+  path = outputs.refuse_existing(path, overwrite=overwrite)
   if not path.parent.is_dir():
     raise errors.DataError("the folder to write into does not exist", path.parent)
   return path
@@ -133,7 +131,7 @@ def save_transform_json(
     text = json.dumps(doc, indent=2, allow_nan=False, default=_json_default)
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f"metadata cannot be written as JSON: {e}") from e
-  target.write_text(text + "\n", encoding="utf-8")
+  outputs.atomic_write(target, text + "\n")
   return target
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msisynth import errors
+from msisynth.geometry import pixel_size_yx  # noqa: F401 (the one parser; callers use tf.pixel_size_yx)
 from msisynth.types import MSIImage
 
 KINDS = ("rigid", "similarity", "affine")
@@ -211,20 +212,6 @@ def constrain_params(params: jax.typing.ArrayLike, kind: str) -> jax.Array:
     z = jnp.zeros_like(p[..., 0])
     return jnp.stack([p[..., 0], z, z, z, p[..., 4], p[..., 5]], axis=-1)
   raise errors.ConfigError(f"transform kind must be one of {KINDS}, got {kind!r}")
-
-
-def pixel_size_yx(pixel_size_um, name: str = "pixel_size_um") -> tuple[float, float]:
-  """A pixel size given as a float or a (y, x) pair, as (py, px) floats.
-
-  Raises:
-    ConfigError: when it is not one or two positive numbers.
-  """
-  arr = np.asarray(pixel_size_um, dtype=np.float64).reshape(-1)
-  if arr.size == 1:
-    arr = np.repeat(arr, 2)
-  if arr.size != 2 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-    raise errors.ConfigError(f"{name} must be a positive number or a (y, x) pair, got {pixel_size_um!r}")
-  return float(arr[0]), float(arr[1])
 
 
 def image_center_um(shape: Sequence[int], pixel_size_um=1.0) -> jax.Array:

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from msisynth import errors, preprocess
+from msisynth import errors, geometry, outputs, preprocess
 from msisynth.types import MSIImage
 
 UNMEASURED_GREY = 0.75
@@ -285,17 +285,14 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120, *, overwri
     The path written.
 
   Raises:
-    ConfigError: when `fig` is not a figure, dpi <= 0, or the file exists and `overwrite` is False.
+    ConfigError: when `fig` is not a figure or dpi <= 0.
+    OutputExistsError: the file exists and `overwrite` is False.
   """
   if not isinstance(fig, Figure):
     raise errors.ConfigError(f"expected a matplotlib Figure, got {type(fig).__name__}")
   if not dpi > 0:
     raise errors.ConfigError(f"dpi must be > 0, got {dpi}")
-  path = pathlib.Path(path)
-  if path.exists() and not overwrite:
-    raise errors.ConfigError(f"{path} exists; pass overwrite=True to replace it")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  path = outputs.save_figure(fig, path, dpi=dpi, overwrite=overwrite)
   # A figure made through pyplot is registered there; release it. Figures made here are not, and are freed
   # with their last reference.
   if "matplotlib.pyplot" in sys.modules:
@@ -340,7 +337,7 @@ def plot_msi_histology_pairs(
   def extent(shape, pixel_size):
     if pixel_size is None:
       return None, "pixels"
-    py, px = (pixel_size, pixel_size) if np.isscalar(pixel_size) else pixel_size
+    py, px = geometry.pixel_size_yx(pixel_size)
     h, w = shape[:2]
     return (-0.5 * px, (w - 0.5) * px, (h - 0.5) * py, -0.5 * py), "µm"
 

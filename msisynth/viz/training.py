@@ -10,7 +10,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from msisynth import errors
+from msisynth import errors, outputs
 
 
 def msi_preview(msi: np.ndarray) -> np.ndarray:
@@ -86,4 +86,4 @@ def save_image_grid(
   if title:
     ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(os.fspath(path), dpi=100)
+  outputs.save_figure(fig, path, dpi=100)

@@ -1,0 +1,657 @@
+"""Compiled (numba) kernels of the imzML readers and of the sparse spectra: decoding, binning, windows, histograms.
+
+Every kernel takes plain NumPy arrays. Spectra come either as raw little-endian bytes of a memory-mapped `.ibd`
+window (byte offsets and value counts per spectrum, a type code per array) or as CSR arrays (indptr, m/z,
+intensity). Each spectrum writes only its own output row, so the loops over spectra run in parallel (`prange`)
+without locks.
+
+Bin membership is decided against the bin edges themselves (float64 comparisons, as `np.histogram` does), from a
+first guess out of a lookup table over the m/z range (`search_table`): no logarithm, no binary search, and a
+result that does not depend on the last bit of a logarithm.
+Within a spectrum, consecutive values that fall into the same channel are summed in float64 before they are
+added to the float32 output, so sorted spectra are binned as exactly as a float64 histogram cast to float32.
+
+Type codes: 0 float32, 1 float64, 2 int32, 3 int64 (see `TYPE_CODES`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+
+import numba as nb
+import numpy as np
+
+# numba's "workqueue" threads sleep between parallel loops, where the OpenMP layer's spin and burn CPU that the
+# other work of a busy machine needs (measured: about 20 % more CPU per read here). Workqueue must not run two
+# parallel kernels at once, so every parallel kernel below is launched under one lock (`_serialised`): readers in
+# several Python threads (batch registration plans sections in parallel) take turns, each using every core.
+# Users who set NUMBA_THREADING_LAYER keep their choice.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+  nb.config.THREADING_LAYER = "workqueue"
+_LAUNCH = threading.Lock()
+
+
+def _serialised(kernel):
+  """The parallel kernel `kernel`, launched under the module's lock (see above)."""
+
+  @functools.wraps(kernel)
+  def launch(*args):
+    with _LAUNCH:
+      return kernel(*args)
+
+  launch.kernel = kernel
+  return launch
+
+TYPE_CODES = {np.dtype("<f4"): 0, np.dtype("<f8"): 1, np.dtype("<i4"): 2, np.dtype("<i8"): 3}
+ITEMSIZE = np.array([4, 8, 4, 8], np.int64)
+
+# Status flags returned per spectrum by the raw kernels.
+BAD_MZ = 1  # NaN or Inf m/z
+UNSORTED_MZ = 2  # m/z decreases somewhere
+BAD_INTENSITY = 4  # NaN or Inf intensity
+NONPOSITIVE_MZ = 8  # m/z <= 0
+
+_OPTS = dict(cache=True, nogil=True)
+
+
+@nb.njit(**_OPTS)
+def decode(buf, offset, n, code):
+  """float64 (n,) values of type `code` at byte `offset` of the uint8 buffer `buf` (any alignment)."""
+  if code == 0:
+    return buf[offset : offset + 4 * n].copy().view(np.float32).astype(np.float64)
+  if code == 1:
+    return buf[offset : offset + 8 * n].copy().view(np.float64)
+  if code == 2:
+    return buf[offset : offset + 4 * n].copy().view(np.int32).astype(np.float64)
+  return buf[offset : offset + 8 * n].copy().view(np.int64).astype(np.float64)
+
+
+def search_table(arr: np.ndarray, right: bool, max_entries: int = 1 << 20) -> tuple[np.ndarray, float, float]:
+  """A lookup table that turns a search in the sorted array `arr` into a multiply, a load and a short walk.
+
+  Bucket b covers [lo + b / inv, lo + (b + 1) / inv) and holds about the search position of its start (the
+  kernels walk from there to the exact position, so rounding here costs a step, never a wrong answer). Buckets
+  are no wider than the narrowest gap of `arr` unless that needs more than `max_entries` of them.
+  """
+  arr = np.asarray(arr, np.float64)
+  if arr.size < 2 or not arr[-1] > arr[0]:
+    return np.zeros(1, np.int64), float(arr[0]) if arr.size else 0.0, 0.0
+  gaps = np.diff(arr)
+  positive = gaps[gaps > 0]
+  span = float(arr[-1] - arr[0])
+  width = max(float(positive.min()) if positive.size else span, span / max_entries)
+  count = int(np.ceil(span / width)) + 1
+  inv = 1.0 / width
+  # Entries of arr below the start of each bucket: a count per bucket, accumulated (no search).
+  bucket = np.clip(np.floor((arr - arr[0]) * inv).astype(np.int64) + 1, 0, count)
+  table = np.cumsum(np.bincount(bucket, minlength=count + 1))[:count].astype(np.int64)
+  return table, float(arr[0]), inv
+
+
+@nb.njit(inline="always", **_OPTS)
+def _bucket(m, table, tlo, tinv):
+  b = int((m - tlo) * tinv)
+  if b < 0:
+    b = 0
+  elif b >= table.size:
+    b = table.size - 1
+  return table[b]
+
+
+@nb.njit(inline="always", **_OPTS)
+def search_right(m, arr, table, tlo, tinv):
+  """np.searchsorted(arr, m, side="right") through a `search_table(arr, right=True)`."""
+  n = arr.size
+  if not m >= arr[0]:  # also NaN
+    return 0
+  if m >= arr[n - 1]:
+    return n
+  k = _bucket(m, table, tlo, tinv)
+  while k > 0 and arr[k - 1] > m:
+    k -= 1
+  while arr[k] <= m:  # stops at n - 1 at the latest: m < arr[n - 1]
+    k += 1
+  return k
+
+
+@nb.njit(inline="always", **_OPTS)
+def search_left(m, arr, table, tlo, tinv):
+  """np.searchsorted(arr, m, side="left") through a `search_table(arr, right=False)`."""
+  n = arr.size
+  if not m > arr[0]:
+    return 0
+  if m > arr[n - 1]:
+    return n
+  k = _bucket(m, table, tlo, tinv)
+  while k > 0 and arr[k - 1] >= m:
+    k -= 1
+  while arr[k] < m:  # stops at n - 1 at the latest: m <= arr[n - 1]
+    k += 1
+  return k
+
+
+@nb.njit(inline="always", **_OPTS)
+def locate(m, edges, table, tlo, tinv):
+  """Bin of value m: k with edges[k] <= m < edges[k + 1]; -1 below the first edge, nbins at or above the last.
+
+  The last edge itself belongs to the last bin, as in `np.histogram`.
+  """
+  nbins = edges.size - 1
+  k = search_right(m, edges, table, tlo, tinv) - 1
+  if k == nbins and m == edges[nbins]:
+    k = nbins - 1
+  return k
+
+
+# The searches below are written out inside each loop rather than called: a call that passes arrays costs an
+# atomic reference-count update per value, several times the cost of the search itself.
+
+
+@nb.njit(**_OPTS)
+def _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
+  """Adds one spectrum into out[row, :] by bins; values outside the bins are clipped in (clip) or dropped.
+
+  With a non-empty `remap`, bin k goes to output column remap[k] (dropped when negative).
+  """
+  n_edges = edges.size
+  nbins = n_edges - 1
+  first, last = edges[0], edges[nbins]
+  n_table = table.size
+  use_remap = remap.size > 0
+  current = -2
+  acc = 0.0
+  for j in range(mz.size):
+    m = mz[j]
+    # k = searchsorted(edges, m, "right") - 1, the last edge itself in the last bin (as np.histogram).
+    if not m >= first:  # also NaN
+      if not clip or m != m:
+        continue
+      k = 0
+    elif m >= last:
+      if m > last and not clip:
+        continue
+      k = nbins - 1
+    else:
+      b = int((m - tlo) * tinv)
+      if b < 0:
+        b = 0
+      elif b >= n_table:
+        b = n_table - 1
+      k = table[b]
+      while k > 0 and edges[k - 1] > m:
+        k -= 1
+      k += edges[k] <= m  # the usual single step, without a branch to mispredict
+      while edges[k] <= m:
+        k += 1
+      k -= 1
+    if use_remap:
+      k = remap[k]
+      if k < 0:
+        continue
+    if k != current:
+      if current >= 0:
+        out[row, current] += acc
+      current = k
+      acc = 0.0
+    acc += intensity[j]
+  if current >= 0:
+    out[row, current] += acc
+
+
+@nb.njit(**_OPTS)
+def _bin_checked(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
+  """`_accumulate_edges` that also returns the status flags of the spectrum (one pass over the values)."""
+  nbins = edges.size - 1
+  first, last = edges[0], edges[nbins]
+  n_table = table.size
+  use_remap = remap.size > 0
+  current = -2
+  acc = 0.0
+  flags = 0
+  previous = -np.inf
+  for j in range(mz.size):
+    m = mz[j]
+    v = np.float64(intensity[j])
+    if m < previous:
+      flags |= UNSORTED_MZ
+    previous = m
+    if v - v != 0.0:  # NaN or Inf
+      flags |= BAD_INTENSITY
+    if not m >= first:
+      if m != m or m == -np.inf:
+        flags |= BAD_MZ
+        continue
+      if m <= 0:
+        flags |= NONPOSITIVE_MZ
+        continue
+      if not clip:
+        continue
+      k = 0
+    elif m >= last:
+      if m == np.inf:
+        flags |= BAD_MZ
+        continue
+      if m > last and not clip:
+        continue
+      k = nbins - 1
+    else:
+      b = int((m - tlo) * tinv)
+      if b < 0:
+        b = 0
+      elif b >= n_table:
+        b = n_table - 1
+      k = table[b]
+      while k > 0 and edges[k - 1] > m:
+        k -= 1
+      k += edges[k] <= m  # the usual single step, without a branch to mispredict
+      while edges[k] <= m:
+        k += 1
+      k -= 1
+    if use_remap:
+      k = remap[k]
+      if k < 0:
+        continue
+    if k != current:
+      if current >= 0:
+        out[row, current] += acc
+      current = k
+      acc = 0.0
+    acc += v
+  if current >= 0:
+    out[row, current] += acc
+  return flags
+
+
+@nb.njit(**_OPTS)
+def _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtable, wtlo, wtinv):
+  """Adds one spectrum into out[row, :] by windows [lows[k], highs[k]] (inclusive, sorted by low, may overlap)."""
+  nw = lows.size
+  n_table = wtable.size
+  top = cummax_highs[nw - 1]
+  bottom = cummax_highs[0]
+  for j in range(mz.size):
+    m = mz[j]
+    # k = searchsorted(cummax_highs, m, "left"): windows before it end below m.
+    if not m > bottom:
+      if m != m:
+        continue
+      k = 0
+    elif m > top:
+      continue
+    else:
+      b = int((m - wtlo) * wtinv)
+      if b < 0:
+        b = 0
+      elif b >= n_table:
+        b = n_table - 1
+      k = wtable[b]
+      while k > 0 and cummax_highs[k - 1] >= m:
+        k -= 1
+      while cummax_highs[k] < m:
+        k += 1
+    while k < nw and lows[k] <= m:
+      if m <= highs[k]:
+        out[row, k] += intensity[j]
+      k += 1
+
+
+@nb.njit(**_OPTS)
+def _accumulate_columns(values, out, row, dest):
+  """Adds column j of a spectrum into out[row, dest[j]] (dest < 0: dropped); for continuous files."""
+  for j in range(values.size):
+    d = dest[j]
+    if d >= 0:
+      out[row, d] += values[j]
+
+
+@nb.njit(**_OPTS)
+def _status(mz, intensity, zero_bad):
+  """Status flags of one spectrum; with zero_bad, non-finite intensities are set to 0 in place."""
+  flags = 0
+  for j in range(mz.size):
+    if not np.isfinite(mz[j]):
+      flags |= BAD_MZ
+    elif mz[j] <= 0:
+      flags |= NONPOSITIVE_MZ
+    if j > 0 and mz[j] < mz[j - 1]:
+      flags |= UNSORTED_MZ
+  for j in range(intensity.size):
+    if not np.isfinite(intensity[j]):
+      flags |= BAD_INTENSITY
+      if zero_bad:
+        intensity[j] = 0.0
+  return flags
+
+
+@nb.njit(**_OPTS)
+def _status_of(mz, intensity):
+  """Status flags of one spectrum, without changing it."""
+  flags = 0
+  previous = -np.inf
+  for j in range(mz.size):
+    m = mz[j]
+    if not np.isfinite(m):
+      flags |= BAD_MZ
+    elif m <= 0:
+      flags |= NONPOSITIVE_MZ
+    if m < previous:
+      flags |= UNSORTED_MZ
+    previous = m
+  for j in range(intensity.size):
+    if not np.isfinite(intensity[j]):
+      flags |= BAD_INTENSITY
+      break
+  return flags
+
+
+@nb.njit(**_OPTS)
+def _accumulate(mz, intensity, out, row, mode, edges, table, tlo, tinv, clip, remap, lows, highs, cummax_highs,
+                wtable, wtlo, wtinv):  # fmt: skip
+  if mode == 0:
+    _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap)
+  else:
+    _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtable, wtlo, wtinv)
+
+
+@nb.njit(parallel=True, **_OPTS)
+def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, out, mode, edges, table, tlo, tinv,
+            clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv, zero_bad):  # fmt: skip
+  """Bins spectra read from raw .ibd bytes into out[rows[i], :]; returns per-spectrum status flags.
+
+  mode 0: bins (edges and their `search_table`, clip, remap); mode 1: windows (lows, highs, cummax_highs and its
+  `search_table`). Spectra with non-finite m/z are not binned (their flags say so); non-finite intensities are
+  binned as 0 when `zero_bad`, and otherwise make the spectrum skipped too. The common layout (float64 m/z,
+  float32 intensities) is read in place, unaligned; others are decoded to float64 first.
+  """
+  n = lengths.size
+  flags = np.zeros(n, np.int32)
+  for i in nb.prange(n):
+    count = lengths[i]
+    if count <= 0:
+      continue
+    if mz_code == 1 and int_code == 0:
+      mz_view = mz_buf[mz_off[i] : mz_off[i] + 8 * count].view(np.float64)
+      int_view = int_buf[int_off[i] : int_off[i] + 4 * count].view(np.float32)
+      if mode == 0:
+        # One pass that bins and checks; a spectrum with bad values is undone and redone below.
+        f = _bin_checked(mz_view, int_view, out, rows[i], edges, table, tlo, tinv, clip, remap)
+        flags[i] = f
+        if f == 0 or f == UNSORTED_MZ:
+          continue
+        for c in range(out.shape[1]):
+          out[rows[i], c] = 0.0
+        if f & (BAD_MZ | NONPOSITIVE_MZ) or not zero_bad:
+          continue
+      f = _status_of(mz_view, int_view)
+      flags[i] = f
+      if f & (BAD_MZ | NONPOSITIVE_MZ) or (f & BAD_INTENSITY and not zero_bad):
+        continue
+      if not f & BAD_INTENSITY:
+        _accumulate(mz_view, int_view, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs,
+                    cummax_highs, wtable, wtlo, wtinv)  # fmt: skip
+        continue
+    mz = decode(mz_buf, mz_off[i], count, mz_code)
+    intensity = decode(int_buf, int_off[i], count, int_code)
+    f = _status(mz, intensity, zero_bad)
+    flags[i] = f
+    if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
+      continue
+    _accumulate(mz, intensity, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs, cummax_highs,
+                wtable, wtlo, wtinv)  # fmt: skip
+  return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def extremes_raw(mz_buf, mz_off, mz_code, lengths, out):
+  """out[i] = (first, last) m/z of spectrum i (NaN for empty ones)."""
+  for i in nb.prange(lengths.size):
+    count = lengths[i]
+    if count <= 0:
+      out[i, 0] = np.nan
+      out[i, 1] = np.nan
+      continue
+    size = 8 if (mz_code == 1 or mz_code == 3) else 4
+    out[i, 0] = decode(mz_buf, mz_off[i], 1, mz_code)[0]
+    out[i, 1] = decode(mz_buf, mz_off[i] + (count - 1) * size, 1, mz_code)[0]
+
+
+@nb.njit(parallel=True, **_OPTS)
+def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
+  """Continuous spectra: `count` intensities at each int_off[i] added to out[rows[i], dest[j]]; returns flags."""
+  n = int_off.size
+  flags = np.zeros(n, np.int32)
+  identity = dest.size == out.shape[1] and dest.size == count
+  if identity:
+    for j in range(dest.size):
+      if dest[j] != j:
+        identity = False
+        break
+  for i in nb.prange(n):
+    r = rows[i]
+    if int_code == 0:
+      # float32 intensities (the usual layout): read in place, unaligned, and copied straight to the output.
+      view = int_buf[int_off[i] : int_off[i] + 4 * count].view(np.float32)
+      bad = False
+      if identity:
+        for j in range(count):
+          v = view[j]
+          if v - v != 0.0:
+            bad = True
+          out[r, j] = v
+      else:
+        for j in range(count):
+          v = view[j]
+          if v - v != 0.0:
+            bad = True
+          d = dest[j]
+          if d >= 0:
+            out[r, d] += v
+      if not bad:
+        continue
+      flags[i] = BAD_INTENSITY
+      for j in range(out.shape[1]):
+        out[r, j] = 0.0
+      if not zero_bad:
+        continue
+    values = decode(int_buf, int_off[i], count, int_code)
+    f = 0
+    for j in range(count):
+      if not np.isfinite(values[j]):
+        f = BAD_INTENSITY
+        if zero_bad:
+          values[j] = 0.0
+    flags[i] = f
+    if f and not zero_bad:
+      continue
+    if identity:
+      for j in range(count):
+        out[r, j] = values[j]
+    else:
+      _accumulate_columns(values, out, r, dest)
+  return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def gather_raw(buf, off, lengths, code, out, starts):
+  """Decodes spectra from raw bytes into one flat array: out[starts[i]:starts[i] + lengths[i]]."""
+  for i in nb.prange(off.size):
+    count = lengths[i]
+    if count > 0:
+      values = decode(buf, off[i], count, code)
+      for j in range(count):
+        out[starts[i] + j] = values[j]
+
+
+@nb.njit(parallel=True, **_OPTS)
+def bin_csr(indptr, mz, intensity, pixels, rows, out, mode, edges, table, tlo, tinv, clip, remap, lows, highs,
+            cummax_highs, wtable, wtlo, wtinv):  # fmt: skip
+  """Bins CSR spectra `pixels` into out[rows[i], :] (mode as `bin_raw`)."""
+  for i in nb.prange(pixels.size):
+    p = pixels[i]
+    a, b = indptr[p], indptr[p + 1]
+    if b <= a:
+      continue
+    m = mz[a:b].astype(np.float64)
+    v = intensity[a:b].astype(np.float64)
+    if mode == 0:
+      _accumulate_edges(m, v, out, rows[i], edges, table, tlo, tinv, clip, remap)
+    else:
+      _accumulate_windows(m, v, out, rows[i], lows, highs, cummax_highs, wtable, wtlo, wtinv)
+
+
+@nb.njit(**_OPTS)
+def _histogram_one(mz, intensity, edges, table, tlo, tinv, total, count, mz_sum, maximum):
+  nbins = edges.size - 1
+  first, last = edges[0], edges[nbins]
+  n_table = table.size
+  current = -2
+  acc = 0.0
+  n = mz.size
+  for j in range(n + 1):
+    k = -3
+    v = 0.0
+    if j < n:
+      m = mz[j]
+      if not (m >= first and m <= last):
+        continue
+      if m == last:
+        k = nbins - 1
+      else:
+        b = int((m - tlo) * tinv)
+        if b < 0:
+          b = 0
+        elif b >= n_table:
+          b = n_table - 1
+        k = table[b]
+        while k > 0 and edges[k - 1] > m:
+          k -= 1
+        while edges[k] <= m:
+          k += 1
+        k -= 1
+      v = intensity[j]
+      mz_sum[k] += v * m
+    if k != current:
+      if current >= 0:
+        total[current] += acc
+        if acc != 0.0:
+          count[current] += 1
+        if acc > maximum[current]:
+          maximum[current] = acc
+      current = k
+      acc = 0.0
+    acc += v
+
+
+@nb.njit(**_OPTS)
+def histogram_csr(indptr, mz, intensity, edges, table, tlo, tinv, total, count, mz_sum, maximum):
+  """Per bin over all pixels: summed intensity, pixels present (nonzero), intensity-weighted m/z sum, and the
+  largest per-pixel value. Values outside the bins are dropped; each pixel's peaks must be sorted by m/z."""
+  for p in range(indptr.size - 1):
+    a, b = indptr[p], indptr[p + 1]
+    if b > a:
+      _histogram_one(mz[a:b].astype(np.float64), intensity[a:b].astype(np.float64), edges, table, tlo, tinv, total,
+                     count, mz_sum, maximum)  # fmt: skip
+
+
+@nb.njit(**_OPTS)
+def histogram_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, edges, table, tlo, tinv, total,
+                  count, mz_sum, maximum, zero_bad):  # fmt: skip
+  """`histogram_csr` over spectra read from raw .ibd bytes; returns per-spectrum status flags (see `bin_raw`)."""
+  n = lengths.size
+  flags = np.zeros(n, np.int32)
+  for i in range(n):
+    c = lengths[i]
+    if c <= 0:
+      continue
+    mz = decode(mz_buf, mz_off[i], c, mz_code)
+    intensity = decode(int_buf, int_off[i], c, int_code)
+    f = _status(mz, intensity, zero_bad)
+    flags[i] = f
+    if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
+      continue
+    if f & UNSORTED_MZ:
+      order = np.argsort(mz, kind="mergesort")
+      mz = mz[order]
+      intensity = intensity[order]
+    _histogram_one(mz, intensity, edges, table, tlo, tinv, total, count, mz_sum, maximum)
+  return flags
+
+
+@nb.njit(parallel=True, **_OPTS)
+def window_sums_csr(indptr, mz, intensity, lo, hi, out):
+  """out[p] = sum of the intensities of pixel p with lo <= m/z <= hi (an ion image over CSR spectra)."""
+  for p in nb.prange(indptr.size - 1):
+    s = 0.0
+    for j in range(indptr[p], indptr[p + 1]):
+      m = mz[j]
+      if m >= lo and m <= hi:
+        s += intensity[j]
+    out[p] = s
+
+
+@nb.njit(parallel=True, **_OPTS)
+def row_sums_csr(indptr, intensity, out):
+  """Per-pixel total ion count over CSR spectra."""
+  for p in nb.prange(indptr.size - 1):
+    s = 0.0
+    for j in range(indptr[p], indptr[p + 1]):
+      s += intensity[j]
+    out[p] = s
+
+
+@nb.njit(parallel=True, **_OPTS)
+def sort_rows_csr(indptr, mz, intensity):
+  """Sorts each pixel's peaks by m/z in place (stable); returns how many pixels needed it."""
+  n = indptr.size - 1
+  changed = np.zeros(n, np.int64)
+  for p in nb.prange(n):
+    a, b = indptr[p], indptr[p + 1]
+    unsorted = False
+    for j in range(a + 1, b):
+      if mz[j] < mz[j - 1]:
+        unsorted = True
+        break
+    if unsorted:
+      order = np.argsort(mz[a:b], kind="mergesort")
+      m = mz[a:b][order]
+      v = intensity[a:b][order]
+      mz[a:b] = m
+      intensity[a:b] = v
+      changed[p] = 1
+  return changed.sum()
+
+
+@nb.njit(**_OPTS)
+def window_groups(mz_off, mz_end, int_off, int_end, cap):
+  """Splits spectra (in the given order) into consecutive groups whose m/z and intensity byte spans each stay
+  within `cap` bytes; returns the group boundaries (starts, then the total)."""
+  n = mz_off.size
+  bounds = [0]
+  if n == 0:
+    return np.array(bounds, np.int64)
+  a0, a1, b0, b1 = mz_off[0], mz_end[0], int_off[0], int_end[0]
+  for i in range(1, n):
+    na0 = min(a0, mz_off[i])
+    na1 = max(a1, mz_end[i])
+    nb0 = min(b0, int_off[i])
+    nb1 = max(b1, int_end[i])
+    if na1 - na0 > cap or nb1 - nb0 > cap:
+      bounds.append(i)
+      a0, a1, b0, b1 = mz_off[i], mz_end[i], int_off[i], int_end[i]
+    else:
+      a0, a1, b0, b1 = na0, na1, nb0, nb1
+  bounds.append(n)
+  return np.array(bounds, np.int64)
+
+
+# Parallel kernels, launched one at a time.
+bin_raw = _serialised(bin_raw)
+extremes_raw = _serialised(extremes_raw)
+copy_raw = _serialised(copy_raw)
+gather_raw = _serialised(gather_raw)
+bin_csr = _serialised(bin_csr)
+window_sums_csr = _serialised(window_sums_csr)
+row_sums_csr = _serialised(row_sums_csr)
+sort_rows_csr = _serialised(sort_rows_csr)

@@ -1,0 +1,208 @@
+"""A compiled scan of an imzML spectrum list: positions, offsets and lengths of every spectrum, at disk speed.
+
+It reads the same tokens as the byte-level tokenizer of `msisynth.io.imzml` (`accession="IMS:1000050/51/52/102/103"`
+followed by `value="..."` within the same tag, and `ref="<m/z group>"` / `ref="<intensity group>"`), in one
+numba pass over the bytes instead of regular expressions. Whenever the spectrum list holds anything it does not
+handle exactly (array types, number formats or compression given per array, a value that is not a plain
+integer, counts that do not match), it returns None and the reader uses its general tokenizer instead.
+"""
+
+from __future__ import annotations
+
+import mmap
+import pathlib
+from collections.abc import Callable
+
+import numba as nb
+import numpy as np
+
+_OPTS = dict(cache=True, nogil=True)
+
+# Accessions that, inside the spectrum list, mean per-array settings this scan does not interpret.
+_QUIRKS = (
+  b"MS:1000521", b"MS:1000523", b"MS:1000519", b"MS:1000522", b"IMS:1000141", b"IMS:1000142", b"MS:1000574",
+  b"MS:1000576", b"MS:1000514", b"MS:1000515", b"MS:1002312", b"MS:1002313", b"MS:1002314", b"MS:1002746",
+  b"MS:1002747", b"MS:1002748",
+)  # fmt: skip
+_WANTED = (b"IMS:1000050", b"IMS:1000051", b"IMS:1000052", b"IMS:1000102", b"IMS:1000103")
+
+
+def _pack(words: tuple[bytes, ...]) -> tuple[np.ndarray, np.ndarray]:
+  width = max(len(w) for w in words)
+  table = np.zeros((len(words), width), np.uint8)
+  lengths = np.zeros(len(words), np.int64)
+  for i, w in enumerate(words):
+    table[i, : len(w)] = np.frombuffer(w, np.uint8)
+    lengths[i] = len(w)
+  return table, lengths
+
+
+@nb.njit(**_OPTS)
+def _match(buf, start, stop, table, lengths):
+  """Index of the word of `table` equal to buf[start:stop], or -1."""
+  n = stop - start
+  for w in range(lengths.size):
+    if lengths[w] != n:
+      continue
+    ok = True
+    for i in range(n):
+      if buf[start + i] != table[w, i]:
+        ok = False
+        break
+    if ok:
+      return w
+  return -1
+
+
+@nb.njit(**_OPTS)
+def _candidates(buf, begin, end, out):
+  """Positions of the opening quotes of accession="..." (kind 0) and ref="..." (kind 1) in buf[begin:end].
+
+  Writes (position, kind) pairs into `out` when given room, and returns how many there are; called once to count
+  and once to fill, so that no array is reallocated inside the byte loop.
+  """
+  n = 0
+  room = out.shape[0]
+  for i in range(begin + 10, end):
+    if buf[i] != 34 or buf[i - 1] != 61:  # '="'
+      continue
+    kind = -1
+    if (buf[i - 2] == 110 and buf[i - 3] == 111 and buf[i - 4] == 105 and buf[i - 5] == 115 and buf[i - 6] == 115
+        and buf[i - 7] == 101 and buf[i - 8] == 99 and buf[i - 9] == 99 and buf[i - 10] == 97):  # fmt: skip
+      kind = 0
+    elif buf[i - 2] == 102 and buf[i - 3] == 101 and buf[i - 4] == 114:
+      kind = 1
+    if kind < 0:
+      continue
+    if n < room:
+      out[n, 0] = i
+      out[n, 1] = kind
+    n += 1
+  return n
+
+
+@nb.njit(**_OPTS)
+def _tokens(buf, end, cands, wanted, wanted_len, refs, refs_len, quirks, quirks_len, codes, values, kinds):
+  """Reads the tokens at the candidate quotes; returns (status, tokens, refs): status 0 ok, 1 unsupported."""
+  nt = 0
+  nk = 0
+  for c in range(cands.shape[0]):
+    i = cands[c, 0]
+    j = i + 1
+    while j < end and buf[j] != 34:
+      j += 1
+    if j >= end:
+      return 1, nt, nk
+    if cands[c, 1] == 1:
+      w = _match(buf, i + 1, j, refs, refs_len)
+      if w >= 0:
+        kinds[nk] = w
+        nk += 1
+      continue
+    if _match(buf, i + 1, j, quirks, quirks_len) >= 0:
+      return 1, nt, nk
+    w = _match(buf, i + 1, j, wanted, wanted_len)
+    if w < 0:
+      continue
+    # value="..." later in the same tag.
+    k = j + 1
+    found = -1
+    while k + 6 < end and buf[k] != 62:  # '>'
+      if (buf[k] == 118 and buf[k + 1] == 97 and buf[k + 2] == 108 and buf[k + 3] == 117 and buf[k + 4] == 101
+          and buf[k + 5] == 61 and buf[k + 6] == 34):  # fmt: skip
+        found = k + 7
+        break
+      k += 1
+    if found < 0:
+      return 1, nt, nk
+    k = found
+    negative = False
+    if k < end and buf[k] == 45:
+      negative = True
+      k += 1
+    v = 0
+    digits = 0
+    while k < end and buf[k] >= 48 and buf[k] <= 57:
+      if digits >= 18:  # might overflow int64: leave it to the general path
+        return 1, nt, nk
+      v = v * 10 + (buf[k] - 48)
+      digits += 1
+      k += 1
+    if digits == 0 or k >= end or buf[k] != 34:
+      return 1, nt, nk
+    codes[nt] = w
+    values[nt] = -v if negative else v
+    nt += 1
+  return 0, nt, nk
+
+
+def _scan(buf, begin, end, wanted, wanted_len, refs, refs_len, quirks, quirks_len):
+  """Returns (status, codes, values, kinds): status 0 ok, 1 unsupported layout."""
+  # Room for twice the density of the first MB; a second pass only when that is not enough.
+  sample = _candidates(buf, begin, min(end, begin + (1 << 20)), np.zeros((0, 2), np.int64))
+  room = int(2 * (sample + 16) * max(1.0, (end - begin) / (1 << 20)))
+  cands = np.empty((room, 2), np.int64)
+  count = _candidates(buf, begin, end, cands)
+  if count > room:
+    cands = np.empty((count, 2), np.int64)
+    _candidates(buf, begin, end, cands)
+  cands = cands[:count]
+  codes = np.empty(count, np.int8)
+  values = np.empty(count, np.int64)
+  kinds = np.empty(count, np.int8)
+  status, nt, nk = _tokens(buf, end, cands, wanted, wanted_len, refs, refs_len, quirks, quirks_len, codes, values,
+                           kinds)  # fmt: skip
+  return status, codes[:nt], values[:nt], kinds[:nk]
+
+
+def scan_spectrum_list(
+  path: pathlib.Path, mz_group: str, intensity_group: str, fix_offsets: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, np.ndarray] | None:
+  """Positions, offsets and lengths of every spectrum (arrays as `imzml._scan_spectrum_list`), or None.
+
+  `fix_offsets` is applied to the offsets in document order (undoing writers' 32-bit wrap-around).
+  """
+  with open(path, "rb") as fh:
+    try:
+      mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (ValueError, OSError):
+      return None
+  try:
+    begin = mm.find(b"<spectrumList")
+    end = mm.rfind(b"</spectrumList>")
+    if begin < 0 or end < begin:
+      return None
+    buf = np.frombuffer(mm, np.uint8)
+    wanted, wanted_len = _pack(_WANTED)
+    refs, refs_len = _pack((mz_group.encode(), intensity_group.encode()))
+    quirks, quirks_len = _pack(_QUIRKS)
+    status, codes, values, kinds = _scan(buf, begin, end, wanted, wanted_len, refs, refs_len, quirks, quirks_len)
+    del buf
+  finally:
+    try:
+      mm.close()
+    except BufferError:
+      pass
+  if status != 0:
+    return None
+  x, y, z = (values[codes == c] for c in (0, 1, 2))
+  offset, length = values[codes == 3], values[codes == 4]
+  n = x.size
+  if n == 0 or y.size != n or z.size not in (0, n) or not offset.size == length.size == kinds.size == 2 * n:
+    return None
+  # Tokens must come in document order per spectrum: the scan keeps them in that order.
+  is_mz = kinds == 0
+  first_is_mz = is_mz[0::2]
+  if np.any(first_is_mz == is_mz[1::2]):
+    return None
+  offset = fix_offsets(offset)
+  mz_slot = 2 * np.arange(n) + np.where(first_is_mz, 0, 1)
+  int_slot = 2 * np.arange(n) + np.where(first_is_mz, 1, 0)
+  z = z if z.size else np.ones(n, np.int64)
+  return {
+    "coords": np.stack([x, y, z], axis=1),
+    "mz_offsets": offset[mz_slot],
+    "mz_lengths": length[mz_slot],
+    "intensity_offsets": offset[int_slot],
+    "intensity_lengths": length[int_slot],
+  }

@@ -1482,7 +1482,7 @@ def read_imzml(
   args = (index, selected, rows, cols, check_size, allocate, mz_range, mz_values, tol, tol_unit, bin_width, bin_unit,
           nan_policy, chunk_spectra, threads, progress)  # fmt: skip
   if index.continuous:
-    cube, mz, binning = _read_continuous(*args)
+    cube, mz, binning = _read_continuous(*args, keep_empty_bins=keep_empty_bins)
   else:
     try:
       cube, mz, binning = _read_processed(*args, keep_empty_bins, channels, int(max_channels), peak_options)
@@ -1638,6 +1638,8 @@ def _read_continuous(
   chunk_spectra,
   threads,
   progress,
+  *,
+  keep_empty_bins=False,
 ):
   path = index.path
   raw_axis, axis, inverse = _shared_axis(index, selected)
@@ -1669,6 +1671,14 @@ def _read_continuous(
     distinct_dest = np.where((slots >= 1) & (slots <= plan.num_bins), slots - 1, -1)
     out_mz = plan.centres()
     binning = {"method": "bins", "bin_width": float(bin_width), "bin_unit": bin_unit, "mz_range": [lo, hi]}
+    if not keep_empty_bins:
+      # As for processed files: bins that no m/z value of the shared axis reaches are left out.
+      occupied = np.zeros(plan.num_bins, bool)
+      occupied[distinct_dest[distinct_dest >= 0]] = True
+      remap = np.where(occupied, np.cumsum(occupied) - 1, -1)
+      distinct_dest = np.where(distinct_dest >= 0, remap[np.maximum(distinct_dest, 0)], -1)
+      out_mz = out_mz[occupied]
+      binning["empty_bins_dropped"] = int(plan.num_bins - occupied.sum())
   else:
     first_channel, stop_channel = np.searchsorted(axis, lo, side="left"), np.searchsorted(axis, hi, side="right")
     if stop_channel <= first_channel:

@@ -1036,48 +1036,29 @@ def enable_compilation_cache(path: str | None = None) -> str:
 def tissue_crop(histology: np.ndarray, *, margin_px: float = 0.0, max_fraction: float = 0.6) -> tuple[int, ...] | None:
   """The part of a histology image that holds its tissue: (row0, row1, col0, col1), or None to keep it all.
 
-  The tissue is `msisynth.io.tissue_mask` on a preview (at most 1024 px across); its largest component and every
-  component of at least 5 % of that one are kept, except thin ones along the image edge (slide edges: touching
-  the border and filling under 20 % of a bounding box that spans half the image). The crop is their bounding
-  box grown by 15 % of its size and by `margin_px` on every side. None when the image is not RGB, shows no
-  tissue, or the crop would keep more than `max_fraction` of the image.
+  The tissue is found by `msisynth.tissue.tissue_crop` (the section's components, with labels, pen, debris and
+  slide edges left out); its box is grown by 15 % of its size and by `margin_px` on every side. None when the
+  image is not RGB, shows no tissue, or the crop would keep more than `max_fraction` of the image.
 
   Args:
     histology: (H, W, 3) RGB histology (float in [0, 1] or uint8).
     margin_px: extra margin in histology pixels (e.g. half the MSI field).
     max_fraction: largest fraction of the image area worth cropping to.
   """
-  from msisynth.io.histology import tissue_mask
+  from msisynth import tissue as msi_tissue
 
   img = np.asarray(histology)
   if img.ndim != 3 or img.shape[2] < 3:
     return None
   img = img[..., :3]
+  if img.dtype != np.uint8:
+    img = np.clip(np.asarray(img, np.float32), 0.0, 1.0)
   h, w = img.shape[:2]
-  step = max(1, int(math.ceil(max(h, w) / 1024)))
-  preview = img[::step, ::step]
-  if preview.dtype != np.uint8:
-    preview = np.clip(np.asarray(preview, np.float32), 0.0, 1.0)
-  mask = tissue_mask(preview, min_size_px=max(16, preview.shape[0] * preview.shape[1] // 5000))
-  labels, count = ndi.label(mask)
-  if count == 0:
+  try:
+    found = msi_tissue.tissue_crop(img, pixel_size_um=1.0, margin_um=0.0)
+  except errors.MSISynthError:  # no tissue found
     return None
-  sizes = np.bincount(labels.ravel())[1:]
-  boxes = ndi.find_objects(labels)
-  ph, pw = mask.shape
-  keep = []
-  for i, (box, size) in enumerate(zip(boxes, sizes)):
-    if size < 0.05 * sizes.max():
-      continue
-    bh, bw = box[0].stop - box[0].start, box[1].stop - box[1].start
-    touches = box[0].start == 0 or box[1].start == 0 or box[0].stop == ph or box[1].stop == pw
-    if touches and size < 0.2 * bh * bw and (bh > ph / 2 or bw > pw / 2) and size != sizes.max():
-      continue
-    keep.append(i)
-  r0 = min(boxes[i][0].start for i in keep) * step
-  r1 = max(boxes[i][0].stop for i in keep) * step
-  c0 = min(boxes[i][1].start for i in keep) * step
-  c1 = max(boxes[i][1].stop for i in keep) * step
+  r0, c0, r1, c1 = found.box_px
   gr, gc = 0.15 * (r1 - r0) + margin_px, 0.15 * (c1 - c0) + margin_px
   r0, r1 = max(0, int(r0 - gr)), min(h, int(math.ceil(r1 + gr)))
   c0, c1 = max(0, int(c0 - gc)), min(w, int(math.ceil(c1 + gc)))

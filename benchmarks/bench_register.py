@@ -1,38 +1,40 @@
-r"""Benchmark: msisynth's JAX mutual-information affine registration against SimpleITK's, on semi-synthetic cases.
+r"""Benchmark: msisynth's affine registration beside elastix and SimpleITK, on generated held-out cases.
 
-Cases: square crops of the real H&E slides in data/he (resized to each size; the slides are about
-550 × 680 px, so 1024² and 2048² cases are upsampled and smoother than real scans at that size) warped by a random
-known affine (rotation ≤ 15°, scales 0.9–1.1, shear ≤ 0.05, shift ≤ 8 % of the size, about the centre), then
-given another intensity curve (gamma 0.7–1.4), a slight blur and noise (σ = 0.02). Both methods register the same
-grey images (1 - luminance, so tissue is bright and the empty slide dark, which suits moments initialisation) with
-pixel size 1.
+Cases come from `msisynth.register.cases` (see there): a histology-like fixed image (generated tissue, or a random
+square of a shipped H&E slide in data/he with `--source=he`), a random known affine (rotation ±30°, scale 0.7–1.4,
+translation ≤ 20 % of the field; with `--flips` also mirrors and quarter turns) and a moving image that is either
+the same modality ("uni": grey through another intensity curve, blurred, noisy) or MSI-like ("msi": a non-monotonic
+mixture of the stains on a grid 4× coarser, with noise and hotspots). `--unrelated=N` adds N pairs per size whose
+moving image comes from another case (nothing to find), to measure misses of the failure detection.
 
-- msisynth: `msisynth.register.register` with its defaults (Mattes-style MI, 32 bins, 3 levels, centres of mass +
-  principal axes starts, Adam, up to 16,384 sampled pixels per level).
-- SimpleITK: Mattes MI with 50 bins, 3-level pyramid (shrink 4, 2, 1; smoothing σ 2, 1, 0 px), moments
-  initialisation (`CenteredTransformInitializer` MOMENTS), regular-step gradient descent (learning rate 1,
-  minimum step 1e-4, 200 iterations per level, scales from physical shift), linear interpolation; by default it
-  draws the same number of random pixels per level as msisynth (`--sitk_samples=match`), or all pixels (`all`).
+Every method registers the same grey images (1 - mean RGB for the fixed, the moving as made) with their pixel
+sizes, one after the other in one process:
+- msisynth: `msisynth.register.register` with its defaults (`register_msi_to_histology`'s with `--flips`).
+- elastix: itk-elastix with its default affine parameter map (`GetDefaultParameterMap("affine")`: 4 levels,
+  256 iterations, 2048 random samples per iteration, Mattes MI, adaptive stochastic gradient descent).
+- SimpleITK: Mattes MI (50 bins), moments initialisation, regular-step gradient descent, 3 levels, 4096 random
+  samples per level.
 
-Scores: target registration error (TRE) over a 10 × 10 grid of points across the fixed image, in pixels; a case
-succeeds when its mean grid TRE is below 2 px. Times are wall-clock per case; msisynth's first case of each size
-includes compiling for that size ("cold"), the rest reuse the compiled functions ("warm").
+A case succeeds when the mean distance over a 10 × 10 grid across the fixed image between the found and the true
+transform is below 2 fixed pixels (uni) or 1 moving pixel (msi, i.e. 4 fixed pixels). msisynth's own verdict
+(`RegistrationResult.success`) is compared with that: a false alarm is a successful case it calls failed; a miss is
+a failed or unrelated case it calls successful. Times are wall-clock per registration; msisynth's first case of
+each size includes compilation ("cold"), the rest are warm.
 
-Command (from the repository root):
-  python benchmarks/bench_register.py --sizes=256,512,1024,2048 --cases=3
-Writes benchmarks/results/bench_register.json (and prints a table). Runs unchanged on a GPU (JAX picks it up);
-SimpleITK always runs on the CPU.
+Command (from the repository root; keep runs short, the machine may be shared):
+  python benchmarks/bench_register.py --sizes=256,512,1024,2048 --cases=4 --unrelated=2
+Writes benchmarks/results/bench_register.json (and prints a table).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import platform
 import sys
 import time
+import warnings
 
 if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -40,102 +42,94 @@ if __package__ in (None, ""):
 import numpy as np
 from absl import app, flags, logging
 
-_SIZES = flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Image sizes (square, pixels).")
-_CASES = flags.DEFINE_integer("cases", 3, "Cases per size.")
+_SIZES = flags.DEFINE_list("sizes", ["256", "512", "1024", "2048"], "Fixed image sizes (square, pixels).")
+_CASES = flags.DEFINE_integer("cases", 4, "Cases per size and appearance.")
+_APPEARANCES = flags.DEFINE_list("appearances", ["uni", "msi"], "Moving image appearances.")
+_UNRELATED = flags.DEFINE_integer("unrelated", 0, "Unrelated pairs per size (failure detection).")
+_FLIPS = flags.DEFINE_bool("flips", False, "Mirrors and quarter turns in the truth; msisynth searches them.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the cases.")
-_METHODS = flags.DEFINE_list("methods", ["msisynth", "simpleitk"], "Methods to run.")
-_SITK_SAMPLES = flags.DEFINE_enum("sitk_samples", "match", ["match", "all"], "SimpleITK's metric sampling.")
-_DATA = flags.DEFINE_string("data", None, "Folder of H&E PNGs (default: the shipped data/he).")
+_METHODS = flags.DEFINE_list("methods", ["msisynth", "elastix", "simpleitk"], "Methods to run.")
+_SOURCE = flags.DEFINE_enum("source", "generated", ["generated", "he"], "Fixed images: generated or H&E slides.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/bench_register.json", "Result file (overwritten).")
-_MAX_SAMPLES = flags.DEFINE_integer("max_samples", 16384, "Pixels sampled per level (both methods with 'match').")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SUCCESS_PX = 2.0
 
 
-def _slides(folder: pathlib.Path) -> list[np.ndarray]:
+def _slides():
+  import msisynth
   from msisynth import io
 
+  folder = msisynth.datasets.data_dir() / "he"
   paths = sorted(folder.glob("*.png"))
   if not paths:
     raise SystemExit(f"no H&E PNGs in {folder}")
-  return [1.0 - io.read_histology(p) @ np.array([0.299, 0.587, 0.114], np.float32) for p in paths]
+  return [np.asarray(io.read_histology(p), np.float32)[..., :3] for p in paths]
 
 
-def make_case(rng: np.random.Generator, slides: list[np.ndarray], size: int):
-  """(fixed, moving, true transform, description) for one semi-synthetic case."""
-  from scipy import ndimage as ndi
-  from skimage.transform import resize
-
-  from msisynth.register import transforms as tf
-
-  while True:
-    k = int(rng.integers(len(slides)))
-    slide = slides[k]
-    side = int(min(slide.shape) * rng.uniform(0.6, 0.9))
-    r0 = int(rng.integers(0, slide.shape[0] - side + 1))
-    c0 = int(rng.integers(0, slide.shape[1] - side + 1))
-    crop = slide[r0 : r0 + side, c0 : c0 + side]
-    if (crop > 0.15).mean() > 0.3:  # enough tissue to register
-      break
-  fixed = resize(crop, (size, size), order=1, anti_aliasing=True).astype(np.float32)
-  center = tf.image_center_um((size, size))
-  params = [
-    math.radians(rng.uniform(-15, 15)),
-    math.log(rng.uniform(0.9, 1.1)),
-    math.log(rng.uniform(0.9, 1.1)),
-    rng.uniform(-0.05, 0.05),
-    rng.uniform(-0.08, 0.08) * size,
-    rng.uniform(-0.08, 0.08) * size,
-  ]
-  true = tf.AffineTransform.from_params(params, center)
-  # moving(T(x)) = fixed(x): sample the fixed image at T^-1 of the moving grid.
-  moving = np.asarray(tf.warp_image(fixed, true.inverse(), (size, size), cval=0.0))
-  moving = np.clip(moving, 0, 1) ** rng.uniform(0.7, 1.4)
-  moving = ndi.gaussian_filter(moving, 0.5 * size / 256) + rng.normal(0, 0.02, moving.shape)
-  return fixed, moving.astype(np.float32), true, {"slide": k, "params": [float(p) for p in params]}
+def threshold_px(case) -> float:
+  return 2.0 if case.appearance == "uni" else case.moving_pixel_size_um / case.fixed_pixel_size_um
 
 
-def grid_tre_px(found, true, size: int) -> tuple[float, float]:
-  from msisynth.register import evaluate
-
-  err = evaluate.transform_error(found, true, (size, size), 1.0, num=10)
-  return err["mean_um"], err["max_um"]
-
-
-def run_msisynth(fixed, moving, max_samples):
+def run_msisynth(fixed, moving, fpx, mpx, flips):
   from msisynth import errors
   from msisynth.register import optimize
 
-  config = optimize.RegistrationConfig(max_samples=max_samples)
+  config = optimize.RegistrationConfig(flips_and_rot90=flips)
   start = time.perf_counter()
   try:
-    result = optimize.register(fixed, moving, config=config)
-    transform = result.transform
-    info = {"converged": result.converged, "iterations": list(result.iterations), "metric": result.metric}
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      r = optimize.register(fixed, moving, fixed_pixel_size_um=fpx, moving_pixel_size_um=mpx, config=config)
   except errors.RegistrationError as e:
-    transform, info = None, {"error": str(e)}
-  return transform, time.perf_counter() - start, info
+    return None, time.perf_counter() - start, {"error": str(e), "success_flag": False}
+  info = {"success_flag": r.success, "gain": r.gain, "uncertainty_um": r.uncertainty_um, "overlap": r.overlap,
+          "moving_overlap": r.moving_overlap, "agreement": r.agreement, "turn_ambiguous": r.turn_ambiguous,
+          "warnings": list(r.warnings), "start": r.start, "iterations": list(r.iterations),
+          "metric": r.metric}  # fmt: skip
+  return r.transform, time.perf_counter() - start, info
 
 
-def run_simpleitk(fixed, moving, sampling, max_samples):
+def run_elastix(fixed, moving, fpx, mpx):
+  import itk
+
+  from msisynth.register.transforms import AffineTransform
+
+  start = time.perf_counter()
+  f = itk.image_from_array(np.ascontiguousarray(fixed, np.float32))
+  f.SetSpacing([fpx, fpx])
+  m = itk.image_from_array(np.ascontiguousarray(moving, np.float32))
+  m.SetSpacing([mpx, mpx])
+  po = itk.ParameterObject.New()
+  po.AddParameterMap(po.GetDefaultParameterMap("affine"))
+  try:
+    _, tp = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False)
+  except RuntimeError as e:
+    return None, time.perf_counter() - start, {"error": str(e).strip().splitlines()[-1][:200]}
+  seconds = time.perf_counter() - start
+  p = tp.GetParameterMap(0)
+  a = np.array([float(v) for v in p["TransformParameters"]])
+  c = np.array([float(v) for v in p["CenterOfRotationPoint"]])
+  lin = a[:4].reshape(2, 2)
+  return AffineTransform.from_linear(lin, a[4:] + c - lin @ c), seconds, {}
+
+
+def run_simpleitk(fixed, moving, fpx, mpx):
   import SimpleITK as sitk
 
   from msisynth.register.transforms import AffineTransform
 
   start = time.perf_counter()
   f = sitk.GetImageFromArray(fixed.astype(np.float32))
+  f.SetSpacing((fpx, fpx))
   m = sitk.GetImageFromArray(moving.astype(np.float32))
+  m.SetSpacing((mpx, mpx))
   init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2),
                                            sitk.CenteredTransformInitializerFilter.MOMENTS)  # fmt: skip
   reg = sitk.ImageRegistrationMethod()
   reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
-  if sampling == "match":
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    n = fixed.size
-    reg.SetMetricSamplingPercentagePerLevel([min(1.0, max_samples / (n / s**2)) for s in (4, 2, 1)], seed=0)
-  else:
-    reg.SetMetricSamplingStrategy(reg.NONE)
+  reg.SetMetricSamplingStrategy(reg.RANDOM)
+  n = fixed.size
+  reg.SetMetricSamplingPercentagePerLevel([min(1.0, 4096 / (n / s**2)) for s in (4, 2, 1)], seed=0)
   reg.SetInterpolator(sitk.sitkLinear)
   reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200,
                                                gradientMagnitudeTolerance=1e-8)  # fmt: skip
@@ -147,34 +141,40 @@ def run_simpleitk(fixed, moving, sampling, max_samples):
   try:
     out = reg.Execute(f, m)
   except RuntimeError as e:
-    return None, time.perf_counter() - start, {"error": str(e).splitlines()[-1]}
+    return None, time.perf_counter() - start, {"error": str(e).strip().splitlines()[-1][:200]}
   seconds = time.perf_counter() - start
-  # The composite result's last member is the affine; ITK's transform maps fixed → moving like ours.
   tx = sitk.CompositeTransform(out).GetNthTransform(0) if out.GetName() == "CompositeTransform" else out
   tx = sitk.AffineTransform(tx)
   a = np.asarray(tx.GetMatrix()).reshape(2, 2)
   c = np.asarray(tx.GetCenter())
   offset = np.asarray(tx.GetTranslation()) + c - a @ c
-  info = {"iterations": int(reg.GetOptimizerIteration()), "metric": float(reg.GetMetricValue())}
-  return AffineTransform.from_linear(a, offset), seconds, info
+  return AffineTransform.from_linear(a, offset), seconds, {}
 
 
 def summarise(rows):
   out = {}
   for method in sorted({r["method"] for r in rows}):
-    sel = [r for r in rows if r["method"] == method]
-    tre = np.array([r["tre_mean_px"] if r["tre_mean_px"] is not None else np.inf for r in sel])
-    ok = tre < SUCCESS_PX
+    sel = [r for r in rows if r["method"] == method and not r["unrelated"]]
+    if not sel:
+      continue
+    ok = np.array([r["ok"] for r in sel])
+    err = np.array([r["err_mean_px"] if r["err_mean_px"] is not None else np.inf for r in sel])
     times = [r["seconds"] for r in sel]
-    out[method] = {
-      "n": len(sel),
-      "success_rate": float(ok.mean()),
-      "mean_tre_px_successful": float(tre[ok].mean()) if ok.any() else None,
-      "median_tre_px": float(np.median(tre)),
-      "mean_time_s": float(np.mean(times)),
-      "cold_time_s": float(times[0]),
-      "warm_mean_time_s": float(np.mean(times[1:])) if len(times) > 1 else None,
-    }
+    warm = [r["seconds"] for r in sel if not r.get("cold")]
+    entry = {"n": len(sel), "success_rate": float(ok.mean()), "median_err_px": float(np.median(err)),
+             "median_warm_s": float(np.median(warm)) if warm else None,
+             "cold_s": float(times[0]) if sel[0].get("cold") else None}  # fmt: skip
+    if method == "msisynth":
+      flag = np.array([r.get("success_flag", False) for r in sel])
+      unrel = [r for r in rows if r["method"] == method and r["unrelated"]]
+      entry["false_alarms"] = int(np.sum(ok & ~flag))
+      entry["misses_wrong"] = int(np.sum(~ok & flag))
+      entry["wrong"] = int(np.sum(~ok))
+      entry["unrelated"] = len(unrel)
+      entry["misses_unrelated"] = int(sum(bool(r.get("success_flag")) for r in unrel))
+      entry["uncertainty_warnings_on_successes"] = int(sum(
+        any("uncertain" in w for w in r.get("warnings", [])) for r, o in zip(sel, ok) if o))  # fmt: skip
+    out[method] = entry
   return out
 
 
@@ -183,53 +183,78 @@ def main(argv):
   import jax
 
   import msisynth
+  from msisynth import outputs
+  from msisynth.register import cases
 
-  data = pathlib.Path(_DATA.value) if _DATA.value else msisynth.datasets.data_dir() / "he"
-  slides = _slides(data)
+  slides = _slides() if _SOURCE.value == "he" else None
   rng = np.random.default_rng(_SEED.value)
   results = {
-    "benchmark": "affine MI registration, semi-synthetic H&E cases",
+    "benchmark": "affine registration on generated held-out cases: msisynth, elastix, SimpleITK",
     "command": " ".join(sys.argv),
     "msisynth_version": msisynth.__version__,
     "jax_version": jax.__version__,
-    "jax_device": str(jax.devices()[0].device_kind),
     "jax_platform": jax.devices()[0].platform,
     "cpu_count": os.cpu_count(),
     "load_average_at_start": list(os.getloadavg()),
     "machine": platform.machine(),
-    "success_threshold_px": SUCCESS_PX,
-    "sitk_sampling": _SITK_SAMPLES.value,
-    "max_samples": _MAX_SAMPLES.value,
+    "flips": _FLIPS.value,
+    "source": _SOURCE.value,
     "sizes": {},
   }
   output = REPO / _OUTPUT.value if not os.path.isabs(_OUTPUT.value) else pathlib.Path(_OUTPUT.value)
   output.parent.mkdir(parents=True, exist_ok=True)
   for size in (int(s) for s in _SIZES.value):
-    rows = []
-    for case in range(_CASES.value):
-      fixed, moving, true, desc = make_case(rng, slides, size)
+    rows, made = [], []
+    first = True
+    plan = [(a, i) for i in range(_CASES.value) for a in _APPEARANCES.value]
+    plan += [("unrelated", i) for i in range(_UNRELATED.value)]
+    for appearance, i in plan:
+      if appearance == "unrelated":
+        base = made[i % len(made)]
+        other = cases.make_case(rng, size, appearance=base.appearance, flips=_FLIPS.value,
+                                source=None if slides is None else slides[int(rng.integers(len(slides)))])  # fmt: skip
+        case, moving, unrelated = base, other.moving, True
+      else:
+        source = None if slides is None else slides[int(rng.integers(len(slides)))]
+        case = cases.make_case(rng, size, appearance=appearance, flips=_FLIPS.value, source=source)
+        made.append(case)
+        moving, unrelated = case.moving, False
+      fixed = 1.0 - case.fixed.mean(axis=2)
+      fpx, mpx = case.fixed_pixel_size_um, case.moving_pixel_size_um
       for method in _METHODS.value:
         if method == "msisynth":
-          found, seconds, info = run_msisynth(fixed, moving, _MAX_SAMPLES.value)
+          found, seconds, info = run_msisynth(fixed, moving, fpx, mpx, _FLIPS.value)
+        elif method == "elastix":
+          found, seconds, info = run_elastix(fixed, moving, fpx, mpx)
         elif method == "simpleitk":
-          found, seconds, info = run_simpleitk(fixed, moving, _SITK_SAMPLES.value, _MAX_SAMPLES.value)
+          found, seconds, info = run_simpleitk(fixed, moving, fpx, mpx)
         else:
           raise app.UsageError(f"unknown method {method!r}")
-        tre_mean, tre_max = grid_tre_px(found, true, size) if found is not None else (None, None)
-        row = {"size": size, "case": case, "method": method, "seconds": seconds, "tre_mean_px": tre_mean,
-               "tre_max_px": tre_max, **desc, **info}  # fmt: skip
+        err = cases.grid_error_px(found, case) if found is not None and not unrelated else (None, None)
+        ok = err[0] is not None and err[0] < threshold_px(case)
+        row = {"size": size, "case": i, "appearance": case.appearance, "unrelated": unrelated, "method": method,
+               "seconds": seconds, "err_mean_px": err[0], "err_max_px": err[1], "ok": bool(ok),
+               "cold": bool(method == "msisynth" and first), "mirrored": case.mirrored,
+               "quarter_turns": case.quarter_turns, **info}  # fmt: skip
+        if method == "msisynth":
+          first = False
         rows.append(row)
-        logging.info("size %d case %d %-9s TRE %s px in %.2f s", size, case, method,
-                     "failed" if tre_mean is None else f"{tre_mean:.3f}", seconds)  # fmt: skip
+        logging.info("size %d %s %d %-9s err %s px in %.2f s %s", size, appearance, i, method,
+                     "-" if err[0] is None else f"{err[0]:.2f}", seconds,
+                     "" if method != "msisynth" else f"success={info.get('success_flag')}")  # fmt: skip
     results["sizes"][str(size)] = {"summary": summarise(rows), "cases": rows}
-    output.write_text(json.dumps(results, indent=2) + "\n")  # after every size, so a cut-off run keeps its part
+    output.write_text(json.dumps(outputs.json_ready(results), indent=2) + "\n")
 
-  print(f"{'size':>6} {'method':>10} {'success':>8} {'median TRE px':>14} {'cold s':>8} {'warm s':>8}")
+  print(f"{'size':>6} {'method':>10} {'success':>8} {'median err px':>14} {'cold s':>8} {'warm s':>8}")
   for size, entry in results["sizes"].items():
     for method, s in entry["summary"].items():
-      warm = "-" if s["warm_mean_time_s"] is None else f"{s['warm_mean_time_s']:.2f}"
-      print(f"{size:>6} {method:>10} {s['success_rate']:>8.0%} {s['median_tre_px']:>14.3f} "
-            f"{s['cold_time_s']:>8.2f} {warm:>8}")  # fmt: skip
+      cold = "-" if s["cold_s"] is None else f"{s['cold_s']:.2f}"
+      warm = "-" if s["median_warm_s"] is None else f"{s['median_warm_s']:.2f}"
+      extra = ""
+      if method == "msisynth":
+        extra = (f"  false alarms {s['false_alarms']}/{s['n'] - s['wrong']}, misses {s['misses_wrong']}/{s['wrong']}"
+                 f" wrong + {s['misses_unrelated']}/{s['unrelated']} unrelated")  # fmt: skip
+      print(f"{size:>6} {method:>10} {s['success_rate']:>8.0%} {s['median_err_px']:>14.3f} {cold:>8} {warm:>8}{extra}")
   print(f"wrote {output}")
 
 

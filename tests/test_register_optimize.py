@@ -167,13 +167,22 @@ def test_ncc_rigid_from_initial_transform_with_masks():
 
 def test_msi_to_histology_defaults_turn_on_flips(monkeypatch):
   seen = {}
-  monkeypatch.setattr(opt, "register", lambda fixed, moving, **kw: seen.update(kw))
-  opt.register_msi_to_histology(np.zeros((8, 8, 3)), np.zeros((4, 4, 3)), histology_pixel_size_um=0.5,
-                                msi_pixel_size_um=20.0)  # fmt: skip
+
+  class Stop(Exception):
+    pass
+
+  def fake(fixed, moving, **kw):
+    seen.update(kw)
+    raise Stop
+
+  monkeypatch.setattr(opt, "register", fake)
+  with pytest.raises(Stop):
+    opt.register_msi_to_histology(np.zeros((8, 8, 3)), np.zeros((4, 4, 3)), histology_pixel_size_um=0.5,
+                                  msi_pixel_size_um=20.0)  # fmt: skip
   config = seen["config"]
   assert config.flips_and_rot90 and config.similarity == "mi"
   assert config.working_pixel_size_um == pytest.approx(5.0)  # a quarter of the MSI pixel (geometry)
-  assert seen["fixed_pixel_size_um"] == 0.5 and seen["moving_pixel_size_um"] == 20.0
+  assert seen["fixed_pixel_size_um"] == (0.5, 0.5) and seen["moving_pixel_size_um"] == (20.0, 20.0)
 
 
 def test_single_level_with_more_starts_than_candidates_reports_consistent_candidates():

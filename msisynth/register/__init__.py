@@ -34,10 +34,12 @@ from msisynth.register.optimize import (
   Candidate,
   RegistrationConfig,
   RegistrationResult,
+  enable_compilation_cache,
   register,
   register_batch,
   register_msi_to_histology,
   result_summary,
+  tissue_crop,
 )
 from msisynth.register.similarity import joint_histogram, mse, ncc
 from msisynth.register.similarity import mutual_information as parzen_mutual_information
@@ -80,8 +82,10 @@ __all__ = [
   "parzen_normalized_mutual_information",
   "register",
   "register_batch",
+  "enable_compilation_cache",
   "register_deformable",
   "register_msi_to_histology",
+  "tissue_crop",
   "result_summary",
   "save_displacement_field",
   "save_itk_transform",

@@ -70,53 +70,88 @@ class RegistrationConfig:
     kind: "affine", "similarity" or "rigid" (the parameters fixed in optimisation).
     bins: histogram bins for MI/NMI.
     kernel: Parzen kernel, "bspline" or "gaussian".
-    levels: pyramid levels (coarse → fine); level l has pixels about 2^l times the base.
-    working_pixel_size_um: finest pixel size registration works at (µm); None: the finer of the two images'.
-      Set it to a few µm for large histology against coarse MSI.
-    max_iterations: Adam steps per level, an int or one per level (coarse → fine); None: 80 at the finest level,
-      100 at the next and 150 at the coarser ones.
+    levels: pyramid levels (coarse → fine); level l has pixels about 2^l times the base. None (default): as many
+      as bring the coarsest level's larger image to at most `coarsest_size_px` pixels across (at least 2), so that
+      the capture range in pixels of the coarsest level is the same at every image size.
+    coarsest_size_px: see `levels`.
+    working_pixel_size_um: finest pixel size registration works at (µm); None: the finer of the two images',
+      or half the coarser one's when that is larger (finer detail is in one image only).
+    max_iterations: Adam steps per level, an int or one per level (coarse → fine); None: 100 at the coarsest
+      level and 50 at the finer ones.
     learning_rate: first Adam step, in level pixels of displacement at the image edge; cosine-decayed over the
       level to `learning_rate * final_learning_rate_fraction`.
     final_learning_rate_fraction: see `learning_rate`.
     tolerance: relative improvement of the loss that resets the `patience` counter.
     patience: steps without such improvement after which a level stops (converged).
-    max_samples: fixed-grid pixels drawn (once per level, without replacement) for the similarity; all pixels
-      when the level has fewer.
+    max_samples: fixed-grid pixels drawn anew at every step (with replacement) from the level's pool for the
+      similarity's gradient; None: `sample_pool`.
+    sample_pool: fixed-grid pixels of each level (drawn once, without replacement; all when the level has
+      fewer; raised to `max_samples` when smaller) that the steps draw from and that final similarities are
+      measured on. Every level and image shape uses pools of this size (zero-weight padding), so that the sample
+      count never causes a recompilation.
+    outside_bin: MI/NMI count fixed samples that map outside the moving image (or its mask) in an extra moving
+      bin, and normalise by all fixed samples, so that shrinking the overlap cannot raise the similarity (it
+      loses the information of the samples that leave). False: the classic estimate over the overlap alone.
     seed: seed of the pixel sampling.
     principal_axes: add the principal-axes rotation (and + 180°) to the starts.
     start_rotations_deg: rotation offsets (degrees) added to every base start angle.
+    start_scales: isotropic scales (of the fixed → moving map, relative to the moments' estimate) to start from.
+    start_offsets_um: (x, y) µm shifts of the fixed image's centre of mass that every start is also tried at
+      (a translation search, e.g. for a small MSI region somewhere on a large histology image).
+    moment_scale: start from the scale that matches the spread (second moments) of the two images' weights,
+      rather than 1 (pixel sizes are then only a first guess).
     flips_and_rot90: also start from 90°, 180°, 270° and from the mirror image at each of those; chosen by the
       similarity. Turn on when a section may be flipped or turned (MSI ↔ histology).
+    turn_margin: a turned (|rotation| > 45°) or mirrored candidate is chosen over the best unturned one only when
+      its similarity is higher by more than this fraction; otherwise the unturned one is chosen and the result
+      says so (`RegistrationResult.turn_ambiguous`).
     num_candidates: starts kept after the coarsest level and reported in `RegistrationResult.candidates`.
-    candidate_margin: candidates whose similarity is within this fraction of the best count into the uncertainty.
+    candidate_margin: candidates whose similarity is within this fraction of the best and whose transform differs
+      (by more than `uncertainty_warn_px`) make the result ambiguous; their spread is `uncertainty_um`.
     uncertainty_warn_px: warn when the uncertainty exceeds this many fixed pixels.
     min_scale: smallest singular value of the (non-mirror) linear part accepted.
     max_scale: largest singular value accepted.
-    min_overlap: warn when less than this fraction of the fixed image (its mask) maps inside the moving image.
+    min_overlap: warn when less than this fraction of the fixed image (its mask) maps inside the moving image
+      and less than this fraction of the moving image (its mask) is covered by the fixed one.
+    fail_overlap: below this overlap (both ways) the result is a failure.
+    min_gain: the success test: the similarity must fall by at least this fraction of itself when the result is
+      misaligned by a shift of 1/32 of the half-diagonal of the smaller image (the moving one mapped into the
+      fixed space, or the fixed one) along ±x and ±y: a true alignment is a sharp optimum, a chance one is not.
+    min_mask_pixels: a fixed or moving mask (or weight image) with fewer pixels is refused.
   """
 
   similarity: str = "mi"
   kind: str = "affine"
   bins: int = 32
   kernel: str = "bspline"
-  levels: int = 3
+  levels: int | None = None
+  coarsest_size_px: int = 96
   working_pixel_size_um: float | None = None
   max_iterations: int | tuple[int, ...] | None = None
   learning_rate: float = 0.5
   final_learning_rate_fraction: float = 0.05
   tolerance: float = 1e-5
   patience: int = 20
-  max_samples: int | None = 16384
+  max_samples: int | None = 2048
+  sample_pool: int = 16384
+  outside_bin: bool = True
   seed: int = 0
   principal_axes: bool = True
   start_rotations_deg: tuple[float, ...] = (0.0,)
+  start_scales: tuple[float, ...] = (1.0,)
+  start_offsets_um: tuple[tuple[float, float], ...] = ((0.0, 0.0),)
+  moment_scale: bool = False
   flips_and_rot90: bool = False
+  turn_margin: float = 0.05
   num_candidates: int = 3
-  candidate_margin: float = 0.05
+  candidate_margin: float = 0.02
   uncertainty_warn_px: float = 3.0
   min_scale: float = 0.2
   max_scale: float = 5.0
   min_overlap: float = 0.2
+  fail_overlap: float = 0.02
+  min_gain: float = 0.09
+  min_mask_pixels: int = 64
 
   def __post_init__(self):
     if self.similarity not in SIMILARITIES:
@@ -125,23 +160,41 @@ class RegistrationConfig:
       raise errors.ConfigError(f"kind must be one of {tf.KINDS}, got {self.kind!r}")
     if self.kernel not in sim.KERNELS:
       raise errors.ConfigError(f"kernel must be one of {sim.KERNELS}, got {self.kernel!r}")
-    if self.levels < 1 or self.bins < 4 or self.num_candidates < 1 or self.patience < 1:
+    if self.levels is not None and self.levels < 1 or self.bins < 4 or self.num_candidates < 1 or self.patience < 1:
       raise errors.ConfigError("levels, num_candidates and patience must be >= 1 and bins >= 4")
-    if len(self.iterations_per_level()) != self.levels or min(self.iterations_per_level()) < 1:
-      raise errors.ConfigError(f"max_iterations must be a positive int or {self.levels} of them (coarse → fine)")
+    if isinstance(self.max_iterations, tuple | list):
+      if self.levels is not None and len(self.max_iterations) != self.levels or min(self.max_iterations) < 1:
+        raise errors.ConfigError(f"max_iterations must be a positive int or {self.levels} of them (coarse → fine)")
+    elif self.max_iterations is not None and self.max_iterations < 1:
+      raise errors.ConfigError("max_iterations must be >= 1")
     if not 0 < self.min_scale < 1 < self.max_scale:
       raise errors.ConfigError(f"need 0 < min_scale < 1 < max_scale, got {self.min_scale}, {self.max_scale}")
-    if self.learning_rate <= 0 or self.max_samples is not None and self.max_samples < 16:
-      raise errors.ConfigError("learning_rate must be > 0 and max_samples >= 16 (or None)")
+    if self.max_samples is None:  # all of the pool at every step
+      object.__setattr__(self, "max_samples", int(self.sample_pool))
+    if self.learning_rate <= 0 or self.max_samples < 16:
+      raise errors.ConfigError("learning_rate must be > 0 and max_samples >= 16")
+    if self.sample_pool < self.max_samples:  # a pool at least as large as one step's draw
+      object.__setattr__(self, "sample_pool", int(self.max_samples))
     if self.working_pixel_size_um is not None and self.working_pixel_size_um <= 0:
       raise errors.ConfigError(f"working_pixel_size_um must be > 0, got {self.working_pixel_size_um}")
+    if self.coarsest_size_px < 16 or not self.start_scales or min(self.start_scales) <= 0:
+      raise errors.ConfigError("coarsest_size_px must be >= 16 and start_scales positive")
 
-  def iterations_per_level(self) -> tuple[int, ...]:
+  def num_levels(self, extent_px: float = 0.0) -> int:
+    """Pyramid levels for images whose larger side spans `extent_px` working pixels (see `levels`)."""
+    if self.levels is not None:
+      return int(self.levels)
+    if isinstance(self.max_iterations, tuple | list):
+      return len(self.max_iterations)
+    return max(2, 1 + math.ceil(math.log2(max(extent_px, 1.0) / self.coarsest_size_px)))
+
+  def iterations_per_level(self, levels: int | None = None) -> tuple[int, ...]:
     """Adam steps at each level, coarse → fine."""
+    levels = self.num_levels() if levels is None else levels
     if self.max_iterations is None:
-      return tuple(80 if level == 0 else 100 if level == 1 else 150 for level in range(self.levels - 1, -1, -1))
+      return tuple(100 if level == levels - 1 else 50 for level in range(levels - 1, -1, -1))
     if isinstance(self.max_iterations, int):
-      return (int(self.max_iterations),) * self.levels
+      return (int(self.max_iterations),) * levels
     return tuple(int(i) for i in self.max_iterations)
 
 
@@ -161,6 +214,11 @@ class Candidate:
   start: str
   mirrored: bool
 
+  @property
+  def turned(self) -> bool:
+    """Mirrored, or turned by more than 45°."""
+    return self.mirrored or abs(tf.rotation_deg(self.transform)) > 45.0
+
 
 @dataclasses.dataclass(frozen=True)
 class RegistrationResult:
@@ -172,16 +230,27 @@ class RegistrationResult:
     metric_name: the similarity ("mi", "nmi", "ncc", "mse").
     iterations: Adam steps run per level (coarse → fine) for the chosen candidate.
     converged: whether the finest level stopped by tolerance rather than by its iteration limit.
-    candidates: the restarts carried to the finest level, best first (the chosen one is candidates[0]).
+    candidates: the restarts carried to the finest level, the chosen one first.
     uncertainty_um: the largest distance (fixed µm) between where the chosen transform and any candidate within
       `candidate_margin` of it send the fixed image's corners; 0 when no other candidate is that close.
-    overlap: fraction of the fixed sample weight that maps inside the moving image.
+    overlap: fraction of the fixed sample weight that maps inside the moving image (its mask).
     start: the chosen start.
-    warnings: messages about the result (large uncertainty, small overlap), also issued with `warnings.warn`.
+    warnings: messages about the result (failure, ambiguity, small overlap), also issued with `warnings.warn`.
     fixed_shape: (H, W) of the fixed image.
     moving_shape: (H, W) of the moving image.
     fixed_pixel_size_um: (y, x) µm.
     moving_pixel_size_um: (y, x) µm.
+    success: the registration's own verdict: the similarity stands clearly above that of the same pair
+      misaligned (`gain` ≥ `min_gain`), the overlap is not near zero, and the transform is valid. False comes
+      with a warning saying why.
+    gain: 1 - (mean similarity of the result slightly misaligned, see `min_gain`) / (its similarity); for MSE
+      1 - (its MSE) / (that misaligned). The success test uses it for MI and NMI only (NCC and MSE vary too
+      smoothly with a shift for one threshold to suit them).
+    moving_overlap: fraction of the moving image (its mask) covered by the fixed image (its mask).
+    agreement: fraction of the candidates that reached the chosen transform (within `uncertainty_warn_px`).
+    turn_ambiguous: a turned or mirrored candidate scored within `turn_margin` of the best unturned one, and the
+      unturned one was chosen (or, with no unturned candidate close, the turned one was, by too small a margin).
+    notes: other facts about the run (e.g. the tissue crop or scale search of `register_msi_to_histology`).
   """
 
   transform: AffineTransform
@@ -198,6 +267,12 @@ class RegistrationResult:
   moving_shape: tuple[int, int]
   fixed_pixel_size_um: tuple[float, float]
   moving_pixel_size_um: tuple[float, float]
+  success: bool = True
+  gain: float = float("nan")
+  moving_overlap: float = float("nan")
+  agreement: float = float("nan")
+  turn_ambiguous: bool = False
+  notes: dict = dataclasses.field(default_factory=dict)
 
   @property
   def mirrored(self) -> bool:
@@ -240,14 +315,53 @@ def shrink_image(image: np.ndarray, factor: int) -> np.ndarray:
   return ndi.gaussian_filter(image, factor / 2.0, mode="nearest", truncate=3.0)[::factor, ::factor]
 
 
+def _pyramid(image: np.ndarray, factors: Sequence[int]) -> dict[int, np.ndarray]:
+  """`shrink_image(image, f)` for each factor, each level made from the largest finer one whose factor divides
+  it (σ² adding up to about that of the direct filter), so that a large image is filtered at full size once."""
+  out = {1: np.asarray(image, np.float32)}
+  for f in sorted(set(factors)):
+    if f in out:
+      continue
+    base = max(g for g in out if f % g == 0)
+    step = f // base
+    # Smoothing σ_f = f/2 in full pixels; the base already has σ_b = base/2 (0 for the image itself).
+    have = 0.0 if base == 1 else base / 2.0
+    sigma = math.sqrt(max((f / 2.0) ** 2 - have**2, 0.0)) / base
+    src = out[base]
+    out[f] = ndi.gaussian_filter(src, sigma, mode="nearest", truncate=3.0)[::step, ::step] if step > 1 else src
+  return out
+
+
+def _working_px(gf, gm, working_px):
+  # Detail finer than half the coarser image's pixel is in one image only: registering there adds noise and time.
+  return working_px if working_px is not None else max(min(gf, gm), max(gf, gm) / 2.0)
+
+
 def _shrink_factors(levels, fixed_px, moving_px, working_px):
   gf, gm = math.sqrt(fixed_px[0] * fixed_px[1]), math.sqrt(moving_px[0] * moving_px[1])
-  base = working_px if working_px is not None else min(gf, gm)
+  base = _working_px(gf, gm, working_px)
   out = []
   for level in range(levels - 1, -1, -1):
     target = base * 2**level
     out.append((max(1, int(round(target / gf))), max(1, int(round(target / gm)))))
   return out
+
+
+def _extent_px(fixed_shape, moving_shape, fixed_px, moving_px, working_px):
+  gf, gm = math.sqrt(fixed_px[0] * fixed_px[1]), math.sqrt(moving_px[0] * moving_px[1])
+  base = _working_px(gf, gm, working_px)
+  return max(max(fixed_shape) * max(gf, base), max(moving_shape) * max(gm, base)) / base
+
+
+def _bucket(n: int) -> int:
+  """The smallest of 2^k and 1.5 · 2^k (at least 16) that holds n: padded sizes that many shapes share."""
+  k = 16
+  while True:
+    if n <= k:
+      return k
+    if n <= k * 3 // 2:
+      return k * 3 // 2
+    k *= 2
 
 
 # -------------------------------------------------------------------------------------------------- initialisation
@@ -261,7 +375,7 @@ def _moment_weights(grey, mask):
 
 
 def _moments(weights, pixel_size):
-  """Centre of mass (x, y) µm and principal-axis angle (rad) of a weight image."""
+  """Centre of mass (x, y) µm, principal-axis angle (rad) and RMS radius (µm) of a weight image."""
   h, w = weights.shape
   py, px = pixel_size
   yy, xx = np.meshgrid(np.arange(h) * py, np.arange(w) * px, indexing="ij")
@@ -269,30 +383,38 @@ def _moments(weights, pixel_size):
   cx, cy = (weights * xx).sum() / total, (weights * yy).sum() / total
   dx, dy = xx - cx, yy - cy
   cxx, cyy, cxy = ((weights * v).sum() / total for v in (dx * dx, dy * dy, dx * dy))
-  return np.array([cx, cy]), 0.5 * math.atan2(2 * cxy, cxx - cyy)
+  return np.array([cx, cy]), 0.5 * math.atan2(2 * cxy, cxx - cyy), math.sqrt(max(cxx + cyy, 1e-12))
 
 
 class _Start(NamedTuple):
   rotation: float  # radians added to the base angle
   use_axes: bool  # base angle = principal-axes angle difference (else 0)
   mirrored: bool
+  scale: float  # relative to the base scale
   label: str
+  offset: tuple[float, float] = (0.0, 0.0)  # µm added to the fixed centre of mass
 
 
 def _starts(config: RegistrationConfig, initial: bool) -> list[_Start]:
   if initial:
-    return [_Start(0.0, False, False, "initial transform")]
+    return [_Start(0.0, False, False, 1.0, "initial transform")]
   starts = []
   mirrors = (False, True) if config.flips_and_rot90 else (False,)
   quarter = (0, 90, 180, 270) if config.flips_and_rot90 else (0,)
-  for mirrored in mirrors:
-    tag = ", mirror x" if mirrored else ""
-    for offset in config.start_rotations_deg:
-      for q in quarter:
-        starts.append(_Start(math.radians(q + offset), False, mirrored, f"rotation {q + offset:g}°{tag}"))
-      if config.principal_axes:
-        for q in (0, 180):
-          starts.append(_Start(math.radians(q + offset), True, mirrored, f"principal axes + {q + offset:g}°{tag}"))
+  for scale in config.start_scales:
+    stag = "" if scale == 1.0 else f", scale ×{scale:g}"
+    for mirrored in mirrors:
+      tag = (", mirror x" if mirrored else "") + stag
+      for offset in config.start_rotations_deg:
+        for q in quarter:
+          starts.append(_Start(math.radians(q + offset), False, mirrored, scale, f"rotation {q + offset:g}°{tag}"))
+        if config.principal_axes:
+          for q in (0, 180):
+            starts.append(_Start(math.radians(q + offset), True, mirrored, scale,
+                                 f"principal axes + {q + offset:g}°{tag}"))  # fmt: skip
+  if len(config.start_offsets_um) > 1 or tuple(config.start_offsets_um[0]) != (0.0, 0.0):
+    starts = [s._replace(offset=(float(o[0]), float(o[1])), label=f"{s.label}, at {o[0]:+.0f}, {o[1]:+.0f} µm")
+              for o in config.start_offsets_um for s in starts]  # fmt: skip
   return starts
 
 
@@ -300,18 +422,20 @@ def _mirror_matrix(center):
   return np.array([[-1.0, 0.0, 2 * center[0]], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
 
-def _initial_params(fixed_w, moving_w, fixed_px, moving_px, center, starts):
+def _initial_params(fixed_w, moving_w, fixed_px, moving_px, center, starts, moment_scale):
   """(K, 6) parameters and (K, 3, 3) mirrors for one image pair."""
-  com_f, ang_f = _moments(fixed_w, fixed_px)
-  com_m, ang_m = _moments(moving_w, moving_px)
+  com_f, ang_f, rad_f = _moments(fixed_w, fixed_px)
+  com_m, ang_m, rad_m = _moments(moving_w, moving_px)
+  base_scale = rad_m / rad_f if moment_scale else 1.0
   params, mirrors = [], []
   for s in starts:
     d = _mirror_matrix(center) if s.mirrored else np.eye(3)
     fixed_angle = -ang_f if s.mirrored else ang_f
     rot = s.rotation + (ang_m - fixed_angle if s.use_axes else 0.0)
-    lin = np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
-    t = com_m - center - lin @ ((d @ np.append(com_f, 1.0))[:2] - center)
-    params.append([rot, 0.0, 0.0, 0.0, t[0], t[1]])
+    scale = base_scale * s.scale
+    lin = scale * np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
+    t = com_m - center - lin @ ((d @ np.append(com_f + np.asarray(s.offset), 1.0))[:2] - center)
+    params.append([rot, math.log(scale), math.log(scale), 0.0, t[0], t[1]])
     mirrors.append(d)
   return np.asarray(params, np.float32), np.asarray(mirrors, np.float32)
 
@@ -324,6 +448,8 @@ class _LevelOptions(NamedTuple):
   kind: str
   bins: int
   kernel: str
+  outside_bin: bool
+  samples: int
 
 
 def _transform(params, mirror, center, kind):
@@ -331,25 +457,41 @@ def _transform(params, mirror, center, kind):
 
 
 def _similarities(params, mirrors, data, opts: _LevelOptions):
-  """(similarity, overlap), each (K,), of K candidates on one level's sample.
+  """(similarity, overlap), each (K,), of K candidates on one level's sample."""
+  mats = jax.vmap(lambda p, m: _transform(p, m, data["center"], opts.kind).matrix)(params, mirrors)
+  return _similarities_of_matrices(mats, data, opts)
+
+
+def _similarities_of_matrices(mats, data, opts: _LevelOptions):
+  """(similarity, overlap), each (K,), of K (3, 3) FIXED → MOVING matrices on one level's sample.
 
   Candidates are an explicit leading axis rather than a `vmap`: the K Parzen histograms then come from one plain
-  matrix product, (B, N) @ (N, K·B), which runs several times faster on a CPU than K batched products.
+  matrix product, (B, N) @ (N, K·B), which runs several times faster on a CPU than K batched products. With
+  `outside_bin` a fixed sample's weight is split between the moving Parzen bins (its part inside the moving image
+  and mask) and one extra "outside" bin (the rest), and the histogram is normalised by the fixed weight alone.
   """
-  mats = jax.vmap(lambda p, m: _transform(p, m, data["center"], opts.kind).matrix)(params, mirrors)
   q = jnp.einsum("nj,kij->kni", data["points"], mats[:, :2, :2]) + mats[:, None, :2, 2]
   rows, cols = q[..., 1] / data["moving_px"][0], q[..., 0] / data["moving_px"][1]
   # The moving image and its mask are the two channels of one array: one gather for both.
   both, inside = tf.sample_linear(data["moving"], rows, cols, data["moving_hw"])
   values = both[..., 0]
-  w = data["weights"][None, :] * inside.astype(jnp.float32) * both[..., 1]
+  fixed_w = data["weights"][None, :]
+  w = fixed_w * inside.astype(jnp.float32) * both[..., 1]
   total = jnp.sum(w, axis=1)
-  overlap = total / jnp.maximum(jnp.sum(data["weights"]), 1e-12)
+  fixed_total = jnp.maximum(jnp.sum(data["weights"]), 1e-12)
+  overlap = total / fixed_total
   if opts.similarity in ("mi", "nmi"):
     num, k = values.shape[1], values.shape[0]
     wm = sim.parzen_weights(values.T, data["moving_range"], bins=opts.bins, kernel=opts.kernel) * w.T[..., None]
-    joint = jnp.matmul(data["fixed_parzen"].T, wm.reshape(num, k * opts.bins), precision=jax.lax.Precision.HIGHEST)
-    joint = jnp.transpose(joint.reshape(opts.bins, k, opts.bins), (1, 0, 2)) / jnp.maximum(total, 1e-12)[:, None, None]
+    if opts.outside_bin:
+      wm = jnp.concatenate([wm, (fixed_w - w).T[..., None]], axis=-1)
+      cols_per = opts.bins + 1
+      norm = jnp.broadcast_to(fixed_total, (k,))
+    else:
+      cols_per = opts.bins
+      norm = jnp.maximum(total, 1e-12)
+    joint = jnp.matmul(data["fixed_parzen"].T, wm.reshape(num, k * cols_per), precision=jax.lax.Precision.HIGHEST)
+    joint = jnp.transpose(joint.reshape(opts.bins, k, cols_per), (1, 0, 2)) / norm[:, None, None]
     measure = sim.mi_from_histogram if opts.similarity == "mi" else sim.nmi_from_histogram
     value = jax.vmap(measure)(joint)
   elif opts.similarity == "ncc":
@@ -357,21 +499,28 @@ def _similarities(params, mirrors, data, opts: _LevelOptions):
   else:
     value = jax.vmap(sim.mse_from_values, in_axes=(None, 0, 0))(data["values"], values, w)
   return value, overlap
-
-
 def _losses(params, mirrors, data, opts):
   value, _ = _similarities(params, mirrors, data, opts)
   return value if opts.similarity == "mse" else -value
 
 
+_SAMPLED_KEYS = ("points", "values", "weights", "fixed_parzen")
+
+
 def _optimise(params0, mirrors, data, hyper, opts: _LevelOptions):
-  """Adam from (K, 6) params0 on one level; per candidate: (params, similarity, overlap, steps, converged) of its
-  best step. A candidate stops when its loss has not improved for `patience` steps; the loop ends when all have."""
+  """Adam from (K, 6) params0 on one level; per candidate: (params, similarity, overlap, steps, converged).
+
+  Each step draws `opts.samples` fixed samples anew from the level's pool (as elastix does), so that the optimum
+  is not that of one particular sample; the result is the last iterate, and its similarity is measured on the
+  whole pool. A candidate stops when a running mean of its loss has not improved for `patience` steps; the loop
+  ends when all have.
+  """
   optimiser = optax.scale_by_adam()
   scale = data["param_scale"]
+  pool = {key: data[key] for key in _SAMPLED_KEYS if key in data}
 
-  def total_loss(z):
-    losses = _losses(params0 + z * scale, mirrors, data, opts)
+  def total_loss(z, sample):
+    losses = _losses(params0 + z * scale, mirrors, {**data, **sample}, opts)
     return jnp.sum(losses), losses  # candidates are independent: each one's gradient is its own
 
   grad_fn = jax.value_and_grad(total_loss, has_aux=True)
@@ -384,29 +533,28 @@ def _optimise(params0, mirrors, data, hyper, opts: _LevelOptions):
     return (step < hyper["iterations"]) & jnp.any(since < hyper["patience"])
 
   def body(state):
-    step, z, opt_state, best_loss, best_z, since, steps = state
+    step, z, opt_state, avg_loss, best_avg, since, steps = state
     active = since < hyper["patience"]
-    (_, loss), grad = grad_fn(z)
+    idx = jax.random.randint(jax.random.fold_in(data["key"], step), (opts.samples,), 0, data["pool_size"])
+    sample = {key: v[idx] for key, v in pool.items()}
+    (_, loss), grad = grad_fn(z, sample)
     grad = jnp.where(jnp.isfinite(grad), grad, 0.0)
-    improved = loss < best_loss - hyper["tolerance"] * jnp.maximum(jnp.abs(best_loss), 1e-6)
-    better = active & (loss < best_loss)
-    best_z = jnp.where(better[:, None], z, best_z)
-    best_loss = jnp.where(better, loss, best_loss)
+    avg_loss = jnp.where(step == 0, loss, 0.8 * avg_loss + 0.2 * loss)
+    improved = (step == 0) | (avg_loss < best_avg - hyper["tolerance"] * jnp.maximum(jnp.abs(best_avg), 1e-6))
+    best_avg = jnp.where(active & improved, avg_loss, best_avg)
     since = jnp.where(active & improved, 0, since + 1)
     # Cosine decay from learning_rate to learning_rate * final_fraction over the level's iterations.
     frac = hyper["final_fraction"]
     lr = hyper["learning_rate"] * (frac + (1 - frac) * 0.5 * (1 + jnp.cos(jnp.pi * step / total)))
     updates, opt_state = optimiser.update(grad, opt_state, z)
     z = jnp.where(active[:, None], z - lr * updates, z)
-    return step + 1, z, opt_state, best_loss, best_z, since, steps + active.astype(jnp.int32)
+    return step + 1, z, opt_state, avg_loss, best_avg, since, steps + active.astype(jnp.int32)
 
   inf = jnp.full((k,), jnp.inf, jnp.float32)
   zeros = jnp.zeros((k,), jnp.int32)
-  state = (jnp.int32(0), z0, optimiser.init(z0), inf, z0, zeros, zeros)
-  _, z, _, best_loss, best_z, since, steps = jax.lax.while_loop(cond, body, state)
-  # The last iterate has not been scored yet.
-  best_z = jnp.where((_losses(params0 + z * scale, mirrors, data, opts) < best_loss)[:, None], z, best_z)
-  params = params0 + best_z * scale
+  state = (jnp.int32(0), z0, optimiser.init(z0), inf, inf, zeros, zeros)
+  _, z, _, _, _, since, steps = jax.lax.while_loop(cond, body, state)
+  params = params0 + z * scale
   value, overlap = _similarities(params, mirrors, data, opts)
   return params, value, overlap, steps, since >= hyper["patience"]
 
@@ -424,6 +572,16 @@ def _run_level(params, mirrors, data, hyper, opts: _LevelOptions):
   return jax.vmap(_optimise, in_axes=(0, 0, 0, None, None))(params, mirrors, data, hyper, opts)
 
 
+@functools.partial(jax.jit, static_argnames=("opts",))
+def _evaluate(mats, data, opts: _LevelOptions):
+  """(similarity, overlap), each (B, K), of (B, K, 3, 3) matrices on pair-batched level data."""
+  data = dict(data)
+  if opts.similarity in ("mi", "nmi"):
+    parzen = functools.partial(sim.parzen_weights, bins=opts.bins, kernel=opts.kernel)
+    data["fixed_parzen"] = jax.vmap(parzen)(data["values"], data["fixed_range"])
+  return jax.vmap(_similarities_of_matrices, in_axes=(0, 0, None))(mats, data, opts)
+
+
 def _range(values, weights):
   sel = values[weights > 0.5]
   if sel.size == 0:
@@ -432,18 +590,25 @@ def _range(values, weights):
   return np.array([lo, hi if hi > lo else lo + 1.0], np.float32)
 
 
-def _level_data(pyr, level, num_points, moving_pad, fixed_px, moving_px, factors, center, radius, rng, max_samples):
-  """Pair-batched level data (NumPy), padded to shapes shared by every level: `num_points` fixed samples (zero
-  weight beyond the level's own) and moving images padded to `moving_pad`."""
+def _level_data(pyr, num_points, moving_pad, fixed_px, moving_px, factors, center, radius, rng):
+  """Pair-batched level data (NumPy), padded to shapes that every level and many image shapes share:
+  `num_points` fixed samples (zero weight beyond the level's own) and moving images padded to `moving_pad`."""
   f_img, f_mask, m_img, m_mask = pyr
   sf, sm = factors
   batch, h, w = f_img.shape
   lpf = (fixed_px[0] * sf, fixed_px[1] * sf)
   lpm = (moving_px[0] * sm, moving_px[1] * sm)
   n = h * w
-  idx = np.sort(rng.choice(n, size=max_samples, replace=False)) if n > max_samples else np.arange(n)
+  if n > num_points:
+    # Draw where the fixed weight is positive (a mask may cover a small part of a large image), all pairs alike.
+    support = np.flatnonzero(f_mask.max(axis=0).ravel() > 0)
+    pool = support if support.size > num_points else np.arange(n)
+    idx = np.sort(rng.choice(pool, size=num_points, replace=False))
+  else:
+    idx = np.arange(n)
   rows, cols = idx // w, idx % w
   pad = num_points - idx.size
+  pool_size = np.full((batch,), idx.size, np.int32)
   points = np.stack([cols * lpf[1], rows * lpf[0]], axis=1).astype(np.float32)
   points = np.concatenate([points, np.zeros((pad, 2), np.float32)])
   values = np.pad(f_img[:, rows, cols], ((0, 0), (0, pad)))
@@ -454,6 +619,7 @@ def _level_data(pyr, level, num_points, moving_pad, fixed_px, moving_px, factors
   rel = level_px / radius
   return {
     "points": np.broadcast_to(points, (batch, *points.shape)),
+    "pool_size": pool_size,
     "values": values,
     "weights": weights,
     "fixed_range": np.stack([_range(v, wt) for v, wt in zip(values, weights)]),
@@ -487,20 +653,44 @@ def _check_transform(t: AffineTransform, mirror: np.ndarray, config: Registratio
   return None
 
 
-def _corner_spread_um(best: AffineTransform, others: Sequence[AffineTransform], corners: np.ndarray) -> float:
+def _corner_distances_um(best: AffineTransform, others: Sequence[AffineTransform], corners: np.ndarray) -> np.ndarray:
+  """For each other transform, the largest distance (fixed µm) at the corners between it and `best`."""
   inv = np.linalg.inv(np.asarray(best.matrix, np.float64))
   hom = np.concatenate([corners, np.ones((len(corners), 1))], axis=1)
-  spread = 0.0
+  out = []
   for t in others:
     back = (inv @ np.asarray(t.matrix, np.float64) @ hom.T).T[:, :2]
-    spread = max(spread, float(np.max(np.linalg.norm(back - corners, axis=1))))
-  return spread
+    out.append(float(np.max(np.linalg.norm(back - corners, axis=1))))
+  return np.asarray(out, np.float64)
+
+
+_MISALIGN_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
+
+
+def _misaligned(matrix: np.ndarray, center: np.ndarray, radius: float) -> np.ndarray:
+  """(4·F + 2, 3, 3): the transform composed with shifts of the fixed space by each fraction F of its half-diagonal
+  along ±x and ±y, and with turns of ±20° about its centre."""
+  out = []
+  for frac in _MISALIGN_FRACTIONS:
+    d = radius * frac
+    for dx, dy in ((d, 0), (-d, 0), (0, d), (0, -d)):
+      s = np.eye(3)
+      s[:2, 2] = (dx, dy)
+      out.append(matrix @ s)
+  for ang in (20.0, -20.0):
+    a = math.radians(ang)
+    r = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    s = np.eye(3)
+    s[:2, :2] = r
+    s[:2, 2] = center - r @ center
+    out.append(matrix @ s)
+  return np.stack(out)
 
 
 # ------------------------------------------------------------------------------------------------------- public
 
 
-def _prepare_stack(images, masks, name):
+def _prepare_stack(images, masks, name, min_pixels):
   grey = np.stack([to_grey(im) for im in images])
   if masks is None:
     mask = np.ones(grey.shape, np.float32)
@@ -508,27 +698,50 @@ def _prepare_stack(images, masks, name):
     mask = np.stack([np.asarray(m).astype(np.float32) for m in masks])
     if mask.shape != grey.shape:
       raise errors.ConfigError(f"{name} mask shape {mask.shape[1:]} != image shape {grey.shape[1:]}")
+    for b, m in enumerate(mask):
+      count = int(np.count_nonzero(m > 0))
+      if 0 < count < min_pixels:
+        raise errors.RegistrationError(
+          f"the {name} mask of pair {b} has {count} pixels (< {min_pixels}): too few to register")
   if not np.all(np.isfinite(grey)):
     raise errors.DataError(f"the {name} image has NaN or infinite values")
   return grey, mask
+
+
+def _turn_class(c: Candidate) -> tuple[bool, int]:
+  return c.mirrored, int(round(tf.rotation_deg(c.transform) / 90.0)) % 4
+
+
+def _is_unturned(params_row: np.ndarray, mirror: np.ndarray) -> bool:
+  rot = (float(params_row[0]) + math.pi) % (2 * math.pi) - math.pi
+  return np.linalg.det(mirror[:2, :2]) > 0 and abs(rot) <= math.pi / 4
 
 
 def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px, moving_px, config, initial,
                     on_failure):  # fmt: skip
   fixed_px = tf.pixel_size_yx(fixed_px, "fixed_pixel_size_um")
   moving_px = tf.pixel_size_yx(moving_px, "moving_pixel_size_um")
-  fixed, fmask = _prepare_stack(fixed_list, fixed_masks, "fixed")
-  moving, mmask = _prepare_stack(moving_list, moving_masks, "moving")
+  fixed, fmask = _prepare_stack(fixed_list, fixed_masks, "fixed", config.min_mask_pixels)
+  moving, mmask = _prepare_stack(moving_list, moving_masks, "moving", config.min_mask_pixels)
   if min(fixed.shape[1:]) < 4 or min(moving.shape[1:]) < 4:
     raise errors.ConfigError(f"images must be at least 4 × 4, got {fixed.shape[1:]} and {moving.shape[1:]}")
   batch = fixed.shape[0]
   center = np.asarray(tf.image_center_um(fixed.shape[1:], fixed_px), np.float64)
-  factors = _shrink_factors(config.levels, fixed_px, moving_px, config.working_pixel_size_um)
+  levels = config.num_levels(_extent_px(fixed.shape[1:], moving.shape[1:], fixed_px, moving_px,
+                                        config.working_pixel_size_um))  # fmt: skip
+  factors = _shrink_factors(levels, fixed_px, moving_px, config.working_pixel_size_um)
+  its = config.iterations_per_level(levels)
+  if len(its) != levels:
+    raise errors.ConfigError(f"max_iterations must be a positive int or {levels} of them (coarse → fine)")
   rng = np.random.default_rng(config.seed)
+  fixed_pyr = [(_pyramid(im, [f for f, _ in factors]), _pyramid(m, [f for f, _ in factors]))
+               for im, m in zip(fixed, fmask)]  # fmt: skip
+  moving_pyr = [(_pyramid(im, [f for _, f in factors]), _pyramid(m, [f for _, f in factors]))
+                for im, m in zip(moving, mmask)]  # fmt: skip
   pyramids = []
   for sf, sm in factors:
-    pyramids.append(tuple(np.stack([shrink_image(im, f) for im in stack])
-                          for stack, f in ((fixed, sf), (fmask, sf), (moving, sm), (mmask, sm))))  # fmt: skip
+    pyramids.append((np.stack([p[0][sf] for p in fixed_pyr]), np.stack([p[1][sf] for p in fixed_pyr]),
+                     np.stack([p[0][sm] for p in moving_pyr]), np.stack([p[1][sm] for p in moving_pyr])))  # fmt: skip
 
   # Starts, from moments of the coarsest level (cheap and smooth).
   starts = _starts(config, initial is not None)
@@ -545,7 +758,7 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
           f"the {name} image of pair {b} is constant or its mask is empty: nothing to register"
         )
     if initial is None:
-      p, d = _initial_params(fw, mw, lpf0, lpm0, center, starts)
+      p, d = _initial_params(fw, mw, lpf0, lpm0, center, starts, config.moment_scale)
     else:
       m = np.asarray(initial.matrix, np.float64)
       d = _mirror_matrix(center) if np.linalg.det(m[:2, :2]) < 0 else np.eye(3)
@@ -556,22 +769,19 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
   params, mirrors = jnp.asarray(np.stack(params)), jnp.asarray(np.stack(mirrors))
   order = np.broadcast_to(np.arange(len(starts)), (batch, len(starts)))
 
-  # Levels share padded shapes (sample count, moving image size) so that each number of candidates compiles
-  # once; coarse levels of small images then carry zero-weight padding samples, cheap next to a compilation. When
-  # the coarsest level runs more starts than are kept it compiles on its own anyway, so it keeps its own sample.
-  max_samples = config.max_samples or 2**62
-  level_points = [min(p[0].shape[1] * p[0].shape[2], max_samples) for p in pyramids]
-  own_first = len(starts) > config.num_candidates and len(pyramids) > 1
-  shared_points = max(level_points[1:]) if own_first else max(level_points)
-  moving_pad = tuple(max(p[2].shape[1 + i] for p in pyramids) for i in range(2))
+  # Every level and every image shape in a bucket share array shapes (sample count, padded moving image), so a
+  # folder of differently shaped sections compiles once per number of candidates rather than once per shape.
+  side = _bucket(max(max(p[2].shape[1:]) for p in pyramids))
+  moving_pad = (side, side)
   radius = max(0.5 * math.hypot(fixed.shape[2] * fixed_px[1], fixed.shape[1] * fixed_px[0]), 1e-6)
-  opts = _LevelOptions(config.similarity, config.kind, config.bins, config.kernel)
-  its = config.iterations_per_level()
+  opts = _LevelOptions(config.similarity, config.kind, config.bins, config.kernel, config.outside_bin,
+                       config.max_samples)
   iterations = []
   for level, level_factors in enumerate(factors):
-    num_points = level_points[0] if level == 0 and own_first else shared_points
-    data = _level_data(pyramids[level], level, num_points, moving_pad, fixed_px, moving_px, level_factors, center,
-                       radius, rng, max_samples)  # fmt: skip
+    data = _level_data(pyramids[level], config.sample_pool, moving_pad, fixed_px, moving_px, level_factors, center,
+                       radius, rng)  # fmt: skip
+    data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed * 1000 + 17 * level + b)))
+                            for b in range(batch)])  # fmt: skip
     hyper = {
       "iterations": jnp.int32(its[level]),
       "patience": jnp.int32(config.patience),
@@ -583,7 +793,14 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
     iterations.append(np.asarray(steps))
     if level == 0 and params.shape[1] > config.num_candidates:
       score = np.asarray(metrics) if config.similarity == "mse" else -np.asarray(metrics)
-      keep = np.argsort(np.where(np.isfinite(score), score, np.inf), axis=1, kind="stable")[:, : config.num_candidates]
+      rank = np.argsort(np.where(np.isfinite(score), score, np.inf), axis=1, kind="stable")
+      keep = rank[:, : config.num_candidates].copy()
+      # Keep the best unturned candidate too, so that a turn has to beat it at the finest level.
+      p_np, d_np = np.asarray(params), np.asarray(mirrors)
+      for b in range(batch):
+        flat = [k for k in rank[b] if _is_unturned(p_np[b, k], d_np[b, k])]
+        if flat and flat[0] not in keep[b]:
+          keep[b, -1] = flat[0]
       params = jnp.take_along_axis(params, jnp.asarray(keep)[..., None], axis=1)
       mirrors = jnp.take_along_axis(mirrors, jnp.asarray(keep)[..., None, None], axis=1)
       order = np.take_along_axis(order, keep, axis=1)
@@ -596,16 +813,50 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
   iterations = np.stack(iterations, axis=-1)  # (B, K, levels)
 
   corners = np.asarray(tf.image_corners_um(fixed.shape[1:], fixed_px), np.float64)
-  results = []
+  limit_um = config.uncertainty_warn_px * math.sqrt(fixed_px[0] * fixed_px[1])
+  higher_better = config.similarity != "mse"
+  chosen, cand_lists = [], []
   for b in range(batch):
-    score = metrics[b] if config.similarity == "mse" else -metrics[b]
+    score = -metrics[b] if higher_better else metrics[b]
     rank = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
     cands = []
     for k in rank:
       t = _transform(jnp.asarray(params[b, k]), jnp.asarray(mirrors[b, k], jnp.float32), center, config.kind)
       s = starts[order[b, k]]
       cands.append(Candidate(transform=t, metric=float(metrics[b, k]), start=s.label, mirrored=s.mirrored))
-    best_k = rank[0]
+    pick, ambiguous = 0, False
+    margin_of = lambda ref: config.turn_margin * max(abs(ref), 1e-12)  # noqa: E731
+    if cands[0].turned and np.isfinite(cands[0].metric):
+      flat = [i for i, c in enumerate(cands) if not c.turned and np.isfinite(c.metric)]
+      if flat:
+        gap = (cands[0].metric - cands[flat[0]].metric) * (1 if higher_better else -1)
+        if gap <= margin_of(cands[flat[0]].metric):
+          pick, ambiguous = flat[0], True
+    if not ambiguous:
+      others = [c for c in cands[1:] if _turn_class(c) != _turn_class(cands[0]) and np.isfinite(c.metric)]
+      if others and abs(cands[0].metric - others[0].metric) <= margin_of(cands[0].metric):
+        ambiguous = True
+    cands.insert(0, cands.pop(pick))
+    chosen.append((rank[pick], ambiguous))
+    cand_lists.append(cands)
+
+  # The success test: the same pair misaligned, on the finest level's sample.
+  moving_radius = 0.5 * math.hypot(moving.shape[2] * moving_px[1], moving.shape[1] * moving_px[0])
+  mats = []
+  for c in cand_lists:
+    m = np.asarray(c[0].transform.matrix, np.float64)
+    scale = math.sqrt(abs(np.linalg.det(m[:2, :2])))
+    mats.append(_misaligned(m, center, min(radius, moving_radius / max(scale, 1e-12))))
+  mats = np.stack(mats)
+  mis_values, _ = _evaluate(jnp.asarray(mats, jnp.float32), data, opts)
+  mis_values = np.asarray(mis_values, np.float64)
+  fixed_area = fmask.reshape(batch, -1).sum(axis=1) * fixed_px[0] * fixed_px[1]
+  moving_area = mmask.reshape(batch, -1).sum(axis=1) * moving_px[0] * moving_px[1]
+
+  results = []
+  for b in range(batch):
+    cands = cand_lists[b]
+    best_k, turn_ambiguous = chosen[b]
     best = cands[0]
     problem = None if np.isfinite(best.metric) else "the similarity is not finite"
     problem = problem or _check_transform(best.transform, mirrors[b, best_k], config)
@@ -616,19 +867,41 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
       _log.warning(msg)
       results.append(None)
       continue
+    dist = _corner_distances_um(best.transform, [c.transform for c in cands[1:]], corners)
     margin = config.candidate_margin * max(abs(best.metric), 1e-12)
-    close = [c.transform for c in cands[1:] if abs(c.metric - best.metric) <= margin]
-    uncertainty = _corner_spread_um(best.transform, close, corners)
-    notes = []
-    limit_um = config.uncertainty_warn_px * math.sqrt(fixed_px[0] * fixed_px[1])
+    close = [d for c, d in zip(cands[1:], dist) if abs(c.metric - best.metric) <= margin and d > limit_um]
+    uncertainty = max(close, default=0.0)
+    agreement = (1 + int(np.sum(dist <= limit_um))) / len(cands)
+    per = mis_values[b][: 4 * len(_MISALIGN_FRACTIONS)].reshape(len(_MISALIGN_FRACTIONS), 4).mean(axis=1)
+    mis = float(per[0])
+    if higher_better:
+      gain = 1.0 - mis / best.metric if best.metric > 0 else -np.inf
+    else:
+      gain = 1.0 - best.metric / mis if mis > 0 else 0.0
+    overlap = float(overlaps[b, best_k])
+    det = abs(float(np.linalg.det(np.asarray(best.transform.matrix, np.float64)[:2, :2])))
+    moving_overlap = min(1.0, overlap * fixed_area[b] * det / max(moving_area[b], 1e-12))
+    notes, failures = [], []
+    if config.similarity in ("mi", "nmi") and gain < config.min_gain:
+      failures.append(f"the {config.similarity} is only {gain:.1%} above that of the same pair misaligned "
+                      f"(< {config.min_gain:.0%}): the images may be unrelated or the optimum wrong")  # fmt: skip
+    if max(overlap, moving_overlap) < config.fail_overlap:
+      failures.append(f"the images barely overlap ({overlap:.1%} of the fixed, {moving_overlap:.1%} of the moving)")
+    success = not failures
+    if failures:
+      notes.append("registration failed: " + "; ".join(failures))
     if uncertainty > limit_um:
       notes.append(f"uncertain registration: candidates within {config.candidate_margin:.0%} of the best "
                    f"{config.similarity} disagree by up to {uncertainty:.1f} µm at the image corners "
                    f"(> {limit_um:.1f} µm)")  # fmt: skip
+    if turn_ambiguous:
+      notes.append(f"turn or mirror ambiguous: candidates of another orientation score within "
+                   f"{config.turn_margin:.0%}; chose {best.start!r} (unturned preferred)")  # fmt: skip
     if not bool(converged[b, best_k]):
       _log.info("finest level stopped at its iteration limit (%d steps)", its[-1])
-    if overlaps[b, best_k] < config.min_overlap:
-      notes.append(f"only {overlaps[b, best_k]:.0%} of the fixed image maps inside the moving image")
+    if success and max(overlap, moving_overlap) < config.min_overlap:
+      notes.append(f"only {overlap:.0%} of the fixed image maps inside the moving image "
+                   f"and {moving_overlap:.0%} of the moving image is covered")  # fmt: skip
     for note in notes:
       warnings.warn(note, UserWarning, stacklevel=3)
     results.append(
@@ -639,14 +912,21 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
         iterations=tuple(int(i) for i in iterations[b, best_k]),
         converged=bool(converged[b, best_k]),
         candidates=tuple(cands),
-        uncertainty_um=uncertainty,
-        overlap=float(overlaps[b, best_k]),
+        uncertainty_um=float(uncertainty),
+        overlap=overlap,
         start=best.start,
         warnings=tuple(notes),
         fixed_shape=tuple(int(v) for v in fixed.shape[1:]),
         moving_shape=tuple(int(v) for v in moving.shape[1:]),
         fixed_pixel_size_um=fixed_px,
         moving_pixel_size_um=moving_px,
+        success=success,
+        gain=float(gain),
+        moving_overlap=float(moving_overlap),
+        agreement=float(agreement),
+        turn_ambiguous=bool(turn_ambiguous),
+        notes={"levels": levels, "mean_misaligned_metric": mis,
+               "misaligned_by_fraction": [float(v) for v in per]},
       )
     )
   return results
@@ -732,6 +1012,102 @@ def register_batch(
                          moving_pixel_size_um, config, None, on_failure)  # fmt: skip
 
 
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache, so that a new process reuses the registration's compiled
+  level functions rather than compiling them again (the cold start of a command-line run).
+
+  Args:
+    path: cache folder; default `$MSISYNTH_JAX_CACHE` or `~/.cache/msisynth/jax`.
+
+  Returns:
+    The cache folder.
+  """
+  import os
+
+  folder = path or os.environ.get("MSISYNTH_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                          "msisynth", "jax")  # fmt: skip
+  os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder
+
+
+def tissue_crop(histology: np.ndarray, *, margin_px: float = 0.0, max_fraction: float = 0.6) -> tuple[int, ...] | None:
+  """The part of a histology image that holds its tissue: (row0, row1, col0, col1), or None to keep it all.
+
+  The tissue is `msisynth.io.tissue_mask` on a preview (at most 1024 px across); its largest component and every
+  component of at least 5 % of that one are kept, except thin ones along the image edge (slide edges: touching
+  the border and filling under 20 % of a bounding box that spans half the image). The crop is their bounding
+  box grown by 15 % of its size and by `margin_px` on every side. None when the image is not RGB, shows no
+  tissue, or the crop would keep more than `max_fraction` of the image.
+
+  Args:
+    histology: (H, W, 3) RGB histology (float in [0, 1] or uint8).
+    margin_px: extra margin in histology pixels (e.g. half the MSI field).
+    max_fraction: largest fraction of the image area worth cropping to.
+  """
+  from msisynth.io.histology import tissue_mask
+
+  img = np.asarray(histology)
+  if img.ndim != 3 or img.shape[2] < 3:
+    return None
+  img = img[..., :3]
+  h, w = img.shape[:2]
+  step = max(1, int(math.ceil(max(h, w) / 1024)))
+  preview = img[::step, ::step]
+  if preview.dtype != np.uint8:
+    preview = np.clip(np.asarray(preview, np.float32), 0.0, 1.0)
+  mask = tissue_mask(preview, min_size_px=max(16, preview.shape[0] * preview.shape[1] // 5000))
+  labels, count = ndi.label(mask)
+  if count == 0:
+    return None
+  sizes = np.bincount(labels.ravel())[1:]
+  boxes = ndi.find_objects(labels)
+  ph, pw = mask.shape
+  keep = []
+  for i, (box, size) in enumerate(zip(boxes, sizes)):
+    if size < 0.05 * sizes.max():
+      continue
+    bh, bw = box[0].stop - box[0].start, box[1].stop - box[1].start
+    touches = box[0].start == 0 or box[1].start == 0 or box[0].stop == ph or box[1].stop == pw
+    if touches and size < 0.2 * bh * bw and (bh > ph / 2 or bw > pw / 2) and size != sizes.max():
+      continue
+    keep.append(i)
+  r0 = min(boxes[i][0].start for i in keep) * step
+  r1 = max(boxes[i][0].stop for i in keep) * step
+  c0 = min(boxes[i][1].start for i in keep) * step
+  c1 = max(boxes[i][1].stop for i in keep) * step
+  gr, gc = 0.15 * (r1 - r0) + margin_px, 0.15 * (c1 - c0) + margin_px
+  r0, r1 = max(0, int(r0 - gr)), min(h, int(math.ceil(r1 + gr)))
+  c0, c1 = max(0, int(c0 - gc)), min(w, int(math.ceil(c1 + gc)))
+  if (r1 - r0) * (c1 - c0) > max_fraction * h * w:
+    return None
+  return r0, r1, c0, c1
+
+
+def _translation_grid(fixed_mask_or_image, fixed_px, moving_extent_um, limit=3):
+  """Shifts (µm) of the fixed centre of mass spread over the fixed tissue, when the moving field is small."""
+  weights = np.asarray(fixed_mask_or_image, np.float64)
+  rows, cols = np.nonzero(weights > 0)
+  if rows.size == 0:
+    return ((0.0, 0.0),)
+  ys, xs = rows * fixed_px[0], cols * fixed_px[1]
+  com = np.array([np.average(xs, weights=weights[rows, cols]), np.average(ys, weights=weights[rows, cols])])
+  out = []
+  axes = []
+  for lo, hi, extent in ((xs.min(), xs.max(), moving_extent_um[0]), (ys.min(), ys.max(), moving_extent_um[1])):
+    span = hi - lo
+    n = int(min(limit, max(1, math.ceil(span / max(extent, 1e-9) - 0.2))))
+    axes.append(np.linspace(lo + span / (2 * n), hi - span / (2 * n), n) if n > 1 else np.array([(lo + hi) / 2]))
+  if len(axes[0]) == 1 and len(axes[1]) == 1:
+    return ((0.0, 0.0),)
+  for y in axes[1]:
+    for x in axes[0]:
+      out.append((float(x - com[0]), float(y - com[1])))
+  return tuple(out)
+
+
 def register_msi_to_histology(
   histology: jax.typing.ArrayLike,
   synthetic_he: jax.typing.ArrayLike,
@@ -741,23 +1117,35 @@ def register_msi_to_histology(
   histology_mask: jax.typing.ArrayLike | None = None,
   msi_mask: jax.typing.ArrayLike | None = None,
   config: RegistrationConfig | None = None,
+  crop_to_tissue: bool = True,
+  pixel_size_uncertain: bool = False,
 ) -> RegistrationResult:
-  """Registers synthetic H&E (on the MSI grid, moving) to real H&E (fixed), allowing flips and 90° turns.
+  """Registers an MSI image (synthetic H&E, or an image made from the MSI, on the MSI grid; moving) to histology
+  (fixed), allowing flips and 90° turns.
 
   The default configuration differs from `register`'s: `flips_and_rot90=True` (a section may be mounted turned or
-  face down), similarity "mi", and `working_pixel_size_um` from `msisynth.geometry.working_pixel_size_um` (a
-  quarter of the MSI pixel, never finer than the histology; the rule `msisynth.pipeline` uses). Carry the MSI
-  with `warp_msi(msi, result.transform, histology.shape[:2],
-  histology_pixel_size_um)`.
+  face down), and `working_pixel_size_um` from `msisynth.geometry.working_pixel_size_um` (a quarter of the MSI
+  pixel, never finer than the histology; the rule `msisynth.pipeline` uses). Before registering:
+  - with `crop_to_tissue` (default) and RGB histology, the histology is cropped to its tissue (`tissue_crop`:
+    the largest tissue components, with labels, debris and slide edges left out), so that a small section on a
+    large slide fills the field; the crop is in `result.notes["tissue_crop"]` and the returned transform maps
+    the whole histology's µm (as if not cropped);
+  - when the MSI field is smaller than the histology's tissue, the starts are also tried at up to 3 × 3 positions
+    spread over the tissue (`start_offsets_um`), so that the MSI region can be found anywhere on it;
+  - with `pixel_size_uncertain`, the starts also search the scale: from the ratio of the two images' spreads
+    (`moment_scale`) times 0.7, 1 and 1.4, with scales from 0.05 to 20 accepted.
+  Carry the MSI with `warp_msi(msi, result.transform, histology.shape[:2], histology_pixel_size_um)`.
 
   Args:
     histology: (H, W, 3) RGB (or grey) histology, fixed.
-    synthetic_he: (h, w, 3) synthetic H&E on the MSI grid, moving.
+    synthetic_he: (h, w, 3) synthetic H&E, or (h, w) an MSI image (TIC, an ion, a principal component), moving.
     histology_pixel_size_um: histology pixel size, float or (y, x).
     msi_pixel_size_um: MSI pixel size, float or (y, x).
     histology_mask: optional tissue mask on the histology grid.
-    msi_mask: optional measured-pixel mask on the MSI grid.
-    config: options replacing the defaults above.
+    msi_mask: optional measured-pixel mask on the MSI grid (the region of interest the MSI was acquired in).
+    config: options replacing the defaults above (the crop, translation and scale searches still apply).
+    crop_to_tissue: crop the histology to its tissue first (see above).
+    pixel_size_uncertain: search the scale too (see above).
 
   Returns:
     A `RegistrationResult` whose transform maps histology µm → MSI µm.
@@ -765,12 +1153,61 @@ def register_msi_to_histology(
   Raises:
     ConfigError, DataError, RegistrationError: see `register`.
   """
+  py, px = tf.pixel_size_yx(msi_pixel_size_um, "msi_pixel_size_um")
+  hy, hx = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
   if config is None:
     working = max(geometry.working_pixel_size_um(msi_pixel_size_um, histology_pixel_size_um))
     config = RegistrationConfig(flips_and_rot90=True, working_pixel_size_um=working)
-  return register(histology, synthetic_he, fixed_pixel_size_um=histology_pixel_size_um,
-                  moving_pixel_size_um=msi_pixel_size_um, fixed_mask=histology_mask, moving_mask=msi_mask,
-                  config=config)  # fmt: skip
+  histology = np.asarray(histology)
+  moving = np.asarray(synthetic_he)
+  notes = {}
+  crop = None
+  if crop_to_tissue:
+    msi_extent_px = 0.5 * max(moving.shape[0] * py / hy, moving.shape[1] * px / hx)
+    crop = tissue_crop(histology, margin_px=0.25 * msi_extent_px)
+  full_shape = histology.shape[:2]
+  if crop is not None:
+    r0, r1, c0, c1 = crop
+    histology = histology[r0:r1, c0:c1]
+    if histology_mask is not None:
+      histology_mask = np.asarray(histology_mask)[r0:r1, c0:c1]
+    notes["tissue_crop"] = {"rows": [r0, r1], "cols": [c0, c1]}
+  changes = {}
+  if pixel_size_uncertain:
+    changes.update(moment_scale=True, start_scales=(0.7, 1.0, 1.4), min_scale=min(config.min_scale, 0.05),
+                   max_scale=max(config.max_scale, 20.0))  # fmt: skip
+    notes["scale_search"] = True
+  if tuple(config.start_offsets_um) == ((0.0, 0.0),):
+    moving_extent = (moving.shape[1] * px, moving.shape[0] * py)
+    if histology_mask is not None:
+      weights = np.asarray(histology_mask, np.float64)
+    else:
+      from msisynth.io.histology import tissue_mask
+
+      rgb = histology[..., :3] if histology.ndim == 3 and histology.shape[2] >= 3 else None
+      if rgb is not None and rgb.dtype != np.uint8:
+        rgb = np.clip(rgb.astype(np.float32), 0.0, 1.0)
+      weights = tissue_mask(rgb) if rgb is not None else np.ones(histology.shape[:2])
+    offsets = _translation_grid(weights, (hy, hx), moving_extent)
+    if len(offsets) > 1:
+      changes.update(start_offsets_um=offsets, principal_axes=False)
+      notes["translation_search_starts"] = len(offsets)
+  if changes:
+    config = dataclasses.replace(config, **changes)
+  result = register(histology, moving, fixed_pixel_size_um=(hy, hx), moving_pixel_size_um=(py, px),
+                    fixed_mask=histology_mask, moving_mask=msi_mask, config=config)  # fmt: skip
+  if crop is None:
+    return dataclasses.replace(result, notes={**result.notes, **notes})
+  # The crop's pixel (0, 0) is the full image's (r0, c0): x_crop = x_full - offset.
+  shift = np.eye(3)
+  shift[:2, 2] = (-crop[2] * hx, -crop[0] * hy)
+
+  def uncrop(t):
+    return AffineTransform(jnp.asarray(np.asarray(t.matrix, np.float64) @ shift, jnp.float32))
+
+  cands = tuple(dataclasses.replace(c, transform=uncrop(c.transform)) for c in result.candidates)
+  return dataclasses.replace(result, transform=cands[0].transform, candidates=cands, fixed_shape=tuple(full_shape),
+                             notes={**result.notes, **notes})  # fmt: skip
 
 
 def result_summary(result: RegistrationResult) -> dict[str, Any]:
@@ -787,6 +1224,12 @@ def result_summary(result: RegistrationResult) -> dict[str, Any]:
     "mirrored": result.mirrored,
     "rotation_deg": tf.rotation_deg(result.transform),
     "warnings": list(result.warnings),
+    "success": result.success,
+    "gain": result.gain,
+    "moving_overlap": result.moving_overlap,
+    "agreement": result.agreement,
+    "turn_ambiguous": result.turn_ambiguous,
+    "notes": result.notes,
     "candidates": [
       {"metric": c.metric, "start": c.start, "matrix": np.asarray(c.transform.matrix, np.float64).tolist()}
       for c in result.candidates

@@ -1,0 +1,189 @@
+"""Tests of the registration's robustness features on generated cases (msisynth.register.cases): the success
+verdict, the overlap-safe similarity, shared compiled shapes, the turn margin, the tissue crop and the scale
+search of `register_msi_to_histology`."""
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+
+from msisynth import errors
+from msisynth.register import cases
+from msisynth.register import optimize as opt
+from msisynth.register import transforms as tf
+from msisynth.register.transforms import AffineTransform
+
+CONFIG = opt.RegistrationConfig(max_iterations=(50, 25, 25))
+
+
+def _grey(case):
+  return 1.0 - case.fixed.mean(axis=2)
+
+
+def _register(case, moving=None, **kw):
+  moving = case.moving if moving is None else moving
+  return opt.register(_grey(case), moving, fixed_pixel_size_um=1.0, moving_pixel_size_um=case.moving_pixel_size_um,
+                      config=kw.pop("config", CONFIG), **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uni_case():
+  return cases.make_case(np.random.default_rng(0), 128, appearance="uni", max_rotation_deg=15, max_shift=0.1)
+
+
+def test_generated_case_truth_is_consistent(uni_case):
+  # Warping the moving image back through the true transform gives the fixed image (as grey, up to the
+  # intensity curve): their correlation is high, and higher than through the identity.
+  back = np.asarray(tf.warp_image(uni_case.moving, uni_case.transform, (128, 128)))
+  inner = (slice(20, -20), slice(20, -20))
+  grey = _grey(uni_case)
+  corr = np.corrcoef(back[inner].ravel(), grey[inner].ravel())[0, 1]
+  assert corr > 0.9
+  assert cases.grid_error_px(uni_case.transform, uni_case)[0] < 1e-3
+
+
+def test_correct_registration_succeeds_and_unrelated_images_fail(uni_case):
+  result = _register(uni_case)
+  assert cases.grid_error_px(result.transform, uni_case)[0] < 2.0
+  assert result.success and result.gain >= CONFIG.min_gain
+  assert not any("failed" in w for w in result.warnings)
+  assert 0.5 < result.overlap <= 1.0 and 0.5 < result.moving_overlap <= 1.0
+  assert 0 < result.agreement <= 1.0
+  summary = opt.result_summary(result)
+  assert summary["success"] is True and "gain" in summary
+  # A moving image of other tissue: nothing to find.
+  other = cases.make_case(np.random.default_rng(5), 128, appearance="uni")
+  with pytest.warns(UserWarning, match="registration failed"):
+    bad = _register(uni_case, moving=np.random.default_rng(1).permutation(other.moving.ravel()).reshape(128, 128))
+  assert not bad.success
+
+
+def test_too_small_masks_are_refused(uni_case):
+  mask = np.zeros((128, 128), bool)
+  mask[60:64, 60:64] = True
+  with pytest.raises(errors.RegistrationError, match="too few"):
+    _register(uni_case, fixed_mask=mask)
+
+
+def test_shrinking_the_overlap_cannot_raise_the_similarity(uni_case):
+  """With the outside bin, samples that leave the moving image cost information: enlarging the moving image's
+  footprint until a small central part overlaps lowers MI, whatever that part holds."""
+  grey = _grey(uni_case)
+  fixed = (grey - grey.min()) / np.ptp(grey)
+  moving = fixed.copy()
+  center = np.asarray(tf.image_center_um((128, 128)))
+  rng = np.random.default_rng(0)
+  idx = rng.choice(128 * 128, 4096, replace=False)
+  rows, cols = idx // 128, idx % 128
+  from msisynth.register.similarity import parzen_weights
+
+  values = fixed[rows, cols]
+  data = {"points": np.stack([cols, rows], 1).astype(np.float32), "values": values,
+          "weights": np.ones(4096, np.float32), "moving": np.stack([moving, np.ones_like(moving)], -1),
+          "moving_hw": np.array([128, 128], np.int32), "moving_range": np.array([0, 1], np.float32),
+          "moving_px": np.array([1, 1], np.float32)}  # fmt: skip
+  data["fixed_parzen"] = parzen_weights(values, np.array([0, 1], np.float32), bins=32)
+  mats = []
+  for zoom in (1.0, 0.5, 0.25, 0.1):  # fixed → moving scale > 1 … here < 1: the fixed maps onto a central part
+    t = AffineTransform.from_params([0, np.log(1 / zoom), np.log(1 / zoom), 0, 0, 0], center)
+    mats.append(np.asarray(t.matrix))
+  mats = np.stack(mats).astype(np.float32)
+  for outside, expect_monotone in ((True, True), (False, False)):
+    opts = opt._LevelOptions("mi", "affine", 32, "bspline", outside, 2048)
+    values_k, overlap = opt._similarities_of_matrices(mats, data, opts)
+    values_k = np.asarray(values_k)
+    assert np.all(np.diff(np.asarray(overlap)) < 0)
+    if expect_monotone:
+      assert np.all(np.diff(values_k) < 0), values_k
+
+
+def test_differently_shaped_sections_share_compilations():
+  """A folder of sections of different shapes compiles the level function once per start count (and the check
+  once), not once per shape."""
+  rng = np.random.default_rng(2)
+  shapes = [(120, 100), (112, 128), (100, 90), (128, 124)]
+  config = dataclasses.replace(CONFIG, max_iterations=(20, 10, 10))
+  before = None
+  for i, (h, w) in enumerate(shapes):
+    img = cases.tissue_image(rng, 0, shape=(h, w))
+    grey = 1.0 - img.mean(axis=2)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      opt.register(grey, grey[::2, ::2], fixed_pixel_size_um=1.0, moving_pixel_size_um=2.0, config=config)
+    if i == 0:
+      before = (opt._run_level._cache_size(), opt._evaluate._cache_size())
+  after = (opt._run_level._cache_size(), opt._evaluate._cache_size())
+  assert after == before, (before, after)
+
+
+@pytest.mark.parametrize("turns,mirrored", [(2, False), (1, True)])
+def test_turned_section_is_found_with_a_clear_margin(turns, mirrored):
+  rng = np.random.default_rng(10 + turns)
+  case = cases.make_case(rng, 128, appearance="uni", max_rotation_deg=10, max_shift=0.08, min_scale=0.9,
+                         max_scale=1.1)  # fmt: skip
+  # Compose the wanted turn and mirror into the truth: moving(T(x)) = fixed(x) with T = T0 ∘ turn.
+  center = np.asarray(tf.image_center_um((128, 128)))
+  turn = AffineTransform.from_params([turns * np.pi / 2, 0, 0, 0, 0, 0], center)
+  if mirrored:
+    turn = turn.compose(AffineTransform.mirror("x", center))
+  truth = case.transform.compose(turn)
+  moving = np.asarray(tf.warp_image(_grey(case), truth.inverse(), case.moving.shape))
+  turned_case = dataclasses.replace(case, transform=truth)
+  config = dataclasses.replace(CONFIG, flips_and_rot90=True)
+  result = opt.register(_grey(case), moving, config=config)
+  assert cases.grid_error_px(result.transform, turned_case)[0] < 2.0
+  assert result.mirrored == mirrored and not result.turn_ambiguous and result.success
+
+
+def test_unturned_preferred_without_a_margin(monkeypatch):
+  """Rings look the same turned: no orientation wins clearly, so the unturned one is chosen and the result
+  says so."""
+  yy, xx = np.mgrid[:64, :64].astype(np.float32)
+  r = np.hypot(xx - 31.5, yy - 31.5)
+  rings = (np.cos(r / 3.0) * np.exp(-((r / 20) ** 2))).astype(np.float32)
+  config = dataclasses.replace(CONFIG, flips_and_rot90=True)
+  with pytest.warns(UserWarning, match="turn or mirror ambiguous"):
+    result = opt.register(rings, rings, config=config)
+  assert result.turn_ambiguous and not result.candidates[0].turned
+
+
+def _slide_with_small_tissue(rng, size=320, tissue=64, at=(40, 220)):
+  slide = np.full((size, size, 3), 0.93, np.float32) + rng.normal(0, 0.01, (size, size, 3)).astype(np.float32)
+  section = cases.tissue_image(rng, tissue)
+  r, c = at
+  slide[r : r + tissue, c : c + tissue] = section
+  slide[size - 40 : size - 20, 20:120] = 0.05  # a black label
+  slide[:, :3] = 0.6  # the slide's edge, grey
+  return np.clip(slide, 0, 1), section
+
+
+def test_tissue_crop_finds_small_tissue_on_a_large_slide():
+  rng = np.random.default_rng(3)
+  slide, _ = _slide_with_small_tissue(rng)
+  r0, r1, c0, c1 = opt.tissue_crop(slide)
+  assert r0 <= 40 + 10 and r1 >= 40 + 54 and c0 <= 220 + 10 and c1 >= 220 + 54
+  assert (r1 - r0) * (c1 - c0) < 0.15 * slide.shape[0] * slide.shape[1]
+  assert r1 < 320 - 40  # the label is left out
+  assert opt.tissue_crop(np.zeros((64, 64))) is None  # grey: no crop
+
+
+def test_msi_to_histology_on_tiny_tissue_with_uncertain_pixel_size():
+  rng = np.random.default_rng(4)
+  slide, section = _slide_with_small_tissue(rng)
+  # The MSI: an MSI-like image of the section region at 4 µm (histology 1 µm), turned by 90°, whose stated pixel
+  # size is 30 % off.
+  region = slide[24:120, 204:300]
+  signal = cases.msi_like(rng, region, region.min(axis=2) < 0.85)
+  signal = np.rot90(signal).copy()
+  msi = signal.reshape(24, 4, 24, 4).mean(axis=(1, 3))
+  result = opt.register_msi_to_histology(slide, msi, histology_pixel_size_um=1.0, msi_pixel_size_um=4.0 * 1.3,
+                                         pixel_size_uncertain=True)  # fmt: skip
+  assert "tissue_crop" in result.notes and result.notes["scale_search"]
+  assert result.fixed_shape == slide.shape[:2]
+  # The region's centre maps to the MSI's centre (in the stated MSI µm), within 2 MSI pixels.
+  centre = np.array([204 + 47.5, 24 + 47.5])
+  mapped = np.asarray(result.transform.apply(centre))
+  expected = np.array([11.5, 11.5]) * 4.0 * 1.3
+  assert np.linalg.norm(mapped - expected) < 2 * 4.0 * 1.3, (mapped, expected)
+  assert result.success

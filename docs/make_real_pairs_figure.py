@@ -31,9 +31,9 @@ def main() -> None:
       ("msight_bladder", msight.he, msight.msi, msight_mz),
       ("hr2msi_bladder", hr2msi.optical, hr2msi.msi, 798.541),  # PC(34:1)+K
     ],
-    histology_pixel_sizes_um=[msight.he_pixel_size_um, None],
+    histology_pixel_sizes_um=[msight.histology_pixel_size_um, None],
     title="Real MSI ↔ histology pairs (not registered): msight H&E at the landmark-implied "
-    f"{msight.he_pixel_size_um:.2f} µm; HR2MSI optical image in pixels (size not recorded)",
+    f"{msight.histology_pixel_size_um:.2f} µm; HR2MSI optical image in pixels (size not recorded)",
   )
   path = viz_msi.save_figure(fig, OUT, dpi=110, overwrite=True)
   print(f"wrote {path} (msight ion image m/z {msight_mz:.4f})")

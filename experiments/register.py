@@ -143,7 +143,8 @@ def run(fv: flags.FlagValues) -> dict:
     result = pipeline.process_section(
       section, synthesize.load_synthesizer(fv.checkpoint), registration_pixel_size_um=fv.working_pixel_size_um,
       flips=flips, output_pixel_size_um=fv.output_pixel_size_um or fv.fixed_pixel_size_um,
-      registration_config=_registration_config(fv, flips, None), out_dir=fv.output_dir, overwrite=overwrite)
+      registration_config=_registration_config(fv, flips, None), out_dir=fv.output_dir, overwrite=overwrite,
+      carry_msi="npy" in fv.output_format)
     if list(fv.output_format) != ["npy"]:
       from msisynth import export, outputs
 

@@ -625,8 +625,11 @@ def _run_one(
       read_options=plan.read_options,
       simulated=plan.simulated,
     )
-    result = pipeline.process_section(inputs, synthesizer, out_dir=tmp, **options)
-    if export_options.get("output_format"):
+    formats = export_options.get("output_format")
+    # No exports asked for means the report alone, with its dense cube.
+    carry = not formats or "npy" in formats
+    result = pipeline.process_section(inputs, synthesizer, out_dir=tmp, **{"carry_msi": carry, **options})
+    if formats:
       export.write_section_exports(result, tmp, histology=plan.histology, regions=plan.regions, **export_options)
     seconds = time.perf_counter() - start
     row = _row(plan, "ok", "this run", result.metrics, seconds)

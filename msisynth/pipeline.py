@@ -12,7 +12,8 @@
   (d) register fixed = H&E working copy ← moving = synthetic H&E (MSI grid) by mutual information, with flips and
       90° rotations among the starts by default (`msisynth.register.optimize.register`);
   (e) carry every MSI channel into histology space at `output_pixel_size_um` (default: the working pixel size)
-      with `warp_msi`, a few channels at a time, streamed into a `.npy` on disk when an output folder is given;
+      with `warp_msi`, a few channels at a time, streamed into a `.npy` on disk when an output folder is given
+      (skipped with `carry_msi=False`: only its mask);
   (f) with regions (QuPath GeoJSON on the H&E): map them onto the MSI grid through the transform, per-region
       statistics, differential ions between the first two regions with enough measured pixels, CSVs and figures;
   (g) with landmarks (CSV of matched fixed/moving points): target registration error in µm and MSI pixels.
@@ -373,6 +374,7 @@ def process_section(
   deformable: bool = False,
   bspline_spacing_um: float | tuple[float, float] | None = None,
   deformable_config: bspline.DeformableConfig | None = None,
+  carry_msi: bool = True,
 ) -> SectionResult:
   """Synthesises H&E from a section's MSI, registers it to the section's H&E and carries the MSI across.
 
@@ -404,6 +406,9 @@ def process_section(
     bspline_spacing_um: control-point spacing of the deformation, µm; None for `deformable_config`'s, or
       `DEFORMABLE_SPACING_MSI_PX` MSI pixels.
     deformable_config: options of the deformable stage; None for the defaults.
+    carry_msi: compute the dense MSI cube in histology space (stage (e); `msi_in_histology_space.npy` with
+      `out_dir`). False computes only its mask (`msi_in_histology` is None and no cube is written), for callers
+      that export the MSI on its own grid (`msisynth.export.write_section_exports` without "npy").
 
   Returns:
     A `SectionResult`.
@@ -540,15 +545,21 @@ def process_section(
   else:
     out_shape = geometry.Grid(histology_shape, he_px).at_pixel_size(out_px).shape
   paths: dict[str, pathlib.Path] = {}
-  with stage("carry MSI into histology space"):
-    cube_path = None
-    if out is not None:
-      cube_path = out / REPORT_FILES["msi_in_histology_space"]
-      paths["msi_in_histology_space"] = cube_path
-    warped_cube, warped_mask = _carry_msi(msi, transform, out_shape, out_px, cube_path, max_chunk_bytes)
-  logging.info(
-    "[%s] MSI in histology space: %dx%d px x %d channels at %s µm", name, *out_shape, msi.num_channels, out_px
-  )
+  if carry_msi:
+    with stage("carry MSI into histology space"):
+      cube_path = None
+      if out is not None:
+        cube_path = out / REPORT_FILES["msi_in_histology_space"]
+        paths["msi_in_histology_space"] = cube_path
+      warped_cube, warped_mask = _carry_msi(msi, transform, out_shape, out_px, cube_path, max_chunk_bytes)
+    logging.info(
+      "[%s] MSI in histology space: %dx%d px x %d channels at %s µm", name, *out_shape, msi.num_channels, out_px
+    )
+  else:
+    with stage("MSI mask in histology space"):
+      # One channel warped the same way gives the same mask as the full cube would.
+      warped_cube = None
+      warped_mask = np.asarray(tf.warp_msi(msi.select_mz(slice(0, 1)), transform, out_shape, out_px).mask, bool)
 
   labels_msi = names = colors = stats = differential = None
   if inputs.regions is not None:
@@ -597,6 +608,7 @@ def process_section(
     "working_pixel_size_um": list(working_px),
     "output_shape": list(out_shape),
     "output_pixel_size_um": list(out_px),
+    "msi_cube_carried": bool(carry_msi),
     "mi_before": mi_before,
     "mi_after": mi_after,
     "nmi_before": nmi_before,

@@ -131,7 +131,8 @@ def write_section_report(
   Raises:
     OutputExistsError: an existing non-empty folder without `overwrite`, or one msisynth did not create.
   """
-  if result.msi_in_histology is None and "msi_in_histology_space" not in result.paths:
+  carried = result.metrics.get("msi_cube_carried", True)
+  if carried and result.msi_in_histology is None and "msi_in_histology_space" not in result.paths:
     raise errors.ConfigError("the result holds no MSI cube in histology space to write")
   out = outputs.prepare_output_dir(out_dir, overwrite=overwrite, owner="msisynth.report")
   if result.msi_in_histology is not None:
@@ -183,7 +184,8 @@ def write_report_files(result: SectionResult, out: pathlib.Path, *, overwrite: b
   if figures:
     _write_registration_figures(result, files, paths, overwrite, result.before_registration)
 
-  if result.msi_in_histology is None and "msi_in_histology_space" not in paths:
+  carried = result.metrics.get("msi_cube_carried", True)
+  if carried and result.msi_in_histology is None and "msi_in_histology_space" not in paths:
     raise errors.ConfigError("the result holds no MSI cube in histology space to write")
   for key, array in (("msi_mask_in_histology_space", result.msi_mask_in_histology), ("mz", result.mz)):
     _save_npy(files[key], array, overwrite)

@@ -89,7 +89,7 @@ cannot separate methods. `simulate_benchmark_case` makes a harder, still SIMULAT
    drifts smoothly over the slide by d(p) (up to `drift_ppm` ppm, plus a term linear in m/z): a Gaussian peak of
    σ = `peak_sigma_ppm` ppm keeps the share Φ((b − d)/σ) − Φ((−b − d)/σ) of its ions in the bin.
 6. **Resolution.** The MSI pixel is `msi_pixel_size_um` (20-50 µm) and the H&E keeps its own pixel
-   (`he_pixel_size_um`, 2-5 µm): pairs built at the H&E pixel make synthesis one-to-many (texture the MSI cannot
+   (`histology_pixel_size_um`, 2-5 µm): pairs built at the H&E pixel make synthesis one-to-many (texture the MSI cannot
    see).
 Everything returned is labelled simulated (`metadata["simulated"]` True, `BenchmarkCase.simulated`).
 
@@ -1015,7 +1015,7 @@ class BenchmarkCase:
   Attributes:
     msi: the simulated MSI (counts), isotope and drift effects included; `metadata["simulated"]` is True.
     he: the H&E the MSI is registered to, re-stained (stain variation), (H, W, 3) in [0, 1].
-    he_pixel_size_um: (y, x) µm.
+    histology_pixel_size_um: (y, x) µm.
     transform: the affine ground truth, H&E (fixed) µm → MSI (moving) µm.
     landmarks: (N, 4) fixed_x, fixed_y (H&E µm), moving_x, moving_y (MSI µm) = T(fixed): the affine ground truth
       at tissue points, for the TRE of an affine registration.
@@ -1029,7 +1029,7 @@ class BenchmarkCase:
 
   msi: MSIImage
   he: np.ndarray
-  he_pixel_size_um: tuple[float, float]
+  histology_pixel_size_um: tuple[float, float]
   transform: AffineTransform
   landmarks: np.ndarray
   neighbour_he: np.ndarray
@@ -1038,6 +1038,11 @@ class BenchmarkCase:
   tissue_msi: np.ndarray
   simulated: bool = True
   metadata: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def he_pixel_size_um(self) -> tuple[float, float]:
+    """Deprecated name of `histology_pixel_size_um`."""
+    return self.histology_pixel_size_um
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -1048,26 +1053,28 @@ def neighbour_section(
   seed: int,
   he_rgb: np.ndarray,
   *,
-  he_pixel_size_um: float,
+  histology_pixel_size_um: float | None = None,
   elastic_um: float = 40.0,
   elastic_length_um: float = 300.0,
   n_tears: int = 2,
   tear_size_um: float = 150.0,
   n_folds: int = 1,
   fold_width_um: float = 60.0,
+  he_pixel_size_um: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
   """A neighbouring section of an H&E: elastic warp, local tissue loss and folds (see the module docstring).
 
   Args:
     seed: seed of the deformation, tears and folds.
     he_rgb: (H, W, 3) float in [0, 1].
-    he_pixel_size_um: isotropic H&E pixel, µm.
+    histology_pixel_size_um: isotropic H&E pixel, µm (required).
     elastic_um: largest elastic displacement, µm.
     elastic_length_um: Gaussian σ of the elastic field, µm.
     n_tears: number of local tissue losses.
     tear_size_um: typical tear diameter, µm.
     n_folds: number of folds.
     fold_width_um: width of a fold band, µm.
+    he_pixel_size_um: deprecated name of `histology_pixel_size_um`.
 
   Returns:
     (neighbour (H, W, 3) float32, displacement (H, W, 2) float32 (x, y) µm, info dict).
@@ -1075,7 +1082,12 @@ def neighbour_section(
   he = _check_he(he_rgb)
   rng = _rng(seed, _STREAM_NEIGHBOUR)
   h, w = he.shape[:2]
-  px = float(he_pixel_size_um)
+  histology_pixel_size_um = geometry.renamed_argument(
+    histology_pixel_size_um, he_pixel_size_um, "histology_pixel_size_um", "he_pixel_size_um"
+  )
+  if histology_pixel_size_um is None:
+    raise errors.ConfigError("neighbour_section needs histology_pixel_size_um")
+  px = float(histology_pixel_size_um)
   field = np.stack([ndimage.gaussian_filter(rng.standard_normal((h, w)), elastic_length_um / px, mode="reflect")
                     for _ in range(2)], axis=-1)  # fmt: skip
   field *= elastic_um / max(float(np.abs(field).max()), 1e-12)
@@ -1141,7 +1153,7 @@ def simulate_benchmark_case(
   seed: int,
   he_rgb: np.ndarray,
   *,
-  he_pixel_size_um: float = 5.0,
+  histology_pixel_size_um: float | None = None,
   msi_pixel_size_um: float = 20.0,
   n_ions: int = 40,
   chemistry_seed: int = 0,
@@ -1161,13 +1173,14 @@ def simulate_benchmark_case(
   max_translation_um: float = 200.0,
   n_landmarks: int = 50,
   he_name: str = "",
+  he_pixel_size_um: float | None = None,
 ) -> BenchmarkCase:
   """One case of the semi-synthetic benchmark (SIMULATED; model in the module docstring, "The benchmark").
 
   Args:
     seed: seed of this case (neighbour section, misalignment, outline, ROI, stain, drift, noise, landmarks).
     he_rgb: the real H&E, (H, W, 3) in [0, 1].
-    he_pixel_size_um: its (assumed) pixel, µm (2-5).
+    histology_pixel_size_um: its (assumed) pixel, µm (2-5); None for 5.
     msi_pixel_size_um: MSI pixel, µm (20-50).
     n_ions: simulated ions; the cube has 3 · n_ions channels (M, M+1, M+2 of each).
     chemistry_seed: the ions' model, shared across slides.
@@ -1180,6 +1193,7 @@ def simulate_benchmark_case(
     max_rotation_deg, max_scale, max_translation_um: bounds of the random affine misalignment.
     n_landmarks: tissue points for the TRE.
     he_name: recorded in the metadata.
+    he_pixel_size_um: deprecated name of `histology_pixel_size_um`.
 
   Returns:
     A BenchmarkCase.
@@ -1190,16 +1204,22 @@ def simulate_benchmark_case(
   from skimage import draw
 
   he = _check_he(he_rgb)
+  histology_pixel_size_um = geometry.renamed_argument(
+    histology_pixel_size_um, he_pixel_size_um, "histology_pixel_size_um", "he_pixel_size_um"
+  )
+  if histology_pixel_size_um is None:
+    histology_pixel_size_um = 5.0
   if not 0 <= outline_leak <= 1:
     raise errors.ConfigError(f"outline_leak must be in [0, 1], got {outline_leak}")
   if n_ions < 1 or roi_vertices < 3:
     raise errors.ConfigError(f"need n_ions >= 1 and roi_vertices >= 3, got {n_ions}, {roi_vertices}")
   neighbour, field, neighbour_info = neighbour_section(
-    seed, he, he_pixel_size_um=he_pixel_size_um, elastic_um=elastic_um, n_tears=n_tears, n_folds=n_folds
+    seed, he, histology_pixel_size_um=histology_pixel_size_um, elastic_um=elastic_um, n_tears=n_tears, n_folds=n_folds
   )
-  sim = simulate_msi(seed, neighbour, histology_pixel_size_um=he_pixel_size_um, msi_pixel_size_um=msi_pixel_size_um,
-                     n_channels=n_ions, misalignment="random", max_rotation_deg=max_rotation_deg,
-                     max_scale=max_scale, max_translation_um=max_translation_um, chemistry_seed=chemistry_seed,
+  sim = simulate_msi(seed, neighbour, histology_pixel_size_um=histology_pixel_size_um,
+                     msi_pixel_size_um=msi_pixel_size_um, n_channels=n_ions, misalignment="random",
+                     max_rotation_deg=max_rotation_deg, max_scale=max_scale, max_translation_um=max_translation_um,
+                     chemistry_seed=chemistry_seed,
                      class_centroids=class_centroids, he_name=he_name, n_landmarks=4)  # fmt: skip
   cube = np.asarray(sim.msi.cube, np.float64)
   measured = np.asarray(sim.msi.mask, bool)
@@ -1254,14 +1274,15 @@ def simulate_benchmark_case(
   rng = _rng(seed, _STREAM_BENCH_LM)
   he_tissue = he_tissue_mask(he)
   ly, lx = np.nonzero(he_tissue)
-  px = geometry.pixel_size_yx(he_pixel_size_um, "he_pixel_size_um")
+  px = geometry.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
   pick = rng.choice(ly.size, size=min(int(n_landmarks), ly.size), replace=False) if ly.size else np.zeros(0, int)
   fixed = np.stack([lx[pick] * px[1], ly[pick] * px[0]], axis=-1).astype(np.float64)
   moving = _apply(np.asarray(sim.transform.matrix, np.float64), fixed) if len(fixed) else fixed
   metadata = {
     "simulated": True,
     "benchmark": "neighbouring-section semi-synthetic benchmark (msisynth.simulate.simulate_benchmark_case)",
-    "seed": int(seed), "he_name": he_name, "he_pixel_size_um": float(he_pixel_size_um),
+    "seed": int(seed), "he_name": he_name, "histology_pixel_size_um": float(histology_pixel_size_um),
+    "he_pixel_size_um": float(histology_pixel_size_um),  # deprecated name of histology_pixel_size_um
     "msi_pixel_size_um": float(msi_pixel_size_um), "n_ions": int(n_ions), "chemistry_seed": int(chemistry_seed),
     "neighbour": neighbour_info, "outline_leak": float(outline_leak), "roi_polygon_rc": poly.tolist(),
     "stain_jitter": float(stain_jitter), "drift_ppm": float(drift_ppm), "bin_ppm": float(bin_ppm),
@@ -1272,6 +1293,6 @@ def simulate_benchmark_case(
   msi = MSIImage(cube=cube, mz=mz_all.astype(np.float64), mask=mask, pixel_size_um=sim.msi.pixel_size_um,
                  metadata={"simulated": True, "source": f"SIMULATED benchmark case from {he_name or 'an H&E'} "
                                                         f"(seed {seed})", "simulation": metadata})  # fmt: skip
-  return BenchmarkCase(msi=msi, he=stained, he_pixel_size_um=px, transform=sim.transform,
+  return BenchmarkCase(msi=msi, he=stained, histology_pixel_size_um=px, transform=sim.transform,
                        landmarks=np.concatenate([fixed, moving], axis=1), neighbour_he=neighbour, elastic_um=field,
                        roi_mask=roi, tissue_msi=tissue, metadata=metadata)  # fmt: skip

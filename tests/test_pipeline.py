@@ -200,6 +200,24 @@ def test_mirrored_section_in_memory_at_another_output_pixel_size(sections, tmp_p
   np.testing.assert_allclose(msi_io.read_histology(paths["synthetic_he"]), result.synthetic_he, atol=1 / 255)
 
 
+def test_without_carry_msi_no_dense_cube_is_computed_or_written(sections, tmp_path):
+  root, _ = sections
+  out = tmp_path / "report"
+  result = pipeline.process_section(
+    _inputs(root, "shifted"), perfect_synthesizer, registration_config=REGISTRATION, out_dir=out, figures=False,
+    carry_msi=False,
+  )
+  assert result.msi_in_histology is None and "msi_in_histology_space" not in result.paths
+  assert not (out / pipeline.REPORT_FILES["msi_in_histology_space"]).exists()
+  assert "carry MSI into histology space" not in result.timings_s
+  assert json.loads((out / "metrics.json").read_text())["msi_cube_carried"] is False
+  assert pipeline.REPORT_FILES["msi_in_histology_space"] not in (out / "report.md").read_text()
+  # The mask is the one the full cube would have had.
+  msi = msi_io.read_imzml(root / "shifted" / "simulated_msi.imzML", **READ)
+  whole = warp_msi(msi, result.transform, result.output_shape, result.output_pixel_size_um)
+  np.testing.assert_array_equal(np.load(out / "msi_mask_in_histology_space.npy"), whole.mask)
+
+
 def test_an_existing_output_folder_is_never_overwritten(sections, tmp_path):
   root, _ = sections
   out = tmp_path / "mine"

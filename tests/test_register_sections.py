@@ -371,6 +371,8 @@ def test_exports_beside_the_report(templates, tmp_path):
   assert rows[0]["status"] == "ok", rows[0]["error"]
   folder = out / "m"
   assert not (folder / "msi_in_histology_space.npy").exists()  # "npy" was not asked for
+  assert json.loads((folder / "metrics.json").read_text())["msi_cube_carried"] is False  # nor computed
+  assert "msi_in_histology_space.npy" not in (folder / "report.md").read_text()
   sdata = spatialdata.read_zarr(folder / "section.zarr")
   assert {"histology", "msi"} <= set(sdata.images) and "regions" in sdata.shapes
   truth = AffineTransform.from_matrix(json.loads((folder / "transform.json").read_text())["matrix_fixed_to_moving_um"])

@@ -200,17 +200,17 @@ def test_bad_arguments_raise_config_errors(he):
 
 @pytest.fixture(scope="module")
 def bench(he):
-  return simulate.simulate_benchmark_case(3, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
+  return simulate.simulate_benchmark_case(3, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
                                           he_name="crop")  # fmt: skip
 
 
 def test_benchmark_case_is_labelled_simulated_and_reproducible(he, bench):
   assert bench.simulated and bench.msi.metadata["simulated"] and bench.metadata["simulated"]
   assert "SIMULATED" in bench.msi.metadata["source"]
-  again = simulate.simulate_benchmark_case(3, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
+  again = simulate.simulate_benchmark_case(3, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6,
                                            he_name="crop")  # fmt: skip
   np.testing.assert_array_equal(again.msi.cube, bench.msi.cube)
-  other = simulate.simulate_benchmark_case(4, he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6)
+  other = simulate.simulate_benchmark_case(4, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_ions=6)
   assert not np.array_equal(other.roi_mask, bench.roi_mask) or not np.allclose(other.he, bench.he)
 
 
@@ -252,8 +252,8 @@ def test_drift_gain_is_a_bin_share():
 
 
 def test_benchmark_outline_is_weaker_than_the_plain_simulation(he, bench):
-  plain = simulate.simulate_msi(3, bench.neighbour_he, he_pixel_size_um=HE_PX, msi_pixel_size_um=20.0, n_channels=6,
-                                misalignment=bench.transform)  # fmt: skip
+  plain = simulate.simulate_msi(3, bench.neighbour_he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=20.0,
+                                n_channels=6, misalignment=bench.transform)  # fmt: skip
 
   def contrast(cube, mask, tissue):
     tic = cube.sum(axis=-1)

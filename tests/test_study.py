@@ -24,7 +24,7 @@ def tiny(shared_data):
   he = np.ascontiguousarray(full[::4, ::4]).astype(np.float32)
   sections = []
   for seed in (1, 2):
-    case = simulate.simulate_benchmark_case(seed, he, he_pixel_size_um=20.0, msi_pixel_size_um=80.0, n_ions=6,
+    case = simulate.simulate_benchmark_case(seed, he, histology_pixel_size_um=20.0, msi_pixel_size_um=80.0, n_ions=6,
                                             max_translation_um=100.0)  # fmt: skip
     sections.append(common.Section(f"s{seed}", case.msi, case.he, 20.0, case.transform, truth=case.transform,
                                    landmarks=case.landmarks))  # fmt: skip

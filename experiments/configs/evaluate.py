@@ -113,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.split.he_downsample = 1
   if setting == "simulated":
     train.data.source = "simulated"
-    train.data.he_pixel_size_um = 10.0
+    train.data.histology_pixel_size_um = 10.0
     train.data.msi_pixel_size_um = 40.0
     train.data.n_channels = 120
     train.data.n_components = 8
@@ -144,6 +144,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   reg.max_iterations = ml_collections.config_dict.placeholder(int)  # None: RegistrationConfig's default
   reg.max_samples = 32768
   reg.flips_and_rot90 = False
+  # Simulated setting: None for msisynth.geometry.working_pixel_size_um (a quarter of the MSI pixel, never finer
+  # than the H&E); the tables made before that rule registered at half the MSI pixel (20.0 here).
+  reg.working_pixel_size_um = ml_collections.config_dict.placeholder(float)
   reg.success_px = 2.0
   config.registration = reg
 
@@ -176,7 +179,7 @@ def _make_tiny(config: ml_collections.ConfigDict) -> None:
     config.split.test_slides = config.split.test_slides[:1]
     config.split.he_downsample = 4
     t.data.he_slides = config.split.train_slides
-    t.data.he_pixel_size_um = 40.0
+    t.data.histology_pixel_size_um = 40.0
     t.data.msi_pixel_size_um = 80.0
     t.data.n_channels = 24
     t.data.n_components = 4

@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model_config = m
 
   config.benchmark = ml_collections.ConfigDict(dict(
-    n_train_slides=4, n_test_slides=3, sims_per_test_slide=2, he_reduce=1, he_pixel_size_um=5.0,
+    n_train_slides=4, n_test_slides=3, sims_per_test_slide=2, he_reduce=1, histology_pixel_size_um=5.0,
     msi_pixel_size_um=20.0, n_ions=40, n_components=8))  # fmt: skip
   config.eval = ml_collections.ConfigDict(dict(mi_bins=16, kid_patch=16, tile=32, overlap=8))
   config.registration = ml_collections.ConfigDict(dict(
@@ -83,7 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _steps(m, 2)
     config.seeds.train = (0, 1)
     config.benchmark.update(dict(n_train_slides=1, n_test_slides=1, sims_per_test_slide=2, he_reduce=4,
-                                 he_pixel_size_um=20.0, msi_pixel_size_um=80.0, n_ions=8, n_components=3))  # fmt: skip
+                                 histology_pixel_size_um=20.0, msi_pixel_size_um=80.0, n_ions=8,
+                                 n_components=3))  # fmt: skip
     config.eval.update(dict(mi_bins=4, kid_patch=8, tile=16, overlap=8))
     config.registration.update(dict(levels=1, max_iterations=10, max_samples=1024, working_pixel_size_um=40.0))
     config.rough.rounds = 1

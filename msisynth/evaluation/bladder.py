@@ -51,7 +51,7 @@ def load_section(data_dir=None, *, he_reduce: int = 4):
   section = Section("msight_bladder", msi, he, he_px, transform, truth=None,
                     landmarks=np.concatenate([he_um, msi_um], 1), simulated=False,
                     he_mask=simulate.he_tissue_mask(he))  # fmt: skip
-  info = {"he_pixel_size_um_estimated": he_px, "he_full_pixel_size_um_estimated": he_full_px,
+  info = {"histology_pixel_size_um_estimated": he_px, "histology_full_pixel_size_um_estimated": he_full_px,
           "he_reduce": int(he_reduce), "landmark_residual_msi_px": residual.tolist(), "msi_shape": list(msi.shape),
           "n_channels": int(msi.cube.shape[-1]), "measured_pixels": int(msi.mask.sum())}  # fmt: skip
   return section, info

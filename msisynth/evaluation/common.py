@@ -26,7 +26,7 @@ class Section:
     name: for tables.
     msi: the MSI (`MSIImage`).
     he: (H, W, 3) H&E in [0, 1].
-    he_pixel_size_um: isotropic H&E pixel, µm.
+    histology_pixel_size_um: isotropic H&E pixel, µm.
     transform: the transform used to build training pairs (ground truth, or an estimate).
     truth: the affine ground truth (simulated) or None (real data).
     landmarks: (N, 4) fixed_x, fixed_y, moving_x, moving_y µm for the TRE against `truth`, or None.
@@ -37,7 +37,7 @@ class Section:
   name: str
   msi: Any
   he: np.ndarray
-  he_pixel_size_um: float
+  histology_pixel_size_um: float
   transform: Any
   truth: Any = None
   landmarks: np.ndarray | None = None
@@ -65,7 +65,7 @@ def make_section_pair(section: Section, preprocessor, upsample: int, transform=N
   return data_lib.make_pair(
     np.asarray(preprocessor.transform(section.msi), np.float32), section.he,
     transform=transform if transform is not None else section.transform,
-    msi_pixel_size_um=section.msi.pixel_size_um, histology_pixel_size_um=section.he_pixel_size_um,
+    msi_pixel_size_um=section.msi.pixel_size_um, histology_pixel_size_um=section.histology_pixel_size_um,
     upsample=int(upsample), msi_mask=section.msi.mask, histology_mask=he_mask, name=section.name,
     metadata={"simulated": bool(section.simulated)})  # fmt: skip
 

@@ -273,7 +273,7 @@ def build_data(config, output_dir: pathlib.Path) -> EvalData:
   slides = _slide_paths(config, output_dir)
   s = config.split
   paired = data_lib.semi_synthetic_pairs(
-    [slides[n] for n in s.train_slides], seed=seed, he_pixel_size_um=float(d.he_pixel_size_um),
+    [slides[n] for n in s.train_slides], seed=seed, histology_pixel_size_um=float(d.histology_pixel_size_um),
     msi_pixel_size_um=float(d.msi_pixel_size_um), n_channels=int(d.n_channels), n_components=int(d.n_components),
     upsample=upsample, val_he_paths=[slides[s.val_slide]] + [slides[n] for n in s.test_slides])  # fmt: skip
   train_data = paired.train_dataset(seed=seed, augment=bool(d.augment), **dataset_kwargs)
@@ -285,7 +285,8 @@ def build_data(config, output_dir: pathlib.Path) -> EvalData:
   cases = [Case(n, i, (slice(None), slice(None)), p.mask) for i, (n, p) in enumerate(zip(s.test_slides, test_pairs))]
   split = {"kind": "held-out slides", "train_slides": list(s.train_slides), "val_slide": s.val_slide,
            "test_slides": list(s.test_slides), "he_downsample": int(s.he_downsample), "upsample": upsample,
-           "he_pixel_size_um_assumed": float(d.he_pixel_size_um), "msi_pixel_size_um": float(d.msi_pixel_size_um),
+           "histology_pixel_size_um_assumed": float(d.histology_pixel_size_um),
+           "msi_pixel_size_um": float(d.msi_pixel_size_um),
            "cases": "held-out slides", "n_train_positions": train_data.num_positions}  # fmt: skip
   return EvalData(paired, train_data, val_set, list(test_pairs), cases, [], True, "H&E", slides, split)
 
@@ -598,9 +599,12 @@ def registration_config(config):
   iterations = r.get("max_iterations")
   working = None
   if config.setting == "simulated":
-    # Half the MSI pixel, as `register_msi_to_histology` does: finer histology detail cannot be matched by MSI.
+    # The library's one rule (`msisynth.geometry.working_pixel_size_um`), or the config's working pixel size.
+    from msisynth import geometry
+
     d = config.train.data
-    working = max(float(d.msi_pixel_size_um) / 2, float(d.he_pixel_size_um))
+    working = max(geometry.working_pixel_size_um(float(d.msi_pixel_size_um), float(d.histology_pixel_size_um),
+                                                 r.get("working_pixel_size_um")))  # fmt: skip
   return optimize.RegistrationConfig(similarity=r.similarity, levels=int(r.levels),
                                      max_iterations=None if iterations is None else int(iterations),
                                      max_samples=int(r.max_samples), flips_and_rot90=bool(r.flips_and_rot90),
@@ -631,7 +635,7 @@ def registration_simulated(config, data: EvalData, synthesizer, figures: pathlib
   from msisynth.viz import registration as viz_reg
 
   d, r = config.train.data, config.registration
-  he_px, msi_px, upsample = float(d.he_pixel_size_um), float(d.msi_pixel_size_um), int(d.upsample)
+  he_px, msi_px, upsample = float(d.histology_pixel_size_um), float(d.msi_pixel_size_um), int(d.upsample)
   rconfig = registration_config(config)
   centroids = np.asarray(data.paired.metadata["class_centroids"])
   preprocessor = data.paired.preprocessor
@@ -641,7 +645,7 @@ def registration_simulated(config, data: EvalData, synthesizer, figures: pathlib
     for seed in r.seeds:
       sim_seed = 10_000 + 100 * slide_index + int(seed)
       sim = simulate.simulate_msi(
-        sim_seed, he, he_pixel_size_um=he_px, msi_pixel_size_um=msi_px, n_channels=int(d.n_channels),
+        sim_seed, he, histology_pixel_size_um=he_px, msi_pixel_size_um=msi_px, n_channels=int(d.n_channels),
         misalignment="random", max_rotation_deg=float(r.max_rotation_deg), max_scale=float(r.max_scale),
         max_translation_um=float(r.max_translation_um), noise=True, class_centroids=centroids,
         chemistry_seed=int(config.train.seed), he_name=stem)  # fmt: skip
@@ -699,7 +703,7 @@ def registration_simulated(config, data: EvalData, synthesizer, figures: pathlib
       "seconds_mean": float(np.mean([e["seconds"] for e in entries])),
     }
   before = _mean_std([c["tre_before_um"] / msi_px for c in cases])
-  return {"setting": "simulated", "simulated": True, "msi_pixel_size_um": msi_px, "he_pixel_size_um": he_px,
+  return {"setting": "simulated", "simulated": True, "msi_pixel_size_um": msi_px, "histology_pixel_size_um": he_px,
           "success_px": float(r.success_px), "registration_config": dataclasses.asdict(rconfig), "cases": cases,
           "summary": summary, "tre_before_px": before}  # fmt: skip
 

@@ -36,8 +36,8 @@ def initial_transforms(train, preprocessor, rconfig, *, upsample: int):
   out = []
   for s in train:
     image, px, mask = common.route_images(s, None, preprocessor, upsample)["msi_tic"]
-    result, _, _ = common.register_route(s.he, image, fixed_px=s.he_pixel_size_um, moving_px=px, moving_mask=mask,
-                                         rconfig=rconfig)  # fmt: skip
+    result, _, _ = common.register_route(s.he, image, fixed_px=s.histology_pixel_size_um, moving_px=px,
+                                         moving_mask=mask, rconfig=rconfig)  # fmt: skip
     out.append(result.transform if result is not None else s.transform.__class__.identity())
   return out
 
@@ -104,14 +104,14 @@ def alternate(config, train, test, preprocessor, workdir, seeds, rconfig) -> dic
       new = []
       for s, t in zip(train, transforms):
         image, px, mask = common.route_images(s, synth, preprocessor, u)["synthetic"]
-        result, _, _ = common.register_route(s.he, image, fixed_px=s.he_pixel_size_um, moving_px=px,
+        result, _, _ = common.register_route(s.he, image, fixed_px=s.histology_pixel_size_um, moving_px=px,
                                              moving_mask=mask, rconfig=rconfig, initial=t)  # fmt: skip
         new.append(result.transform if result is not None else t)
       transforms = new
       test_tre = []
       for s in test[: int(r.get("max_test_cases", len(test)))]:
         image, px, mask = common.route_images(s, synth, preprocessor, u)["synthetic"]
-        result, _, _ = common.register_route(s.he, image, fixed_px=s.he_pixel_size_um, moving_px=px,
+        result, _, _ = common.register_route(s.he, image, fixed_px=s.histology_pixel_size_um, moving_px=px,
                                              moving_mask=mask, rconfig=rconfig)  # fmt: skip
         test_tre.append(_tre_px(None if result is None else result.transform, s))
       rounds.append({"round": k, "train_tre_px": [_tre_px(t, s) for t, s in zip(transforms, train)],

@@ -74,12 +74,12 @@ def benchmark_sections(config, seeds: stats.Seeds) -> tuple[list, list, dict]:
 
   train_he = [read(p) for p in train_paths]
   centroids = simulate.fit_class_centroids(seeds.data, train_he, n_classes=4)
-  kwargs = dict(he_pixel_size_um=float(b.he_pixel_size_um), msi_pixel_size_um=float(b.msi_pixel_size_um),
+  kwargs = dict(histology_pixel_size_um=float(b.histology_pixel_size_um), msi_pixel_size_um=float(b.msi_pixel_size_um),
                 n_ions=int(b.n_ions), chemistry_seed=seeds.data, class_centroids=centroids)  # fmt: skip
 
   def section(he, name, seed):
     case = simulate.simulate_benchmark_case(seed, he, he_name=name, **kwargs)
-    return common.Section(f"{name}/s{seed}", case.msi, case.he, float(b.he_pixel_size_um), case.transform,
+    return common.Section(f"{name}/s{seed}", case.msi, case.he, float(b.histology_pixel_size_um), case.transform,
                           truth=case.transform, landmarks=case.landmarks, simulated=True)  # fmt: skip
 
   train = [section(he, p.stem, 1000 * seeds.data + i) for i, (he, p) in enumerate(zip(train_he, train_paths))]
@@ -217,7 +217,7 @@ def benchmark_registration(config, sections, synthesizer, preprocessor) -> dict[
     row = {"case": s.name, "before": _tre(AffineTransform.identity(), s)}
     for name in config.registration.routes:
       image, px, mask = routes[name]
-      result, error, seconds = common.register_route(s.he, image, fixed_px=s.he_pixel_size_um, moving_px=px,
+      result, error, seconds = common.register_route(s.he, image, fixed_px=s.histology_pixel_size_um, moving_px=px,
                                                      moving_mask=mask, rconfig=rconfig)  # fmt: skip
       entry = {"seconds": round(seconds, 1), "error": error}
       entry.update(_tre(result.transform, s) if result is not None else {"tre_um": math.inf, "tre_px": math.inf})
@@ -274,7 +274,7 @@ def bladder_study(config, seeds: stats.Seeds, workdir: pathlib.Path) -> dict[str
   pre0 = common.fit_preprocessor([section], [train_roi], int(bc.n_components), seeds.data)
   routes0 = common.route_images(section, None, pre0, u, roi=train_roi)
   image, px, mask = routes0["msi_tic"]
-  refined, error, _ = common.register_route(section.he, image, fixed_px=section.he_pixel_size_um, moving_px=px,
+  refined, error, _ = common.register_route(section.he, image, fixed_px=section.histology_pixel_size_um, moving_px=px,
                                             moving_mask=mask, rconfig=rconfig, initial=section.transform)  # fmt: skip
   pair_transform = refined.transform if refined is not None else section.transform
   moved = _transform_distance_px(pair_transform, section.transform, section)
@@ -300,7 +300,7 @@ def bladder_study(config, seeds: stats.Seeds, workdir: pathlib.Path) -> dict[str
   reg = {"routes": {}, "umap": "not run: umap-learn is not installed (no UMAP image route)"}
   for name in config.registration.routes:
     image, px, mask = routes[name]
-    kw = dict(fixed_px=section.he_pixel_size_um, moving_px=px, moving_mask=mask, rconfig=rconfig)
+    kw = dict(fixed_px=section.histology_pixel_size_um, moving_px=px, moving_mask=mask, rconfig=rconfig)
     best, error, _ = common.register_route(section.he, image, initial=pair_transform, **kw)
     if best is None:
       reg["routes"][name] = {"error": error}

@@ -206,7 +206,7 @@ def tissue_crop(
   `crop.crop(slide)` with `crop.mask_crop` as the fixed mask, then `crop.uncrop_transform(result.transform)`
   maps the whole slide's µm to the moving image's, as if the registration had run on the whole slide.
 
-  Measured (docs/results_tissue.md, `python benchmarks/bench_tissue.py`): on 12 generated 2048 x 2048 slides
+  Measured (docs/results.md, section 11, `python benchmarks/bench_tissue.py`): on 12 generated 2048 x 2048 slides
   whose one section covers 0.3-1.2 % of the slide (stain 100 %, 30 % or uneven; white or tinted background),
   with a label, two pen lines across the slide, debris and a dark edge, the crop held all of the tissue on 8
   and at least 89 % of it on all 12 (small side pieces are dropped), and was 0.7-4.5 % of the slide (median

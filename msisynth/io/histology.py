@@ -675,7 +675,7 @@ def tissue_mask(
   2 * `opening_radius_px` + 1, such as text edges), connected parts smaller than `min_size_px` are dropped and
   holes up to `max_hole_size_px` filled.
 
-  Measured (docs/results_tissue.md, `python benchmarks/bench_tissue.py`). On the 11 shipped slides, the Dice of
+  Measured (docs/results.md, section 11, `python benchmarks/bench_tissue.py`). On the 11 shipped slides, the Dice of
   the mask of the slide blended towards white unevenly (100 % stain at the left edge to 20 % at the right)
   against the mask of the original, median (worst): "chroma" 0.98 (0.78), "otsu" 0.81 (0.54), "saturation"
   0.96 (0.72); blended evenly to 30 %: "chroma" 0.98 (0.92), "otsu" 0.99 (0.69), "saturation" 0.91 (0.48).

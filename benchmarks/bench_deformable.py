@@ -13,7 +13,7 @@ Two parts, printed and saved as JSON (`--out`, default benchmarks/results/bench_
    overlap of the tissue masks (optical: Otsu; MSI: Otsu of log TIC).
 
 Command (about 5 minutes on 2 CPU cores):
-  PYTHONPATH=. python benchmarks/bench_deformable.py --hr2msi ../shared/data/hr2msi_bladder
+  PYTHONPATH=. python benchmarks/bench_deformable.py --hr2msi data/hr2msi_bladder
 """
 
 from __future__ import annotations

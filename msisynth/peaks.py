@@ -82,6 +82,24 @@ class Peaks:
     return float(np.median(w)) if w.size else float("nan")
 
 
+def check_spectrum(mz, spectrum) -> tuple[np.ndarray, np.ndarray]:
+  """(mz, spectrum) as float64 after the checks every peak picker makes.
+
+  Raises:
+    ConfigError: mismatched or empty arrays, or an m/z axis that is not strictly increasing.
+    DataError: NaN or Inf in the spectrum.
+  """
+  mz = np.asarray(mz, dtype=np.float64)
+  y = np.asarray(spectrum, dtype=np.float64)
+  if mz.ndim != 1 or y.shape != mz.shape or mz.size == 0:
+    raise errors.ConfigError(f"mz and spectrum must be matching non-empty 1-D arrays, got {mz.shape}, {y.shape}")
+  if mz.size > 1 and not np.all(np.diff(mz) > 0):
+    raise errors.ConfigError("mz must be strictly increasing")
+  if not np.all(np.isfinite(y)):
+    raise errors.DataError("spectrum holds NaN or Inf values")
+  return mz, y
+
+
 def mad_noise(y: np.ndarray) -> tuple[float, float]:
   """(baseline, noise): the median and 1.4826 x MAD of y, over its nonzero entries when most entries are zero."""
   y = np.asarray(y, np.float64)
@@ -257,14 +275,7 @@ def pick_peaks_mean(
     ConfigError: on mismatched shapes or invalid options.
     DataError: on NaN/Inf in the spectrum.
   """
-  axis = np.asarray(mz, np.float64)
-  y0 = np.asarray(spectrum, np.float64)
-  if axis.ndim != 1 or y0.shape != axis.shape or axis.size == 0:
-    raise errors.ConfigError(f"mz and spectrum must be matching non-empty 1-D arrays, got {axis.shape}, {y0.shape}")
-  if axis.size > 1 and not np.all(np.diff(axis) > 0):
-    raise errors.ConfigError("mz must be strictly increasing")
-  if not np.all(np.isfinite(y0)):
-    raise errors.DataError("spectrum holds NaN or Inf values")
+  axis, y0 = check_spectrum(mz, spectrum)
   if smooth_sigma < 0 or snr < 0 or not 0 <= min_pixel_fraction <= 1 or window_fwhm <= 0:
     raise errors.ConfigError(
       f"need smooth_sigma >= 0, snr >= 0, 0 <= min_pixel_fraction <= 1, window_fwhm > 0; got {smooth_sigma}, "

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from msisynth import errors, outputs
+from msisynth.peaks import check_spectrum
 from msisynth.types import MSIImage
 
 NORMALIZATIONS = ("tic", "rms", "median", "none")
@@ -537,14 +538,7 @@ def pick_peaks(
     ConfigError: on mismatched shapes, a non-increasing m/z axis or invalid options.
     DataError: on NaN/Inf in the spectrum.
   """
-  mz = np.asarray(mz, dtype=np.float64)
-  y = np.asarray(spectrum, dtype=np.float64)
-  if mz.ndim != 1 or y.shape != mz.shape or mz.size == 0:
-    raise errors.ConfigError(f"mz and spectrum must be matching non-empty 1-D arrays, got {mz.shape}, {y.shape}")
-  if mz.size > 1 and not np.all(np.diff(mz) > 0):
-    raise errors.ConfigError("mz must be strictly increasing")
-  if not np.all(np.isfinite(y)):
-    raise errors.DataError("spectrum holds NaN or Inf values")
+  mz, y = check_spectrum(mz, spectrum)
   if int(n_peaks) < 1:
     raise errors.ConfigError(f"n_peaks must be >= 1, got {n_peaks}")
   if min_distance_ppm is not None and min_distance_da is not None:

@@ -71,13 +71,7 @@ def _read_tiff(path: pathlib.Path) -> np.ndarray:
       axes = series.axes
   except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error, ... on corrupt files.
     raise errors.ImageReadError(f"cannot read TIFF ({type(e).__name__}: {e})", path) from e
-  # Drop singleton axes other than Y and X, then put any remaining non-spatial axis last.
-  keep = [i for i, a in enumerate(axes) if data.shape[i] != 1 or a in "YX"]
-  data = data.reshape([data.shape[i] for i in keep])
-  axes = "".join(axes[i] for i in keep)
-  if data.ndim == 3 and axes.endswith("YX"):
-    data = np.moveaxis(data, 0, -1)
-  return data
+  return _arrange(data, axes)
 
 
 def _read_pillow(path: pathlib.Path) -> np.ndarray:
@@ -347,7 +341,7 @@ def _check_decodable(path: pathlib.Path, header: dict, *, downsampled: bool) -> 
 
 
 def _arrange(data: np.ndarray, axes: str) -> np.ndarray:
-  """Drops singleton axes other than Y and X, and puts a remaining non-spatial axis last (as _read_tiff does)."""
+  """Drops singleton axes other than Y and X, and puts a remaining non-spatial axis last."""
   keep = [i for i, a in enumerate(axes) if data.shape[i] != 1 or a in "YX"]
   data = data.reshape([data.shape[i] for i in keep])
   axes = "".join(axes[i] for i in keep)

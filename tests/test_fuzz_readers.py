@@ -67,6 +67,27 @@ def test_intensities_beyond_float32_raise_or_clip(tmp_path):
     imzml.read_imzml(path, overflow="ignore")
 
 
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+@pytest.mark.parametrize("channels", ["bins", "windows"])
+def test_sums_beyond_float32_raise_or_clip_in_processed_files(tmp_path, order, channels):
+  # Each value fits float32; two of them in one channel do not. Sorted spectra take the kernels' fast path,
+  # unsorted ones the general one; both check what they write.
+  order = [0, 1, 2] if order == "sorted" else [0, 2, 1]
+  mz = np.array([150.0, 150.0001, 180.0])[order]
+  path = tmp_path / "sums.imzML"
+  with np.errstate(over="ignore"), ImzMLWriter(str(path), mode="processed", mz_dtype=np.float64,
+                                               intensity_dtype=np.float32) as writer:  # the writer sums in float32
+    for x in (1, 2, 3):
+      values = np.array([1.0, 1.0, 1.0] if x != 2 else [3e38, 3e38, 1.0], np.float32)[order]
+      writer.addSpectrum(mz, values, (x, 1))
+  kwargs = {"bin_width": 100.0} if channels == "bins" else {"mz_values": [150.0, 180.0], "tol": 100.0}
+  with pytest.raises(errors.ImzMLError, match=r"position \(x=2, y=1\): intensities exceed the float32 range"):
+    imzml.read_imzml(path, progress=False, **kwargs)
+  msi = imzml.read_imzml(path, progress=False, overflow="clip", **kwargs)
+  assert np.isfinite(msi.cube).all() and msi.cube[0, 1].max() == np.finfo(np.float32).max
+  assert msi.cube[0, 0].max() == 2.0 and msi.cube[0, 2].max() == 2.0
+
+
 def test_float64_image_beyond_float32_is_refused(tmp_path):
   import tifffile
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,13 +99,19 @@ def _file_order(index, ids: np.ndarray, rows: np.ndarray | None = None):
   return ids[order], (None if rows is None else rows[order])
 
 
-def bin_processed(index, ids, rows, out, axis: KernelAxis, *, nan_policy="raise", num_threads=None,
-                  show_progress=True, allow_unsorted=True, desc="binning spectra") -> int:  # fmt: skip
-  """Bins each spectrum ids[i] (own m/z array) into out[rows[i], :] (out is (P, C) float32, C-contiguous).
+class Binned(NamedTuple):
+  """What a binning pass found: spectra with unsorted m/z arrays (binned by value all the same), and whether some
+  value or sum written to the output left the float32 range (the kernels check every write)."""
 
-  Returns the number of spectra whose m/z arrays are not sorted (binned by value all the same).
-  """
+  unsorted: int
+  overflow: bool
+
+
+def bin_processed(index, ids, rows, out, axis: KernelAxis, *, nan_policy="raise", num_threads=None,
+                  show_progress=True, allow_unsorted=True, desc="binning spectra") -> Binned:  # fmt: skip
+  """Bins each spectrum ids[i] (own m/z array) into out[rows[i], :] (out is (P, C) float32, C-contiguous)."""
   unsorted = 0
+  overflow = False
   ids, rows = _file_order(index, np.asarray(ids, np.int64), np.asarray(rows, np.int64))
   lengths = np.minimum(index.mz_lengths[ids], index.intensity_lengths[ids])
   keep = lengths > 0
@@ -119,9 +126,10 @@ def bin_processed(index, ids, rows, out, axis: KernelAxis, *, nan_policy="raise"
       flags = _kernels.bin_raw(mbuf, mrel, mz_code, ibuf, irel, int_code, lengths[start:stop], rows[start:stop], out,
                                *axis.args(), nan_policy == "zero")  # fmt: skip
       unsorted += _raise_flags(index, ids[start:stop], flags, nan_policy, allow_unsorted)
+      overflow |= bool(np.any(flags & _kernels.OVERFLOW))
       if show_progress:
         b.update(stop - start)
-  return unsorted
+  return Binned(unsorted, overflow)
 
 
 @dataclasses.dataclass
@@ -190,8 +198,12 @@ def mz_extremes(index, ids) -> np.ndarray:
 
 
 def copy_continuous(index, ids, rows, out, c0: int, count: int, dest: np.ndarray, *, nan_policy="raise",
-                    num_threads=None, show_progress=True) -> None:  # fmt: skip
-  """Continuous spectra: the file's channels c0:c0 + count of spectrum ids[i] added to out[rows[i], dest]."""
+                    num_threads=None, show_progress=True) -> bool:  # fmt: skip
+  """Continuous spectra: the file's channels c0:c0 + count of spectrum ids[i] added to out[rows[i], dest].
+
+  Returns whether some value or sum written to the output left the float32 range.
+  """
+  overflow = False
   ids, rows = _file_order(index, np.asarray(ids, np.int64), np.asarray(rows, np.int64))
   keep = index.intensity_lengths[ids] > 0
   ids, rows = ids[keep], rows[keep]
@@ -205,8 +217,10 @@ def copy_continuous(index, ids, rows, out, c0: int, count: int, dest: np.ndarray
     ):
       flags = _kernels.copy_raw(ibuf, irel, _code(int_dt), count, rows[start:stop], out, dest, nan_policy == "zero")
       _raise_flags(index, ids[start:stop], flags, nan_policy, True)
+      overflow |= bool(np.any(flags & _kernels.OVERFLOW))
       if show_progress:
         b.update(stop - start)
+  return overflow
 
 
 def gather_processed(index, ids, *, nan_policy="raise", num_threads=None, show_progress=True):

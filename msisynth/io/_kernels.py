@@ -8,8 +8,10 @@ without locks.
 Bin membership is decided against the bin edges themselves (float64 comparisons, as `np.histogram` does), from a
 first guess out of a lookup table over the m/z range (`search_table`): no logarithm, no binary search, and a
 result that does not depend on the last bit of a logarithm.
-Within a spectrum, consecutive values that fall into the same channel are summed in float64 before they are
-added to the float32 output, so sorted spectra are binned as exactly as a float64 histogram cast to float32.
+Within a spectrum, the values that fall into one channel are summed in float64 (in a per-thread scratch row for
+clean sorted spectra, run by run otherwise) before they are added to the float32 output, so sorted spectra are
+binned as exactly as a float64 histogram cast to float32. Writes to the output are checked against the float32
+range as they are made (flag OVERFLOW), so the reader needs no second pass over the cube.
 
 Type codes: 0 float32, 1 float64, 2 int32, 3 int64 (see `TYPE_CODES`).
 """
@@ -33,12 +35,19 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _LAUNCH = threading.Lock()
 
 
-def _serialised(kernel):
-  """The parallel kernel `kernel`, launched under the module's lock (see above)."""
+def _serialised(kernel, chunked: bool = False):
+  """The parallel kernel `kernel`, launched under the module's lock (see above).
+
+  `chunked` kernels take one more argument, the number of chunks their parallel loop splits the spectra into (a
+  few per thread, each with its own scratch arrays); it is passed here because a compiled function that asks
+  numba for its thread count cannot be cached.
+  """
 
   @functools.wraps(kernel)
   def launch(*args):
     with _LAUNCH:
+      if chunked:
+        return kernel(*args, 4 * nb.get_num_threads())
       return kernel(*args)
 
   launch.kernel = kernel
@@ -52,6 +61,7 @@ BAD_MZ = 1  # NaN or Inf m/z
 UNSORTED_MZ = 2  # m/z decreases somewhere
 BAD_INTENSITY = 4  # NaN or Inf intensity
 NONPOSITIVE_MZ = 8  # m/z <= 0
+OVERFLOW = 16  # a value or sum written to the output left the float32 range
 
 _OPTS = dict(cache=True, nogil=True)
 
@@ -68,16 +78,22 @@ def decode(buf, offset, n, code):
   return buf[offset : offset + 8 * n].copy().view(np.int64).astype(np.float64)
 
 
-def search_table(arr: np.ndarray, right: bool, max_entries: int = 1 << 20) -> tuple[np.ndarray, float, float]:
+def search_table(arr: np.ndarray, right: bool = True, max_entries: int = 1 << 20) -> tuple[np.ndarray, float, float]:
   """A lookup table that turns a search in the sorted array `arr` into a multiply, a load and a short walk.
 
-  Bucket b covers [lo + b / inv, lo + (b + 1) / inv) and holds about the search position of its start (the
-  kernels walk from there to the exact position, so rounding here costs a step, never a wrong answer). Buckets
-  are no wider than the narrowest gap of `arr` unless that needs more than `max_entries` of them.
+  Bucket b covers [lo + b / inv, lo + (b + 1) / inv) and holds the number of entries of `arr` in the buckets
+  before it, computed with the same float64 operations as the kernels' (`_bucket`). Those entries all lie below
+  any value of bucket b, so the entry is never past the search position of such a value, and the kernels walk
+  forward from it to the exact position. Buckets are no wider than the narrowest gap of `arr` (at most one
+  entry to step over) unless that needs more than `max_entries` of them. The same table serves both sides of
+  the search (`right` is accepted for the callers' clarity). Entries are unsigned: no index wrap-around in the
+  kernels.
   """
+  del right
   arr = np.asarray(arr, np.float64)
+  dtype = np.uint32 if arr.size < 2**32 - 1 else np.uint64
   if arr.size < 2 or not arr[-1] > arr[0]:
-    return np.zeros(1, np.int64), float(arr[0]) if arr.size else 0.0, 0.0
+    return np.zeros(1, dtype), float(arr[0]) if arr.size else 0.0, 0.0
   gaps = np.diff(arr)
   positive = gaps[gaps > 0]
   span = float(arr[-1] - arr[0])
@@ -86,106 +102,74 @@ def search_table(arr: np.ndarray, right: bool, max_entries: int = 1 << 20) -> tu
   inv = 1.0 / width
   # Entries of arr below the start of each bucket: a count per bucket, accumulated (no search).
   bucket = np.clip(np.floor((arr - arr[0]) * inv).astype(np.int64) + 1, 0, count)
-  table = np.cumsum(np.bincount(bucket, minlength=count + 1))[:count].astype(np.int64)
+  table = np.cumsum(np.bincount(bucket, minlength=count + 1))[:count].astype(dtype)
   return table, float(arr[0]), inv
+
+
+# The helpers below are inlined into each loop (inline="always"), so no call and no reference counting per value.
+# Indices are unsigned, which spares the negative-index wrap-around of signed ones on the hot paths.
+_ONE = np.uint64(1)
 
 
 @nb.njit(inline="always", **_OPTS)
 def _bucket(m, table, tlo, tinv):
-  b = int((m - tlo) * tinv)
-  if b < 0:
-    b = 0
-  elif b >= table.size:
-    b = table.size - 1
-  return table[b]
+  """Table entry for a value m >= tlo (see `search_table`)."""
+  b = np.uint64((m - tlo) * tinv)
+  top = np.uint64(table.size - 1)
+  if b > top:
+    b = top
+  return np.uint64(table[b])
 
 
 @nb.njit(inline="always", **_OPTS)
-def search_right(m, arr, table, tlo, tinv):
-  """np.searchsorted(arr, m, side="right") through a `search_table(arr, right=True)`."""
-  n = arr.size
-  if not m >= arr[0]:  # also NaN
-    return 0
-  if m >= arr[n - 1]:
-    return n
+def _bin_of(m, edges, table, tlo, tinv):
+  """Bin k of edges[0] <= m < edges[-1]: edges[k] <= m < edges[k + 1] (`np.searchsorted(edges, m, "right") - 1`)."""
   k = _bucket(m, table, tlo, tinv)
-  while k > 0 and arr[k - 1] > m:
-    k -= 1
-  while arr[k] <= m:  # stops at n - 1 at the latest: m < arr[n - 1]
-    k += 1
+  k += np.uint64(edges[k] <= m)  # the usual single step, without a branch to mispredict
+  while edges[k] <= m:  # stops at the last edge at the latest: m < edges[-1]
+    k += _ONE
+  return k - _ONE
+
+
+@nb.njit(inline="always", **_OPTS)
+def _first_not_below(m, arr, table, tlo, tinv):
+  """`np.searchsorted(arr, m, "left")` for arr[0] < m <= arr[-1]."""
+  k = _bucket(m, table, tlo, tinv)
+  while arr[k] < m:  # stops at the last entry at the latest: m <= arr[-1]
+    k += _ONE
   return k
 
 
 @nb.njit(inline="always", **_OPTS)
-def search_left(m, arr, table, tlo, tinv):
-  """np.searchsorted(arr, m, side="left") through a `search_table(arr, right=False)`."""
-  n = arr.size
-  if not m > arr[0]:
-    return 0
-  if m > arr[n - 1]:
-    return n
-  k = _bucket(m, table, tlo, tinv)
-  while k > 0 and arr[k - 1] >= m:
-    k -= 1
-  while arr[k] < m:  # stops at n - 1 at the latest: m <= arr[n - 1]
-    k += 1
-  return k
-
-
-@nb.njit(inline="always", **_OPTS)
-def locate(m, edges, table, tlo, tinv):
-  """Bin of value m: k with edges[k] <= m < edges[k + 1]; -1 below the first edge, nbins at or above the last.
-
-  The last edge itself belongs to the last bin, as in `np.histogram`.
-  """
+def _bin_or_outside(m, edges, table, tlo, tinv, clip):
+  """Bin of m as `np.histogram` places it (the last edge in the last bin); values outside the edges go to the end
+  bins with `clip` and are -1 otherwise, as is NaN."""
   nbins = edges.size - 1
-  k = search_right(m, edges, table, tlo, tinv) - 1
-  if k == nbins and m == edges[nbins]:
-    k = nbins - 1
-  return k
-
-
-# The searches below are written out inside each loop rather than called: a call that passes arrays costs an
-# atomic reference-count update per value, several times the cost of the search itself.
+  if not m >= edges[0]:
+    if not clip or m != m:
+      return -1
+    return 0
+  if m >= edges[nbins]:
+    if m > edges[nbins] and not clip:
+      return -1
+    return nbins - 1
+  return np.int64(_bin_of(m, edges, table, tlo, tinv))
 
 
 @nb.njit(**_OPTS)
 def _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
   """Adds one spectrum into out[row, :] by bins; values outside the bins are clipped in (clip) or dropped.
 
-  With a non-empty `remap`, bin k goes to output column remap[k] (dropped when negative).
+  With a non-empty `remap`, bin k goes to output column remap[k] (dropped when negative). Each run of values
+  that fall into one channel is summed in float64 and then added to the output.
   """
-  n_edges = edges.size
-  nbins = n_edges - 1
-  first, last = edges[0], edges[nbins]
-  n_table = table.size
   use_remap = remap.size > 0
   current = -2
   acc = 0.0
   for j in range(mz.size):
-    m = mz[j]
-    # k = searchsorted(edges, m, "right") - 1, the last edge itself in the last bin (as np.histogram).
-    if not m >= first:  # also NaN
-      if not clip or m != m:
-        continue
-      k = 0
-    elif m >= last:
-      if m > last and not clip:
-        continue
-      k = nbins - 1
-    else:
-      b = int((m - tlo) * tinv)
-      if b < 0:
-        b = 0
-      elif b >= n_table:
-        b = n_table - 1
-      k = table[b]
-      while k > 0 and edges[k - 1] > m:
-        k -= 1
-      k += edges[k] <= m  # the usual single step, without a branch to mispredict
-      while edges[k] <= m:
-        k += 1
-      k -= 1
+    k = _bin_or_outside(mz[j], edges, table, tlo, tinv, clip)
+    if k < 0:
+      continue
     if use_remap:
       k = remap[k]
       if k < 0:
@@ -201,74 +185,73 @@ def _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, re
 
 
 @nb.njit(**_OPTS)
-def _bin_checked(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap):
-  """`_accumulate_edges` that also returns the status flags of the spectrum (one pass over the values)."""
-  nbins = edges.size - 1
-  first, last = edges[0], edges[nbins]
-  n_table = table.size
-  use_remap = remap.size > 0
-  current = -2
-  acc = 0.0
-  flags = 0
-  previous = -np.inf
+def _clean_within(mz, intensity, first, last):
+  """Whether m/z never decreases, from >= first to < last, and every intensity is finite: the spectra (nearly
+  all) that `_bin_sorted` takes. NaN fails every comparison, so it fails here too."""
+  n = mz.size
+  if n == 0 or not (mz[0] >= first and mz[n - 1] < last):
+    return False
+  ok = True
+  for j in range(1, n):
+    ok &= mz[j] >= mz[j - 1]
+  for j in range(n):
+    v = intensity[j]
+    ok &= v - v == 0.0
+  return ok
+
+
+@nb.njit(**_OPTS)
+def _bin_sorted(mz, intensity, scratch, ks, edges, table, tlo, tinv):
+  """scratch[k] += intensity[j] (float64) for the bin k of each m/z, k kept in ks[j]; mz as `_clean_within`.
+
+  Sums in the order of the values, so each bin's sum is the one `_accumulate_edges` forms for the bin's run.
+  """
   for j in range(mz.size):
-    m = mz[j]
-    v = np.float64(intensity[j])
-    if m < previous:
-      flags |= UNSORTED_MZ
-    previous = m
-    if v - v != 0.0:  # NaN or Inf
-      flags |= BAD_INTENSITY
-    if not m >= first:
-      if m != m or m == -np.inf:
-        flags |= BAD_MZ
-        continue
-      if m <= 0:
-        flags |= NONPOSITIVE_MZ
-        continue
-      if not clip:
-        continue
-      k = 0
-    elif m >= last:
-      if m == np.inf:
-        flags |= BAD_MZ
-        continue
-      if m > last and not clip:
-        continue
-      k = nbins - 1
-    else:
-      b = int((m - tlo) * tinv)
-      if b < 0:
-        b = 0
-      elif b >= n_table:
-        b = n_table - 1
-      k = table[b]
-      while k > 0 and edges[k - 1] > m:
-        k -= 1
-      k += edges[k] <= m  # the usual single step, without a branch to mispredict
-      while edges[k] <= m:
-        k += 1
-      k -= 1
-    if use_remap:
-      k = remap[k]
-      if k < 0:
-        continue
-    if k != current:
-      if current >= 0:
-        out[row, current] += acc
-      current = k
-      acc = 0.0
-    acc += v
-  if current >= 0:
-    out[row, current] += acc
-  return flags
+    k = _bin_of(mz[j], edges, table, tlo, tinv)
+    scratch[k] += intensity[j]
+    ks[j] = k
+
+
+@nb.njit(**_OPTS)
+def _flush(scratch, ks, count, out, row, remap):
+  """Adds the bin sums of `_bin_sorted` into out[row, :] (through `remap` when given) and zeroes them again;
+  returns OVERFLOW when a result leaves the float32 range.
+
+  Dense spectra go bin by bin over their m/z range, sparse ones peak by peak (a bin met again adds 0.0: no
+  change, as no sum is -0.0).
+  """
+  k0, k1 = ks[0], ks[count - 1]  # int64
+  bad = False
+  if remap.size == 0 and k1 - k0 < 2 * count:
+    for k in range(k0, k1 + 1):
+      v = np.float32(out[row, k] + scratch[k])
+      out[row, k] = v
+      bad |= v - v != 0.0
+      scratch[k] = 0.0
+  elif k1 - k0 < 2 * count:
+    for k in range(k0, k1 + 1):
+      c = remap[k]
+      if c >= 0:
+        v = np.float32(out[row, c] + scratch[k])
+        out[row, c] = v
+        bad |= v - v != 0.0
+      scratch[k] = 0.0
+  else:
+    for j in range(count):
+      k = ks[j]
+      c = np.int64(k) if remap.size == 0 else remap[k]
+      if c >= 0:
+        v = np.float32(out[row, c] + scratch[k])
+        out[row, c] = v
+        bad |= v - v != 0.0
+      scratch[k] = 0.0
+  return OVERFLOW if bad else 0
 
 
 @nb.njit(**_OPTS)
 def _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtable, wtlo, wtinv):
   """Adds one spectrum into out[row, :] by windows [lows[k], highs[k]] (inclusive, sorted by low, may overlap)."""
   nw = lows.size
-  n_table = wtable.size
   top = cummax_highs[nw - 1]
   bottom = cummax_highs[0]
   for j in range(mz.size):
@@ -281,20 +264,21 @@ def _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtab
     elif m > top:
       continue
     else:
-      b = int((m - wtlo) * wtinv)
-      if b < 0:
-        b = 0
-      elif b >= n_table:
-        b = n_table - 1
-      k = wtable[b]
-      while k > 0 and cummax_highs[k - 1] >= m:
-        k -= 1
-      while cummax_highs[k] < m:
-        k += 1
+      k = np.int64(_first_not_below(m, cummax_highs, wtable, wtlo, wtinv))
     while k < nw and lows[k] <= m:
       if m <= highs[k]:
         out[row, k] += intensity[j]
       k += 1
+
+
+@nb.njit(**_OPTS)
+def _row_overflow(out, row):
+  """OVERFLOW when out[row, :] holds a value outside the float32 range (its inputs were finite)."""
+  bad = False
+  for c in range(out.shape[1]):
+    v = out[row, c]
+    bad |= v - v != 0.0
+  return OVERFLOW if bad else 0
 
 
 @nb.njit(**_OPTS)
@@ -347,59 +331,73 @@ def _status_of(mz, intensity):
 
 
 @nb.njit(**_OPTS)
-def _accumulate(mz, intensity, out, row, mode, edges, table, tlo, tinv, clip, remap, lows, highs, cummax_highs,
-                wtable, wtlo, wtinv):  # fmt: skip
+def _accumulate(mz, intensity, out, row, scratch, ks, mode, edges, table, tlo, tinv, clip, remap, lows, highs,
+                cummax_highs, wtable, wtlo, wtinv):  # fmt: skip
+  """Adds one spectrum (flags already checked) into out[row, :]; returns OVERFLOW or 0.
+
+  Bins (mode 0) over positive edges take sorted, clean spectra through `_bin_sorted` and the rest through
+  `_accumulate_edges`, with the same sums; windows (mode 1) go through `_accumulate_windows`.
+  """
   if mode == 0:
+    if edges[0] > 0 and _clean_within(mz, intensity, edges[0], edges[edges.size - 1]):
+      _bin_sorted(mz, intensity, scratch, ks, edges, table, tlo, tinv)
+      return _flush(scratch, ks, mz.size, out, row, remap)
     _accumulate_edges(mz, intensity, out, row, edges, table, tlo, tinv, clip, remap)
   else:
     _accumulate_windows(mz, intensity, out, row, lows, highs, cummax_highs, wtable, wtlo, wtinv)
+  return _row_overflow(out, row)
 
 
 @nb.njit(parallel=True, **_OPTS)
 def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, out, mode, edges, table, tlo, tinv,
-            clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv, zero_bad):  # fmt: skip
+            clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv, zero_bad, chunks):  # fmt: skip
   """Bins spectra read from raw .ibd bytes into out[rows[i], :]; returns per-spectrum status flags.
 
   mode 0: bins (edges and their `search_table`, clip, remap); mode 1: windows (lows, highs, cummax_highs and its
   `search_table`). Spectra with non-finite m/z are not binned (their flags say so); non-finite intensities are
-  binned as 0 when `zero_bad`, and otherwise make the spectrum skipped too. The common layout (float64 m/z,
-  float32 intensities) is read in place, unaligned; others are decoded to float64 first.
+  binned as 0 when `zero_bad`, and otherwise make the spectrum skipped too. OVERFLOW marks a spectrum whose
+  sums left the float32 range. The common layout (float64 m/z, float32 intensities) is read in place,
+  unaligned, and a clean sorted spectrum (nearly all) is binned without any further check; other layouts are
+  decoded to float64 first. `chunks`: see `_serialised`.
   """
   n = lengths.size
   flags = np.zeros(n, np.int32)
-  for i in nb.prange(n):
-    count = lengths[i]
-    if count <= 0:
-      continue
-    if mz_code == 1 and int_code == 0:
-      mz_view = mz_buf[mz_off[i] : mz_off[i] + 8 * count].view(np.float64)
-      int_view = int_buf[int_off[i] : int_off[i] + 4 * count].view(np.float32)
-      if mode == 0:
-        # One pass that bins and checks; a spectrum with bad values is undone and redone below.
-        f = _bin_checked(mz_view, int_view, out, rows[i], edges, table, tlo, tinv, clip, remap)
+  longest = 1
+  for i in range(n):
+    longest = max(longest, lengths[i])
+  fast_bins = mode == 0 and edges[0] > 0
+  first, last = edges[0], edges[edges.size - 1]
+  chunks = max(1, min(n, chunks))
+  for c in nb.prange(chunks):
+    scratch = np.zeros(edges.size - 1 if mode == 0 else 1)
+    ks = np.empty(longest, np.int64)
+    for i in range(c * n // chunks, (c + 1) * n // chunks):
+      count = lengths[i]
+      if count <= 0:
+        continue
+      if mz_code == 1 and int_code == 0:
+        mz_view = mz_buf[mz_off[i] : mz_off[i] + 8 * count].view(np.float64)
+        int_view = int_buf[int_off[i] : int_off[i] + 4 * count].view(np.float32)
+        if fast_bins and _clean_within(mz_view, int_view, first, last):
+          _bin_sorted(mz_view, int_view, scratch, ks, edges, table, tlo, tinv)
+          flags[i] = _flush(scratch, ks, count, out, rows[i], remap)
+          continue
+        f = _status_of(mz_view, int_view)
         flags[i] = f
-        if f == 0 or f == UNSORTED_MZ:
+        if f & (BAD_MZ | NONPOSITIVE_MZ) or (f & BAD_INTENSITY and not zero_bad):
           continue
-        for c in range(out.shape[1]):
-          out[rows[i], c] = 0.0
-        if f & (BAD_MZ | NONPOSITIVE_MZ) or not zero_bad:
+        if not f & BAD_INTENSITY:
+          flags[i] = f | _accumulate(mz_view, int_view, out, rows[i], scratch, ks, mode, edges, table, tlo, tinv,
+                                     clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv)  # fmt: skip
           continue
-      f = _status_of(mz_view, int_view)
+      mz = decode(mz_buf, mz_off[i], count, mz_code)
+      intensity = decode(int_buf, int_off[i], count, int_code)
+      f = _status(mz, intensity, zero_bad)
       flags[i] = f
-      if f & (BAD_MZ | NONPOSITIVE_MZ) or (f & BAD_INTENSITY and not zero_bad):
+      if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
         continue
-      if not f & BAD_INTENSITY:
-        _accumulate(mz_view, int_view, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs,
-                    cummax_highs, wtable, wtlo, wtinv)  # fmt: skip
-        continue
-    mz = decode(mz_buf, mz_off[i], count, mz_code)
-    intensity = decode(int_buf, int_off[i], count, int_code)
-    f = _status(mz, intensity, zero_bad)
-    flags[i] = f
-    if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
-      continue
-    _accumulate(mz, intensity, out, rows[i], mode, edges, table, tlo, tinv, clip, remap, lows, highs, cummax_highs,
-                wtable, wtlo, wtinv)  # fmt: skip
+      flags[i] = f | _accumulate(mz, intensity, out, rows[i], scratch, ks, mode, edges, table, tlo, tinv, clip, remap,
+                                 lows, highs, cummax_highs, wtable, wtlo, wtinv)  # fmt: skip
   return flags
 
 
@@ -419,7 +417,8 @@ def extremes_raw(mz_buf, mz_off, mz_code, lengths, out):
 
 @nb.njit(parallel=True, **_OPTS)
 def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
-  """Continuous spectra: `count` intensities at each int_off[i] added to out[rows[i], dest[j]]; returns flags."""
+  """Continuous spectra: `count` intensities at each int_off[i] added to out[rows[i], dest[j]]; returns flags
+  (OVERFLOW for a spectrum whose values or sums leave the float32 range)."""
   n = int_off.size
   flags = np.zeros(n, np.int32)
   identity = dest.size == out.shape[1] and dest.size == count
@@ -434,6 +433,7 @@ def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
       # float32 intensities (the usual layout): read in place, unaligned, and copied straight to the output.
       view = int_buf[int_off[i] : int_off[i] + 4 * count].view(np.float32)
       bad = False
+      overflow = False
       if identity:
         for j in range(count):
           v = view[j]
@@ -447,8 +447,12 @@ def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
             bad = True
           d = dest[j]
           if d >= 0:
-            out[r, d] += v
+            s = out[r, d] + v
+            out[r, d] = s
+            overflow |= s - s != 0.0
       if not bad:
+        if overflow:
+          flags[i] = OVERFLOW
         continue
       flags[i] = BAD_INTENSITY
       for j in range(out.shape[1]):
@@ -470,6 +474,7 @@ def copy_raw(int_buf, int_off, int_code, count, rows, out, dest, zero_bad):
         out[r, j] = values[j]
     else:
       _accumulate_columns(values, out, r, dest)
+    flags[i] = f | _row_overflow(out, r)
   return flags
 
 
@@ -486,26 +491,31 @@ def gather_raw(buf, off, lengths, code, out, starts):
 
 @nb.njit(parallel=True, **_OPTS)
 def bin_csr(indptr, mz, intensity, pixels, rows, out, mode, edges, table, tlo, tinv, clip, remap, lows, highs,
-            cummax_highs, wtable, wtlo, wtinv):  # fmt: skip
-  """Bins CSR spectra `pixels` into out[rows[i], :] (mode as `bin_raw`)."""
-  for i in nb.prange(pixels.size):
-    p = pixels[i]
-    a, b = indptr[p], indptr[p + 1]
-    if b <= a:
-      continue
-    m = mz[a:b].astype(np.float64)
-    v = intensity[a:b].astype(np.float64)
-    if mode == 0:
-      _accumulate_edges(m, v, out, rows[i], edges, table, tlo, tinv, clip, remap)
-    else:
-      _accumulate_windows(m, v, out, rows[i], lows, highs, cummax_highs, wtable, wtlo, wtinv)
+            cummax_highs, wtable, wtlo, wtinv, chunks):  # fmt: skip
+  """Bins CSR spectra `pixels` into out[rows[i], :] (mode as `bin_raw`); returns how many pixels' sums left the
+  float32 range."""
+  n = pixels.size
+  longest = 1
+  for i in range(n):
+    longest = max(longest, indptr[pixels[i] + 1] - indptr[pixels[i]])
+  overflow = np.zeros(n, np.int32)
+  chunks = max(1, min(n, chunks))
+  for c in nb.prange(chunks):
+    scratch = np.zeros(edges.size - 1 if mode == 0 else 1)
+    ks = np.empty(longest, np.int64)
+    for i in range(c * n // chunks, (c + 1) * n // chunks):
+      p = pixels[i]
+      a, b = indptr[p], indptr[p + 1]
+      if b > a:
+        overflow[i] = _accumulate(mz[a:b], intensity[a:b], out, rows[i], scratch, ks, mode, edges, table, tlo, tinv,
+                                  clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv) != 0  # fmt: skip
+  return overflow.sum()
 
 
 @nb.njit(**_OPTS)
 def _histogram_one(mz, intensity, edges, table, tlo, tinv, total, count, mz_sum, maximum):
   nbins = edges.size - 1
   first, last = edges[0], edges[nbins]
-  n_table = table.size
   current = -2
   acc = 0.0
   n = mz.size
@@ -516,20 +526,7 @@ def _histogram_one(mz, intensity, edges, table, tlo, tinv, total, count, mz_sum,
       m = mz[j]
       if not (m >= first and m <= last):
         continue
-      if m == last:
-        k = nbins - 1
-      else:
-        b = int((m - tlo) * tinv)
-        if b < 0:
-          b = 0
-        elif b >= n_table:
-          b = n_table - 1
-        k = table[b]
-        while k > 0 and edges[k - 1] > m:
-          k -= 1
-        while edges[k] <= m:
-          k += 1
-        k -= 1
+      k = nbins - 1 if m == last else np.int64(_bin_of(m, edges, table, tlo, tinv))
       v = intensity[j]
       mz_sum[k] += v * m
     if k != current:
@@ -647,11 +644,11 @@ def window_groups(mz_off, mz_end, int_off, int_end, cap):
 
 
 # Parallel kernels, launched one at a time.
-bin_raw = _serialised(bin_raw)
+bin_raw = _serialised(bin_raw, chunked=True)
 extremes_raw = _serialised(extremes_raw)
 copy_raw = _serialised(copy_raw)
 gather_raw = _serialised(gather_raw)
-bin_csr = _serialised(bin_csr)
+bin_csr = _serialised(bin_csr, chunked=True)
 window_sums_csr = _serialised(window_sums_csr)
 row_sums_csr = _serialised(row_sums_csr)
 sort_rows_csr = _serialised(sort_rows_csr)

@@ -1479,21 +1479,23 @@ def read_imzml(
     check_size(num_channels)
     return np.zeros((shape[0], shape[1], num_channels), np.float32)
 
-  args = (index, selected, rows, cols, check_size, allocate, mz_range, mz_values, tol, tol_unit, bin_width, bin_unit,
-          nan_policy, chunk_spectra, threads, progress)  # fmt: skip
+  request = _ReadRequest(index, selected, rows, cols, check_size, allocate, mz_range, mz_values, tol, tol_unit,
+                         bin_width, bin_unit, keep_empty_bins, nan_policy, chunk_spectra, threads,
+                         progress)  # fmt: skip
   if index.continuous:
-    cube, mz, binning = _read_continuous(*args, keep_empty_bins=keep_empty_bins)
+    cube, mz, binning, maybe_overflow = _read_continuous(request)
   else:
     try:
-      cube, mz, binning = _read_processed(*args, keep_empty_bins, channels, int(max_channels), peak_options)
+      cube, mz, binning, maybe_overflow = _read_processed(request, channels, int(max_channels), peak_options)
     except _MzOutsideRange:
       # Unsorted m/z arrays: their first and last values are not the extremes. Measure the range and bin again.
       extent = _exact_mz_range(index, selected, chunk_spectra, threads, progress)
       logging.info("%s: m/z arrays are not sorted; the data spans m/z %.4f-%.4f", path.name, *extent)
       index = dataclasses.replace(index, mz_extent=extent)
-      cube, mz, binning = _read_processed(index, *args[1:], keep_empty_bins, channels, int(max_channels),
-                                          peak_options)  # fmt: skip
-  cube = _check_overflow(cube, index, selected, rows, cols, overflow)
+      request = dataclasses.replace(request, index=index)
+      cube, mz, binning, maybe_overflow = _read_processed(request, channels, int(max_channels), peak_options)
+  if maybe_overflow:
+    cube = _check_overflow(cube, index, selected, rows, cols, overflow)
   metadata["mode"] = "continuous" if index.continuous else "processed"
   metadata["binning"] = binning
   mask = np.zeros(shape, bool)
@@ -1594,6 +1596,34 @@ def _sort_shared_axis(axis: np.ndarray, path: pathlib.Path) -> tuple[np.ndarray,
   return unique, (order, starts if repeated.size else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ReadRequest:
+  """What `read_imzml` asks of `_read_continuous` / `_read_processed`: the file's index, the selected spectra and
+  their pixels, the output-size guards and the channel options (as validated by `_validate_read_args`)."""
+
+  index: _Index
+  selected: np.ndarray
+  rows: np.ndarray
+  cols: np.ndarray
+  check_size: Callable[[int], None]
+  allocate: Callable[[int], np.ndarray]
+  mz_range: tuple[float, float] | None
+  mz_values: np.ndarray | None
+  tol: float
+  tol_unit: str
+  bin_width: float | None
+  bin_unit: str
+  keep_empty_bins: bool
+  nan_policy: str
+  chunk_spectra: int | None
+  threads: int
+  progress: bool
+
+  def fields(self) -> tuple:
+    """The fields in order, not copied (`dataclasses.astuple` would deep-copy the arrays)."""
+    return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
 def _shared_axis(index, selected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The shared m/z array of a continuous file: (as stored, sorted distinct values, column -> distinct index).
 
@@ -1621,26 +1651,10 @@ def _shared_axis(index, selected) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return axis, distinct, inverse.reshape(-1)
 
 
-def _read_continuous(
-  index,
-  selected,
-  rows,
-  cols,
-  check_size,
-  allocate,
-  mz_range,
-  mz_values,
-  tol,
-  tol_unit,
-  bin_width,
-  bin_unit,
-  nan_policy,
-  chunk_spectra,
-  threads,
-  progress,
-  *,
-  keep_empty_bins=False,
-):
+def _read_continuous(request: _ReadRequest):
+  """A continuous file's cube: (cube, m/z, binning, whether the cube may hold values beyond float32)."""
+  (index, selected, rows, cols, check_size, allocate, mz_range, mz_values, tol, tol_unit, bin_width, bin_unit,
+   keep_empty_bins, nan_policy, chunk_spectra, threads, progress) = request.fields()  # fmt: skip
   path = index.path
   raw_axis, axis, inverse = _shared_axis(index, selected)
   if mz_values is not None:
@@ -1654,15 +1668,16 @@ def _read_continuous(
         mz_values[empty][:5].tolist(),
       )  # fmt: skip
     if axis is raw_axis:
-      return _read_continuous_windows(index, selected, rows, cols, allocate, mz_values, (a, b), binning, nan_policy,
+      cube = _read_continuous_windows(index, selected, rows, cols, allocate, mz_values, (a, b), nan_policy,
                                       chunk_spectra, threads, progress)  # fmt: skip
+      return cube, mz_values, binning, True
     # An unsorted shared axis: bin every spectrum (with the shared m/z array) onto the windows.
     cube = allocate(mz_values.size)
     flat_rows = rows.astype(np.int64) * cube.shape[1] + cols
-    _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]),
-                          _engine.KernelAxis.windows(plan.lows, plan.highs), nan_policy=nan_policy,
-                          num_threads=threads, show_progress=progress, allow_unsorted=True)  # fmt: skip
-    return cube, mz_values, binning
+    binned = _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]),
+                                   _engine.KernelAxis.windows(plan.lows, plan.highs), nan_policy=nan_policy,
+                                   num_threads=threads, show_progress=progress, allow_unsorted=True)  # fmt: skip
+    return cube, mz_values, binning, binned.overflow
   lo, hi = mz_range if mz_range is not None else (float(axis[0]), float(axis[-1]))
   if bin_width is not None:
     plan = _BinPlan.create(lo, hi, bin_width, bin_unit, data_range=mz_range is None)
@@ -1693,17 +1708,18 @@ def _read_continuous(
   column_dest = distinct_dest[inverse]
   used = np.flatnonzero(column_dest >= 0)
   cube = allocate(out_mz.size)
+  overflow = False
   if used.size:
     c0, c1 = int(used[0]), int(used[-1]) + 1  # only the file's channels c0:c1 are read
     flat_rows = rows.astype(np.int64) * cube.shape[1] + cols
-    _engine.copy_continuous(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), c0, c1 - c0,
-                            column_dest[c0:c1], nan_policy=nan_policy, num_threads=threads,
-                            show_progress=progress)  # fmt: skip
-  return cube, out_mz, binning
+    overflow = _engine.copy_continuous(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), c0, c1 - c0,
+                                       column_dest[c0:c1], nan_policy=nan_policy, num_threads=threads,
+                                       show_progress=progress)  # fmt: skip
+  return cube, out_mz, binning, overflow
 
 
-def _read_continuous_windows(index, selected, rows, cols, allocate, out_mz, windows, binning, nan_policy,
-                             chunk_spectra, threads, progress):  # fmt: skip
+def _read_continuous_windows(index, selected, rows, cols, allocate, out_mz, windows, nan_policy, chunk_spectra, threads,
+                             progress):  # fmt: skip
   """Ion windows of a continuous file with a sorted shared axis: reads only the channels inside the windows."""
   used = windows[1] > windows[0]
   c0 = int(windows[0][used].min()) if used.any() else 0
@@ -1730,7 +1746,7 @@ def _read_continuous_windows(index, selected, rows, cols, allocate, out_mz, wind
     cube[r, c, :] = sums
 
   _run_chunks(chunks, work, index.ibd_path, threads, progress, "read")
-  return cube, out_mz, binning
+  return cube
 
 
 def _kernel_bins(plan: _BinPlan, remap: np.ndarray | None = None) -> _engine.KernelAxis:
@@ -1755,28 +1771,10 @@ def _occupied_bins(index, selected, plan: _BinPlan, nan_policy, progress, check_
   return occupied
 
 
-def _read_processed(
-  index,
-  selected,
-  rows,
-  cols,
-  check_size,
-  allocate,
-  mz_range,
-  mz_values,
-  tol,
-  tol_unit,
-  bin_width,
-  bin_unit,
-  nan_policy,
-  chunk_spectra,
-  threads,
-  progress,
-  keep_empty_bins=False,
-  channels="auto",
-  max_channels=DEFAULT_MAX_CHANNELS,
-  peak_options=None,
-):
+def _read_processed(request: _ReadRequest, channels="auto", max_channels=DEFAULT_MAX_CHANNELS, peak_options=None):
+  """A processed file's cube: (cube, m/z, binning, whether the cube may hold values beyond float32)."""
+  (index, selected, rows, cols, check_size, allocate, mz_range, mz_values, tol, tol_unit, bin_width, bin_unit,
+   keep_empty_bins, nan_policy, chunk_spectra, threads, progress) = request.fields()  # fmt: skip
   path = index.path
   del chunk_spectra  # the compiled path sizes its own windows
   # Bins over the data's range from first/last values: unsorted arrays may reach beyond it (checked below).
@@ -1813,8 +1811,9 @@ def _read_processed(
     )  # fmt: skip
   cube = allocate(out_mz.size)
   flat_rows = rows.astype(np.int64) * cube.shape[1] + cols
-  unsorted = _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), axis,
-                                   nan_policy=nan_policy, num_threads=threads, show_progress=progress)  # fmt: skip
+  unsorted, overflow = _engine.bin_processed(index, selected, flat_rows, cube.reshape(-1, cube.shape[2]), axis,
+                                             nan_policy=nan_policy, num_threads=threads,
+                                             show_progress=progress)  # fmt: skip
   if unsorted:
     if check_range and mz_values is None:
       raise _MzOutsideRange()  # the bins were planned on first/last values, which unsorted arrays do not bound
@@ -1824,7 +1823,7 @@ def _read_processed(
       path.name, unsorted, int(selected.size),
     )  # fmt: skip
     binning["unsorted_spectra"] = unsorted
-  return cube, out_mz, binning
+  return cube, out_mz, binning, overflow
 
 
 def read_ion_image(

@@ -178,8 +178,16 @@ def histogram_processed(index, ids, axis: KernelAxis, *, nan_policy="raise", sho
 
 
 def mz_extremes(index, ids) -> np.ndarray:
-  """(n, 2) first and last m/z of each spectrum ids[i] (NaN for empty ones), through the memory map."""
+  """(n, 2) first and last m/z of each spectrum ids[i] (NaN for empty ones): read with `pread` where there is one,
+  through the memory map otherwise."""
   ids = np.asarray(ids, np.int64)
+  if _ibd.PREAD is not None:
+    out = np.empty((ids.size, 2))
+    with open(index.ibd_path, "rb") as fh:
+      short = _kernels.extremes_pread(_ibd.PREAD, fh.fileno(), index.mz_offsets[ids], _code(index.header.mz_dtype),
+                                      index.mz_lengths[ids], out)  # fmt: skip
+    if short == 0:
+      return out
   order = np.argsort(index.mz_offsets[ids], kind="stable")
   o_ids = ids[order]
   lengths = index.mz_lengths[o_ids]

@@ -9,6 +9,7 @@ stays near the output plus one window, whatever the size of the `.ibd`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import pathlib
@@ -20,6 +21,23 @@ import numpy as np
 from msisynth.io import _kernels
 
 WINDOW_BYTES = 64 << 20
+
+
+def _libc_pread():
+  """libc's `pread` through ctypes (positional reads, safe from several threads at once), or None where there is
+  none (Windows): a few values from each of many spectra cost two system calls each instead of page faults."""
+  if os.name != "posix":
+    return None
+  try:
+    function = ctypes.CDLL(None, use_errno=True).pread
+  except (OSError, AttributeError):
+    return None
+  function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64)
+  function.restype = ctypes.c_ssize_t
+  return function
+
+
+PREAD = _libc_pread()
 
 
 @contextlib.contextmanager

@@ -330,6 +330,20 @@ def _status_of(mz, intensity):
   return flags
 
 
+@nb.njit(inline="always", **_OPTS)
+def _skipped(flags, zero_bad):
+  """Whether a spectrum with these status flags is left out: bad m/z, or bad intensities not read as 0."""
+  return (flags & (BAD_MZ | NONPOSITIVE_MZ)) != 0 or ((flags & BAD_INTENSITY) != 0 and not zero_bad)
+
+
+@nb.njit(**_OPTS)
+def _decode_spectrum(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, count, zero_bad):
+  """(m/z, intensities, status flags) of one spectrum decoded to float64; bad intensities zeroed with zero_bad."""
+  mz = decode(mz_buf, mz_off, count, mz_code)
+  intensity = decode(int_buf, int_off, count, int_code)
+  return mz, intensity, _status(mz, intensity, zero_bad)
+
+
 @nb.njit(**_OPTS)
 def _accumulate(mz, intensity, out, row, scratch, ks, mode, edges, table, tlo, tinv, clip, remap, lows, highs,
                 cummax_highs, wtable, wtlo, wtinv):  # fmt: skip
@@ -384,17 +398,15 @@ def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, 
           continue
         f = _status_of(mz_view, int_view)
         flags[i] = f
-        if f & (BAD_MZ | NONPOSITIVE_MZ) or (f & BAD_INTENSITY and not zero_bad):
+        if _skipped(f, zero_bad):
           continue
         if not f & BAD_INTENSITY:
           flags[i] = f | _accumulate(mz_view, int_view, out, rows[i], scratch, ks, mode, edges, table, tlo, tinv,
                                      clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv)  # fmt: skip
           continue
-      mz = decode(mz_buf, mz_off[i], count, mz_code)
-      intensity = decode(int_buf, int_off[i], count, int_code)
-      f = _status(mz, intensity, zero_bad)
+      mz, intensity, f = _decode_spectrum(mz_buf, mz_off[i], mz_code, int_buf, int_off[i], int_code, count, zero_bad)
       flags[i] = f
-      if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
+      if _skipped(f, zero_bad):
         continue
       flags[i] = f | _accumulate(mz, intensity, out, rows[i], scratch, ks, mode, edges, table, tlo, tinv, clip, remap,
                                  lows, highs, cummax_highs, wtable, wtlo, wtinv)  # fmt: skip
@@ -413,6 +425,29 @@ def extremes_raw(mz_buf, mz_off, mz_code, lengths, out):
     size = 8 if (mz_code == 1 or mz_code == 3) else 4
     out[i, 0] = decode(mz_buf, mz_off[i], 1, mz_code)[0]
     out[i, 1] = decode(mz_buf, mz_off[i] + (count - 1) * size, 1, mz_code)[0]
+
+
+@nb.njit(parallel=True, **_OPTS)
+def extremes_pread(pread, fd, mz_off, mz_code, lengths, out, chunks):
+  """out[i] = (first, last) m/z of spectrum i (NaN for empty ones), each value read by `pread` (libc's, through
+  ctypes) from the open file `fd`: two system calls per spectrum instead of page faults on a memory map. Returns
+  how many reads came back short (the file changed under the reader)."""
+  n = lengths.size
+  size = ITEMSIZE[mz_code]
+  short = np.zeros(chunks, np.int64)
+  for c in nb.prange(chunks):
+    value = np.zeros(8, np.uint8)
+    for i in range(c * n // chunks, (c + 1) * n // chunks):
+      count = lengths[i]
+      if count <= 0:
+        out[i, 0] = np.nan
+        out[i, 1] = np.nan
+        continue
+      short[c] += pread(fd, value.ctypes.data, size, mz_off[i]) != size
+      out[i, 0] = decode(value, 0, 1, mz_code)[0]
+      short[c] += pread(fd, value.ctypes.data, size, mz_off[i] + (count - 1) * size) != size
+      out[i, 1] = decode(value, 0, 1, mz_code)[0]
+  return short.sum()
 
 
 @nb.njit(parallel=True, **_OPTS)
@@ -562,11 +597,9 @@ def histogram_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, 
     c = lengths[i]
     if c <= 0:
       continue
-    mz = decode(mz_buf, mz_off[i], c, mz_code)
-    intensity = decode(int_buf, int_off[i], c, int_code)
-    f = _status(mz, intensity, zero_bad)
+    mz, intensity, f = _decode_spectrum(mz_buf, mz_off[i], mz_code, int_buf, int_off[i], int_code, c, zero_bad)
     flags[i] = f
-    if (f & (BAD_MZ | NONPOSITIVE_MZ)) or ((f & BAD_INTENSITY) and not zero_bad):
+    if _skipped(f, zero_bad):
       continue
     if f & UNSORTED_MZ:
       order = np.argsort(mz, kind="mergesort")
@@ -646,6 +679,7 @@ def window_groups(mz_off, mz_end, int_off, int_end, cap):
 # Parallel kernels, launched one at a time.
 bin_raw = _serialised(bin_raw, chunked=True)
 extremes_raw = _serialised(extremes_raw)
+extremes_pread = _serialised(extremes_pread, chunked=True)
 copy_raw = _serialised(copy_raw)
 gather_raw = _serialised(gather_raw)
 bin_csr = _serialised(bin_csr, chunked=True)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import numba as nb
 import numpy as np
 
+from msisynth.io import _kernels
+
 _OPTS = dict(cache=True, nogil=True)
 
 # Accessions that, inside the spectrum list, mean per-array settings this scan does not interpret.
@@ -39,13 +41,14 @@ def _pack(words: tuple[bytes, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 @nb.njit(**_OPTS)
 def _match(buf, start, stop, table, lengths):
-  """Index of the word of `table` equal to buf[start:stop], or -1."""
+  """Index of the word of `table` equal to buf[start:stop], or -1 (compared from the end, where accession numbers
+  differ)."""
   n = stop - start
   for w in range(lengths.size):
     if lengths[w] != n:
       continue
     ok = True
-    for i in range(n):
+    for i in range(n - 1, -1, -1):
       if buf[start + i] != table[w, i]:
         ok = False
         break
@@ -136,23 +139,71 @@ def _tokens(buf, end, cands, wanted, wanted_len, refs, refs_len, quirks, quirks_
   return 0, nt, nk
 
 
+@nb.njit(parallel=True, **_OPTS)
+def _candidates_parallel(buf, begin, end, out, chunks):
+  """`_candidates` over `chunks` consecutive stretches of buf[begin:end] at once, stretch c writing into rows
+  [c * room, (c + 1) * room) of `out` (room = rows // chunks); returns each stretch's count (over room: not all
+  of it written)."""
+  room = out.shape[0] // chunks
+  counts = np.zeros(chunks, np.int64)
+  for c in nb.prange(chunks):
+    a = max(begin + (end - begin) * c // chunks, begin + 10)
+    b = begin + (end - begin) * (c + 1) // chunks
+    counts[c] = _candidates(buf, a - 10, max(a, b), out[c * room : (c + 1) * room])
+  return counts
+
+
+@nb.njit(parallel=True, **_OPTS)
+def _tokens_parallel(buf, end, cands, wanted, wanted_len, refs, refs_len, quirks, quirks_len, codes, values, kinds,
+                     chunks):  # fmt: skip
+  """`_tokens` over `chunks` consecutive runs of the candidates at once, run c writing from its first candidate's
+  index on; returns (status, tokens, refs) per run."""
+  n = cands.shape[0]
+  result = np.zeros((chunks, 3), np.int64)
+  for c in nb.prange(chunks):
+    a, b = n * c // chunks, n * (c + 1) // chunks
+    status, nt, nk = _tokens(buf, end, cands[a:b], wanted, wanted_len, refs, refs_len, quirks, quirks_len,
+                             codes[a:b], values[a:b], kinds[a:b])  # fmt: skip
+    result[c, 0], result[c, 1], result[c, 2] = status, nt, nk
+  return result
+
+
+_candidates_parallel = _kernels._serialised(_candidates_parallel, chunked=True)
+_tokens_parallel = _kernels._serialised(_tokens_parallel, chunked=True)
+
+
 def _scan(buf, begin, end, wanted, wanted_len, refs, refs_len, quirks, quirks_len):
-  """Returns (status, codes, values, kinds): status 0 ok, 1 unsupported layout."""
-  # Room for twice the density of the first MB; a second pass only when that is not enough.
+  """Returns (status, codes, values, kinds): status 0 ok, 1 unsupported layout. Runs on all threads."""
+  # Room for twice the density of the first MB; a stretch that needs more is scanned again on its own.
   sample = _candidates(buf, begin, min(end, begin + (1 << 20)), np.zeros((0, 2), np.int64))
   room = int(2 * (sample + 16) * max(1.0, (end - begin) / (1 << 20)))
-  cands = np.empty((room, 2), np.int64)
-  count = _candidates(buf, begin, end, cands)
-  if count > room:
-    cands = np.empty((count, 2), np.int64)
-    _candidates(buf, begin, end, cands)
-  cands = cands[:count]
+  chunks = 4 * nb.get_num_threads()
+  out = np.empty((room + chunks, 2), np.int64)
+  counts = _candidates_parallel(buf, begin, end, out)
+  per = out.shape[0] // counts.size
+  parts = []
+  for c, count in enumerate(counts.tolist()):
+    if count <= per:
+      parts.append(out[c * per : c * per + count])
+      continue
+    a = max(begin + (end - begin) * c // counts.size, begin + 10)
+    b = begin + (end - begin) * (c + 1) // counts.size
+    part = np.empty((count, 2), np.int64)
+    _candidates(buf, a - 10, max(a, b), part)
+    parts.append(part)
+  cands = np.concatenate(parts) if len(parts) > 1 else parts[0]
+  count = cands.shape[0]
   codes = np.empty(count, np.int8)
   values = np.empty(count, np.int64)
   kinds = np.empty(count, np.int8)
-  status, nt, nk = _tokens(buf, end, cands, wanted, wanted_len, refs, refs_len, quirks, quirks_len, codes, values,
-                           kinds)  # fmt: skip
-  return status, codes[:nt], values[:nt], kinds[:nk]
+  result = _tokens_parallel(buf, end, cands, wanted, wanted_len, refs, refs_len, quirks, quirks_len, codes, values,
+                            kinds)  # fmt: skip
+  if np.any(result[:, 0] != 0):
+    return 1, codes[:0], values[:0], kinds[:0]
+  starts = count * np.arange(result.shape[0]) // result.shape[0]
+  tokens = np.concatenate([np.arange(a, a + nt) for a, nt in zip(starts.tolist(), result[:, 1].tolist())])
+  refs_at = np.concatenate([np.arange(a, a + nk) for a, nk in zip(starts.tolist(), result[:, 2].tolist())])
+  return 0, codes[tokens], values[tokens], kinds[refs_at]
 
 
 def scan_spectrum_list(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import pathlib
+import sys
 from collections.abc import Callable
 
 import numba as nb
@@ -57,30 +58,78 @@ def _match(buf, start, stop, table, lengths):
   return -1
 
 
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_EQUALS = np.uint64(0x3D3D3D3D3D3D3D3D)  # '=' in every byte
+_QUOTES = np.uint64(0x2222222222222222)  # '"' in every byte
+_TOP = np.uint64(0x8000000000000000)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+@nb.njit(inline="always", **_OPTS)
+def _bytes_equal(word, pattern):
+  """0x80 in each byte of `word` equal to the same byte of `pattern`, 0 elsewhere (exact, no carries)."""
+  x = word ^ pattern
+  return ~(((x & _LOW7) + _LOW7) | x | _LOW7)
+
+
+@nb.njit(inline="always", **_OPTS)
+def _kind(buf, i):
+  """For buf[i - 1:i + 1] == '="': 0 after 'accession', 1 after 'ref', else -1."""
+  if (buf[i - 2] == 110 and buf[i - 3] == 111 and buf[i - 4] == 105 and buf[i - 5] == 115 and buf[i - 6] == 115
+      and buf[i - 7] == 101 and buf[i - 8] == 99 and buf[i - 9] == 99 and buf[i - 10] == 97):  # fmt: skip
+    return 0
+  if buf[i - 2] == 102 and buf[i - 3] == 101 and buf[i - 4] == 114:
+    return 1
+  return -1
+
+
+@nb.njit(inline="always", **_OPTS)
+def _record(out, n, i, kind):
+  if n < out.shape[0]:
+    out[n, 0] = i
+    out[n, 1] = kind
+
+
 @nb.njit(**_OPTS)
 def _candidates(buf, begin, end, out):
-  """Positions of the opening quotes of accession="..." (kind 0) and ref="..." (kind 1) in buf[begin:end].
+  """Positions of the opening quotes of accession="..." (kind 0) and ref="..." (kind 1) in buf[begin + 10:end].
 
   Writes (position, kind) pairs into `out` when given room, and returns how many there are; called once to count
-  and once to fill, so that no array is reallocated inside the byte loop.
+  and once to fill, so that no array is reallocated inside the byte loop. Eight bytes at a time: the word's
+  bytes equal to '=' and to '"' as bit masks, a '="' pair where one is followed by the other.
   """
   n = 0
-  room = out.shape[0]
-  for i in range(begin + 10, end):
-    if buf[i] != 34 or buf[i - 1] != 61:  # '="'
-      continue
-    kind = -1
-    if (buf[i - 2] == 110 and buf[i - 3] == 111 and buf[i - 4] == 105 and buf[i - 5] == 115 and buf[i - 6] == 115
-        and buf[i - 7] == 101 and buf[i - 8] == 99 and buf[i - 9] == 99 and buf[i - 10] == 97):  # fmt: skip
-      kind = 0
-    elif buf[i - 2] == 102 and buf[i - 3] == 101 and buf[i - 4] == 114:
-      kind = 1
-    if kind < 0:
-      continue
-    if n < room:
-      out[n, 0] = i
-      out[n, 1] = kind
-    n += 1
+  i = begin + 10
+  a = min(end, i + (-i) % 8) if _LITTLE_ENDIAN else end  # words aligned to the buffer (a page)
+  for p in range(i, a):
+    if buf[p] == 34 and buf[p - 1] == 61:
+      kind = _kind(buf, p)
+      if kind >= 0:
+        _record(out, n, p, kind)
+        n += 1
+  words = (end - a) // 8
+  if words > 0:
+    view = buf[a : a + 8 * words].view(np.uint64)
+    previous = _TOP if buf[a - 1] == 61 else np.uint64(0)  # the '=' mask of the byte before the first word
+    for t in range(words):
+      word = view[t]
+      equals = _bytes_equal(word, _EQUALS)
+      pairs = ((equals << np.uint64(8)) | (previous >> np.uint64(56))) & _bytes_equal(word, _QUOTES)
+      previous = equals
+      if pairs != 0:
+        for k in range(8):
+          if (pairs >> np.uint64(8 * k + 7)) & np.uint64(1):
+            p = a + 8 * t + k
+            kind = _kind(buf, p)
+            if kind >= 0:
+              _record(out, n, p, kind)
+              n += 1
+  for p in range(a + 8 * max(words, 0), end):
+    if buf[p] == 34 and buf[p - 1] == 61:
+      kind = _kind(buf, p)
+      if kind >= 0:
+        _record(out, n, p, kind)
+        n += 1
   return n
 
 

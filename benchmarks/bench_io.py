@@ -24,8 +24,10 @@ Also measured: the binning kernel alone, numba (the one the reader uses) against
 (`jax.ops.segment_sum` of the same peaks into the same bins, jitted, compilation excluded), on the first 10,000
 pixels of the processed case's peaks held in memory.
 
-Times are wall clock and process CPU time. Peak memory of (a) is the resident set size (psutil) sampled every 2 ms
-by a thread, minus the RSS just before the call; the memory-mapped .ibd windows count in it. Before timing, the
+Times are wall clock and process CPU time; the 1-minute load average before each case and at the start and end
+is recorded too (other work on a shared machine slows the two-thread read more than the one-thread loop). Peak
+memory of (a) is the resident set size (psutil) sampled every 2 ms by a thread, minus the RSS just before the
+call; the memory-mapped .ibd windows count in it. Before timing, the
 numba kernels are loaded once on a tiny file (their one-time cost per process is reported as `kernel_load_s`),
 and as much fresh memory as twice the largest cube is touched and freed (a fresh VM pays seconds per GB on first
 touch, which would otherwise land on whichever reader runs first).
@@ -191,8 +193,14 @@ def warm_up_memory(nbytes: int) -> None:
   del block
 
 
+def _load() -> float | None:
+  """The 1-minute load average (other work on the machine), or None where the OS has none."""
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def run_case(name: str, path: pathlib.Path, read_kwargs: dict, threads: int | None,
              merge_axis: bool = False) -> dict:  # fmt: skip
+  load = _load()
   with PeakRSS() as memory:
     start, cpu = time.perf_counter(), time.process_time()
     msi = imzml.read_imzml(path, progress=False, num_threads=threads, **read_kwargs)
@@ -224,11 +232,13 @@ def run_case(name: str, path: pathlib.Path, read_kwargs: dict, threads: int | No
     "peak_rss_delta_mb": memory.peak_delta / 1e6,
     "memory_limit_mb": (1.5 * cube_bytes + 200e6) / 1e6,
     "same_cube": same,
+    "load_average_1min_before": load,
   }
   result["speed_target_met"] = result["speedup"] >= 10
   result["memory_target_met"] = memory.peak_delta <= 1.5 * cube_bytes + 200e6
   shape = tuple(msi.cube.shape)
-  print(f"[{name}] {path.name}: ibd {result['ibd_mb']:.0f} MB, cube {shape} = {result['cube_mb']:.0f} MB")
+  print(f"[{name}] {path.name}: ibd {result['ibd_mb']:.0f} MB, cube {shape} = {result['cube_mb']:.0f} MB (load average "
+        f"{load})")  # fmt: skip
   print(f"  msisynth read_imzml  {msisynth_s:7.2f} s wall {msisynth_cpu_s:7.2f} s CPU ({result['threads']} threads)")
   print(f"  pyimzml loop         {loop_s:7.2f} s wall {loop_cpu_s:7.2f} s CPU")
   met = "met" if result["speed_target_met"] else "NOT met"
@@ -339,6 +349,7 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", type=pathlib.Path, default=None, help="where to write the files (default: temp)")
   parser.add_argument("--output", type=pathlib.Path, default=REPO / "benchmarks" / "results" / "bench_io.json")
   args = parser.parse_args(argv)
+  load_at_start = _load()
   default_size = (120, 120, 1500)
   if args.small:
     args.height = args.width = 60
@@ -387,7 +398,8 @@ def main(argv=None) -> int:
     "memory_method": "psutil RSS sampled every 2 ms by a thread, peak minus RSS before read_imzml",
     "machine": {
       "cpus": os.cpu_count(),
-      "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+      "load_average_1min_at_start": load_at_start,
+      "load_average_1min_at_end": _load(),
       "python": platform.python_version(),
       "numpy": np.__version__,
       "numba": __import__("numba").__version__,

@@ -107,6 +107,18 @@ def test_sparse_from_dense_round_trip():
   np.testing.assert_array_equal(back.mask, mask)
 
 
+def test_sparse_sums_beyond_float32_are_refused():
+  # Two peaks of 3e38 in one bin sum past the float32 range of a dense cube.
+  intensity = np.array([3e38, 3e38, 1.0, 1.0], np.float32)
+  s = sparse.SparseMSI(np.array([0, 3, 4]), np.array([150.0, 150.0001, 180.0, 150.0]), intensity, np.array([0, 0]),
+                       np.array([0, 1]), (1, 2))  # fmt: skip
+  with pytest.raises(errors.DataError, match="the sums of 1 pixel"):
+    s.bin(bin_width=100.0)
+  with pytest.raises(errors.DataError, match="exceed the float32 range"):
+    s.to_msi([150.0], tol=100.0)
+  assert s.to_msi([180.0], tol=100.0).cube[0, 0, 0] == 1.0
+
+
 def test_default_processed_read_picks_peaks_within_max_channels(tmp_path):
   path, _ = _centroided(tmp_path, noise_peaks=60)
   msi = imzml.read_imzml(path, progress=False)

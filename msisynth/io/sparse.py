@@ -240,8 +240,13 @@ class SparseMSI:
       )
     cube = np.zeros((*self.shape, axis.num_channels), np.float32)
     flat = self.rows * self.shape[1] + self.cols
-    _kernels.bin_csr(self.indptr, self.mz, self.intensity, np.arange(self.num_pixels), flat,
-                     cube.reshape(-1, axis.num_channels), *axis.args())  # fmt: skip
+    overflowed = _kernels.bin_csr(self.indptr, self.mz, self.intensity, np.arange(self.num_pixels), flat,
+                                  cube.reshape(-1, axis.num_channels), *axis.args())  # fmt: skip
+    if overflowed:
+      raise errors.DataError(
+        f"the sums of {overflowed} pixel(s) exceed the float32 range of the cube (|x| > "
+        f"{np.finfo(np.float32).max:.3g})", self.metadata.get("source"),
+      )  # fmt: skip
     metadata = {**self.metadata, "binning": binning}
     return MSIImage(cube=cube, mz=mz, mask=self.mask, pixel_size_um=self.pixel_size_um, metadata=metadata)
 

@@ -62,6 +62,8 @@ _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _EQUALS = np.uint64(0x3D3D3D3D3D3D3D3D)  # '=' in every byte
 _QUOTES = np.uint64(0x2222222222222222)  # '"' in every byte
 _TOP = np.uint64(0x8000000000000000)
+_ONE = np.uint64(1)
+_BYTE_INDEX = np.uint64(0x0001020304050607)
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -116,14 +118,15 @@ def _candidates(buf, begin, end, out):
       equals = _bytes_equal(word, _EQUALS)
       pairs = ((equals << np.uint64(8)) | (previous >> np.uint64(56))) & _bytes_equal(word, _QUOTES)
       previous = equals
-      if pairs != 0:
-        for k in range(8):
-          if (pairs >> np.uint64(8 * k + 7)) & np.uint64(1):
-            p = a + 8 * t + k
-            kind = _kind(buf, p)
-            if kind >= 0:
-              _record(out, n, p, kind)
-              n += 1
+      while pairs != 0:
+        lowest = pairs & (~pairs + _ONE)  # the lowest marked byte: bit 8k + 7
+        pairs ^= lowest
+        # k from 256**k times a constant whose byte j is 7 - j: the top byte of the product is k.
+        p = a + 8 * t + np.int64(((lowest >> np.uint64(7)) * _BYTE_INDEX) >> np.uint64(56))
+        kind = _kind(buf, p)
+        if kind >= 0:
+          _record(out, n, p, kind)
+          n += 1
   for p in range(a + 8 * max(words, 0), end):
     if buf[p] == 34 and buf[p - 1] == 61:
       kind = _kind(buf, p)

@@ -50,7 +50,42 @@ def describe(transform) -> dict:
   return {"scale": float(math.sqrt(abs(np.linalg.det(m)))), "rotation_deg": float(tf.rotation_deg(transform))}
 
 
-def msight_part(he_reduce: int) -> list[dict]:
+def _fit_points(src, dst, kind):
+  """Least-squares affine, similarity or rigid map of (N, 2) points `src` to `dst`, as a 3 × 3 matrix."""
+  if kind == "affine":
+    return bladder.fit_affine(src, dst)
+  cs, cd = src.mean(axis=0), dst.mean(axis=0)
+  u, sv, vt = np.linalg.svd((dst - cd).T @ (src - cs))
+  d = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
+  rot = u @ d @ vt
+  scale = 1.0 if kind == "rigid" else float((sv * np.diag(d)).sum() / ((src - cs) ** 2).sum())
+  m = np.eye(3)
+  m[:2, :2] = scale * rot
+  m[:2, 2] = cd - scale * rot @ cs
+  return m
+
+
+def landmark_consistency(landmarks_um, msi_px) -> dict:
+  """How well the landmarks agree with each other: the mean residual (MSI px) of each transform family fitted to
+  all of them (the best any result of that family can score) and its leave-one-out prediction error."""
+  src, dst = landmarks_um[:, :2], landmarks_um[:, 2:]
+  out = {}
+  for kind in ("affine", "similarity", "rigid"):
+    m = _fit_points(src, dst, kind)
+    residual = np.linalg.norm(src @ m[:2, :2].T + m[:2, 2] - dst, axis=1) / msi_px
+    loo = []
+    for i in range(len(src)):
+      keep = np.arange(len(src)) != i
+      mi = _fit_points(src[keep], dst[keep], kind)
+      loo.append(float(np.linalg.norm(src[i] @ mi[:2, :2].T + mi[:2, 2] - dst[i]) / msi_px))
+    out[kind] = {"fit_mean_msi_px": float(residual.mean()), "fit_msi_px": residual.tolist(),
+                 "leave_one_out_msi_px": loo, "leave_one_out_mean_msi_px": float(np.mean(loo))}  # fmt: skip
+    print(f"landmarks, {kind:10s} fitted to all 4: mean {residual.mean():.1f} px; leave-one-out "
+          f"{np.round(loo, 1).tolist()} (mean {np.mean(loo):.1f})", flush=True)  # fmt: skip
+  return out
+
+
+def msight_part(he_reduce: int, figure: bool) -> list[dict]:
   section, info = bladder.load_section(he_reduce=he_reduce)
   msi, he, he_px = section.msi, section.he, section.histology_pixel_size_um
   msi_px = float(msi.pixel_size_um[1])
@@ -76,13 +111,14 @@ def msight_part(he_reduce: int) -> list[dict]:
                "mean_landmark_distance_msi_px": float(dist.mean()), "landmark_distances_msi_px": dist.tolist(),
                **describe(section.transform), "histology_pixel_size_um": he_px})  # fmt: skip
   print(f"{'landmark affine (reference)':34s} {dist.mean():6.1f} px  {describe(section.transform)}", flush=True)
+  rows[-1]["landmark_consistency"] = landmark_consistency(section.landmarks, msi_px)
 
   def run(route, image, **changes):
     config = optimize.RegistrationConfig(flips_and_rot90=True, working_pixel_size_um=working, **changes)
     t0 = time.perf_counter()
-    result = optimize.register_msi_to_histology(he, images[image], histology_pixel_size_um=he_px,
-                                                msi_pixel_size_um=msi.pixel_size_um, msi_mask=mask, config=config)
-    return record(route, result, time.perf_counter() - t0)  # fmt: skip
+    kwargs = dict(histology_pixel_size_um=he_px, msi_pixel_size_um=msi.pixel_size_um, msi_mask=mask, config=config)
+    result = optimize.register_msi_to_histology(he, images[image], **kwargs)
+    return record(route, result, time.perf_counter() - t0)
 
   for image in ("tic", "pc1"):
     run(f"default/{image}", image)
@@ -91,6 +127,8 @@ def msight_part(he_reduce: int) -> list[dict]:
     rigid[image] = run(f"rigid/{image}", image, kind="rigid")
   best = max(rigid, key=lambda k: rigid[k].gain)
   record(f"rigid/best_gain ({best})", rigid[best], 0.0)
+  if figure:
+    draw_msight(section, rigid[best].transform, f"rigid/best_gain ({best})")
   config = optimize.RegistrationConfig(working_pixel_size_um=working, kind="rigid")
   t0 = time.perf_counter()
   result, history = bladder.register_iterative_ridge(he, msi, rigid[best].transform, histology_pixel_size_um=he_px,
@@ -151,9 +189,54 @@ def hr2msi_part(figure: bool) -> list[dict]:
     print(f"hr2msi {name:20s} scale {row['scale']:.3f} rot {row['rotation_deg']:+.1f}° success {row['success']} "
           f"gain {row['gain']:.3f} by fraction {row['misaligned_by_fraction']} turn_ambiguous "
           f"{row['turn_ambiguous']} {row['seconds']:.0f} s", flush=True)  # fmt: skip
+  # Agreement between the results: mean distance (MSI px) between where two results send the optical pixels that
+  # fall inside the MSI field under the m/z 798.541 result.
+  ref = results["mz_798.541"][0].transform
+  ys, xs = np.mgrid[0 : optical.shape[0] : 8, 0 : optical.shape[1] : 8]
+  pts = np.stack([xs.ravel() * optical_px, ys.ravel() * optical_px], axis=1)
+  mref = np.asarray(ref.matrix, np.float64)
+  in_ref = pts @ mref[:2, :2].T + mref[:2, 2]
+  extent = np.array([msi.cube.shape[1], msi.cube.shape[0]]) * msi_px
+  keep = np.all((in_ref >= 0) & (in_ref <= extent), axis=1)
+  for row, (result, _) in zip(rows, results.values()):
+    m = np.asarray(result.transform.matrix, np.float64)
+    moved = pts[keep] @ m[:2, :2].T + m[:2, 2]
+    gap = np.linalg.norm(moved - in_ref[keep], axis=1).mean() / msi_px
+    row["mean_distance_to_mz_798.541_result_msi_px"] = float(gap)
+    print(f"hr2msi {row['route']}: {row['mean_distance_to_mz_798.541_result_msi_px']:.1f} MSI px from the m/z "
+          "798.541 result", flush=True)  # fmt: skip
   if figure:
     draw_hr2msi(optical, optical_px, msi_px, *results["sqrt_sum_of_ions"])
   return rows
+
+
+def draw_msight(section, transform, label):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  he, he_px = section.he, section.histology_pixel_size_um
+  msi_px = float(section.msi.pixel_size_um[1])
+  fig, axes = plt.subplots(1, 2, figsize=(14, 5.6))
+  for ax, (title, t) in zip(axes, (("landmark affine", section.transform), (label, transform))):
+    polygon = np.asarray(tf.warp_image(section.msi.mask.astype(np.float32), t, he.shape[:2], order=0,
+                                       fixed_pixel_size_um=he_px, moving_pixel_size_um=msi_px)) > 0.5  # fmt: skip
+    ax.imshow(np.clip(he, 0, 1) ** 3)  # contrast stretched: faint tissue against the bare slide
+    ax.contour(polygon, [0.5], colors="yellow", linewidths=1.2)
+    inverse = np.linalg.inv(np.asarray(t.matrix, np.float64))
+    mapped = (section.landmarks[:, 2:] @ inverse[:2, :2].T + inverse[:2, 2]) / he_px
+    ax.plot(section.landmarks[:, 0] / he_px, section.landmarks[:, 1] / he_px, "r+", ms=14, mew=2)
+    ax.plot(mapped[:, 0], mapped[:, 1], "bx", ms=12, mew=2)
+    dist = bladder.landmark_distance_msi_px(t, section.landmarks, msi_px).mean()
+    d = describe(t)
+    ax.set_title(f"{title}: {dist:.1f} MSI px, scale {d['scale']:.2f}, {d['rotation_deg']:+.1f}°")
+    ax.axis("off")
+  fig.suptitle("msight_bladder: MSI acquisition polygon (yellow) on the H&E; H&E landmarks red +, MSI landmarks "
+               "mapped blue ×")  # fmt: skip
+  path = ROOT / "docs" / "figures" / "msight_landmarkfit_vs_registered.png"
+  fig.savefig(path, dpi=70, bbox_inches="tight")
+  print(f"wrote {path}")
 
 
 def draw_hr2msi(optical, optical_px, msi_px, result, image):
@@ -172,8 +255,8 @@ def draw_hr2msi(optical, optical_px, msi_px, result, image):
   axes[0].imshow(viz_reg.checkerboard(grey, warped, tiles=10), cmap="gray")
   axes[0].set_title("hr2msi_bladder: optical | √(sum of 3 ions) registered (checkerboard, ions inverted)")
   axes[1].imshow(viz_reg.overlay(grey, warped, invert=True))
-  axes[1].set_title(f"overlay: optical magenta, ions green (aligned: grey-white); success={result.success}, gain {result.gain:.3f}, "
-                    f"scale {describe(result.transform)['scale']:.3f}")  # fmt: skip
+  axes[1].set_title(f"overlay: optical magenta, ions green (aligned: grey-white)\nsuccess={result.success}, "
+                    f"gain {result.gain:.3f}, scale {describe(result.transform)['scale']:.3f}")  # fmt: skip
   for ax in axes:
     ax.axis("off")
   path = ROOT / "docs" / "figures" / "hr2msi_checkerboard_overlay.png"
@@ -192,7 +275,7 @@ def main():
   rows = []
   parts = args.parts.split(",")
   if "msight" in parts:
-    rows += msight_part(args.he_reduce)
+    rows += msight_part(args.he_reduce, args.figure)
   if "hr2msi" in parts:
     rows += hr2msi_part(args.figure)
   atomic_write_json(args.output, {"command": "python benchmarks/bench_real_pairs.py", "rows": rows})

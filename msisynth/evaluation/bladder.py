@@ -75,6 +75,23 @@ def spatial_split(mask: np.ndarray, *, test_fraction: float = 0.4, gap_px: int =
 # Landmarks only score a result (`landmark_distance_msi_px`); no route fits to them or chooses by them.
 
 
+def _pc_scores(spectra: np.ndarray, n_components: int) -> np.ndarray:
+  """(N, k) scores on the first principal components of √(TIC-normalised) (N, C) spectra, largest variance first.
+
+  From the eigenvectors of the C × C scatter matrix (C ≪ N), which is several times cheaper than an SVD of the
+  N × C matrix; each component's sign makes its largest loading positive, so the images do not flip between runs.
+  """
+  rooted = np.sqrt(spectra / np.maximum(spectra.sum(axis=1), 1e-12)[:, None])
+  rooted -= rooted.mean(axis=0)
+  k = int(min(n_components, *rooted.shape))
+  if k < 1:
+    return np.zeros((rooted.shape[0], 0))
+  values, vectors = np.linalg.eigh(rooted.T @ rooted)
+  vectors = vectors[:, np.argsort(values)[::-1][:k]]
+  vectors *= np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(k)])
+  return rooted @ vectors
+
+
 def msi_images(msi, *, n_components: int = 6) -> dict[str, np.ndarray]:
   """Grey images of an MSI on its grid, each scaled to [0, 1] by its 1st and 99th percentiles over the measured
   pixels: "tic" (total ion count) and "pc1" ... (principal components of the square root of the TIC-normalised
@@ -97,13 +114,10 @@ def msi_images(msi, *, n_components: int = 6) -> dict[str, np.ndarray]:
   tic = spectra.sum(axis=1)
   if spectra.shape[0] < 2 or not np.any(tic > 0):
     raise errors.DataError("the MSI has fewer than 2 measured pixels or only zero spectra", msi.metadata.get("source"))
-  rooted = np.sqrt(spectra / np.maximum(tic, 1e-12)[:, None])
-  rooted -= rooted.mean(axis=0)
-  k = int(min(n_components, *rooted.shape))
-  u, s, _ = np.linalg.svd(rooted, full_matrices=False)
-  scores = [tic] + [u[:, i] * s[i] for i in range(k)]
+  pcs = _pc_scores(spectra, n_components)
+  scores = [tic] + [pcs[:, i] for i in range(pcs.shape[1])]
   out = {}
-  for name, values in zip(["tic"] + [f"pc{i + 1}" for i in range(k)], scores):
+  for name, values in zip(["tic"] + [f"pc{i + 1}" for i in range(pcs.shape[1])], scores):
     lo, hi = np.percentile(values, [1, 99])
     scaled = np.clip((values - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     image = np.full(mask.shape, np.median(scaled), np.float32)
@@ -115,13 +129,9 @@ def msi_images(msi, *, n_components: int = 6) -> dict[str, np.ndarray]:
 def msi_features(msi, n_components: int) -> np.ndarray:
   """(H, W, K) float32 principal-component scores (as `msi_images`, unscaled; 0 outside the measured pixels)."""
   mask = np.asarray(msi.mask, bool)
-  spectra = np.asarray(msi.cube, np.float64)[mask]
-  rooted = np.sqrt(spectra / np.maximum(spectra.sum(axis=1), 1e-12)[:, None])
-  rooted -= rooted.mean(axis=0)
-  k = int(min(n_components, *rooted.shape))
-  u, s, _ = np.linalg.svd(rooted, full_matrices=False)
-  out = np.zeros(mask.shape + (k,), np.float32)
-  out[mask] = u[:, :k] * s[:k]
+  pcs = _pc_scores(np.asarray(msi.cube, np.float64)[mask], n_components)
+  out = np.zeros(mask.shape + (pcs.shape[1],), np.float32)
+  out[mask] = pcs
   return out
 
 

@@ -30,8 +30,8 @@ import skimage.filters
 from scipy import ndimage as ndi
 
 from msisynth import metrics as msi_metrics
+from msisynth.geometry import transforms as tf
 from msisynth.register import bspline, optimize
-from msisynth.register import transforms as tf
 
 ION_NAMES = ("743.5482", "798.541", "741.5307")
 

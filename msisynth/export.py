@@ -35,8 +35,8 @@ import numpy as np
 from absl import logging
 
 from msisynth import errors, outputs
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.types import MSIImage
 
 # What `write_section_exports` (and the launchers' --output_format) can write beside a section's report.

@@ -29,7 +29,7 @@ import scipy.stats
 import skimage.draw
 
 from msisynth import errors, geometry, outputs
-from msisynth.register import transforms
+from msisynth.geometry import transforms
 from msisynth.types import MSIImage
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import pytest
 
 from msisynth import errors, outputs, pipeline, simulate
 from msisynth import io as msi_io
+from msisynth.geometry.transforms import AffineTransform, warp_image, warp_msi
 from msisynth.register import optimize
-from msisynth.register.transforms import AffineTransform, warp_image, warp_msi
 from msisynth.types import MSIImage
 
 HE_PX, MSI_PX = 15.0, 60.0

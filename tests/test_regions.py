@@ -11,7 +11,7 @@ import scipy.stats
 
 from msisynth import errors
 from msisynth import regions as R
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.types import MSIImage
 from msisynth.viz import regions as viz_regions
 

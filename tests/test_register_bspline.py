@@ -7,10 +7,10 @@ import skimage.data
 from scipy import ndimage as ndi
 
 from msisynth import errors
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import bspline as bs
 from msisynth.register import optimize, transform_io
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
 
 FIXED_SHAPE, FIXED_PX, MOVING_PX = (30, 40), (1.0, 1.5), (1.25, 1.0)

@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 
 from msisynth import errors
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import evaluate, transform_io
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 
 FIXED_PX, MOVING_PX = (1.0, 1.5), (2.0, 2.0)
 FIXED_SHAPE = (40, 36)

@@ -15,9 +15,9 @@ from test_synthesize import _random_variables
 
 from experiments import register as launcher
 from msisynth import checkpoint, errors, io, preprocess, synthesize, train
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import transform_io
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
 from msisynth.viz import registration as viz
 

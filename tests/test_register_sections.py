@@ -21,8 +21,8 @@ from absl import flags
 from experiments import register_sections
 from msisynth import batch, errors, pipeline, simulate, synthesize
 from msisynth import io as msi_io
+from msisynth.geometry.transforms import AffineTransform, warp_image
 from msisynth.register import optimize
-from msisynth.register.transforms import AffineTransform, warp_image
 
 HE_PX, MSI_PX = 15.0, 60.0
 CROP = (84, 112)

@@ -17,6 +17,14 @@ evaluation MI of `msisynth.metrics` (hard histogram).
 import sys
 import types
 
+from msisynth.geometry.transforms import (
+  AffineTransform,
+  constrain_params,
+  image_center_um,
+  image_corners_um,
+  warp_image,
+  warp_msi,
+)
 from msisynth.register.bspline import (
   BSplineTransform,
   DeformableConfig,
@@ -50,14 +58,6 @@ from msisynth.register.transform_io import (
   save_displacement_field,
   save_itk_transform,
   save_transform_json,
-)
-from msisynth.register.transforms import (
-  AffineTransform,
-  constrain_params,
-  image_center_um,
-  image_corners_um,
-  warp_image,
-  warp_msi,
 )
 
 __all__ = [

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from msisynth import errors
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry.transforms import AffineTransform
 
 APPEARANCES = ("uni", "msi")
 

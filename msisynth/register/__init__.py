@@ -1,4 +1,7 @@
-"""Registration in physical space (µm): affine transforms, similarity measures, optimisation, I/O and accuracy.
+"""Registration in physical space (µm): similarity measures, optimisation, transform I/O and accuracy.
+
+The affine transforms and the warping are `msisynth.geometry.transforms`; this package re-exports them
+(`msisynth.register.AffineTransform`, `warp_image`, `warp_msi`, ...).
 
 Transforms map FIXED → MOVING (ITK's convention); see docs/architecture.md. `register` finds an affine map;
 `register_deformable` refines it with a cubic B-spline (`BSplineTransform`), which the warps, the regions and the

@@ -312,44 +312,20 @@ def test_tre_through_a_deformable_transform():
 # ------------------------------------------------------------------------------------------------- pipeline
 
 
-HE_PX, MSI_PX, CROP = 15.0, 60.0, (84, 112)
-READ = {"bin_width": 1.0, "bin_unit": "da", "progress": False}
-
-
-def _perfect_synthesizer(msi):
-  """The H&E beside the imzML resampled on the MSI grid through the simulation's ground truth (white outside)."""
-  import json
-  import pathlib
-
-  from msisynth import io as msi_io
-
-  folder = pathlib.Path(msi.metadata["source"]).parent
-  truth = json.loads((folder / "ground_truth.json").read_text())
-  he = msi_io.read_histology(folder / "he.png")
-  inverse = AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse()
-  rgb = tf.warp_image(he, inverse, msi.shape, fixed_pixel_size_um=truth["msi_pixel_size_um"],
-                      moving_pixel_size_um=truth["histology_pixel_size_um"], cval=1.0)  # fmt: skip
-  return np.clip(np.asarray(rgb), 0.0, 1.0)
-
-
 def test_pipeline_with_deformable_refinement(shared_data, tmp_path):
-  from msisynth import io as msi_io
-  from msisynth import pipeline, simulate
+  from simulated_sections import CROP, HE_PX, MSI_PX, READ, REGISTRATION, he_crop, perfect_synthesizer, write_section
 
-  he = msi_io.read_histology(shared_data / "he" / "rcc-UH9905_18.png")
-  he = np.clip(msi_io.resample_to_pixel_size(he, 1.0, 5.0), 0.0, 1.0)[: CROP[0], : CROP[1]]
+  from msisynth import io as msi_io
+  from msisynth import pipeline
+
   folder = tmp_path / "section"
-  shift = AffineTransform.from_linear(np.eye(2), (90.0, 70.0))
-  sim = simulate.simulate_msi(0, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8,
-                              misalignment=shift, n_landmarks=12)  # fmt: skip
-  simulate.save_simulated(sim, folder)
+  write_section(folder, he_crop(shared_data), mirrored=False, seed=0)
   inputs = pipeline.SectionInputs(msi=folder / "simulated_msi.imzML", histology=folder / "he.png",
                                   histology_pixel_size_um=HE_PX, read_options=READ, simulated=True,
                                   landmarks=folder / "landmarks.csv")  # fmt: skip
-  registration = optimize.RegistrationConfig(levels=1, max_iterations=40, max_samples=2048, num_candidates=12)
   config = bs.DeformableConfig(levels=1, max_iterations=20, max_samples=2048)
   out = tmp_path / "report"
-  result = pipeline.process_section(inputs, _perfect_synthesizer, registration_config=registration, deformable=True,
+  result = pipeline.process_section(inputs, perfect_synthesizer, registration_config=REGISTRATION, deformable=True,
                                     bspline_spacing_um=300.0, deformable_config=config, out_dir=out,
                                     figures=False)  # fmt: skip
   assert isinstance(result.transform, bs.BSplineTransform)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import skimage.data
+from scenes import blob_image, square_annotation
 from scipy import ndimage as ndi
 
 from msisynth import errors
@@ -22,16 +23,6 @@ def _transform(scale=1.0, seed=0, spacing=(7.0, 9.0)):
   t = bs.BSplineTransform.for_image(FIXED_SHAPE, spacing, fixed_pixel_size_um=FIXED_PX, affine=AFFINE)
   c = np.random.default_rng(seed).normal(size=t.coefficients.shape) * scale
   return bs.BSplineTransform.create(AFFINE, c, np.asarray(t.grid_origin_um), np.asarray(t.grid_spacing_um))
-
-
-def _image(shape, seed=0):
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
-  out = np.zeros(shape, np.float32)
-  for _ in range(8):
-    cy, cx, s = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(2, 5)
-    out += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-  return out
 
 
 def _sitk_image(array, pixel_size):
@@ -157,7 +148,7 @@ def test_itk_composite_file_resamples_like_warp_image_and_reads_back(tmp_path):
   text = path.read_text()
   assert text.index("AffineTransform_double_2_2") < text.index("BSplineTransform_double_2_2")
   itk = sitk.ReadTransform(str(path))
-  moving = _image((32, 44))
+  moving = blob_image((32, 44), n_blobs=8)
   ref = _sitk_resample(moving, itk)
   ours = np.asarray(tf.warp_image(moving, t, FIXED_SHAPE, fixed_pixel_size_um=FIXED_PX, moving_pixel_size_um=MOVING_PX))
   assert np.mean(np.abs(ours - ref) < 1e-4) > 0.999
@@ -193,7 +184,7 @@ def test_displacement_field_resamples_like_warp_image(tmp_path, name):
   np.testing.assert_allclose(field + grid, t.apply(grid), atol=1e-4)
   path = transform_io.save_displacement_field(tmp_path / name, t, FIXED_SHAPE, FIXED_PX)
   itk = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
-  moving = _image((32, 44))
+  moving = blob_image((32, 44), n_blobs=8)
   ref = _sitk_resample(moving, itk)
   ours = np.asarray(tf.warp_image(moving, t, FIXED_SHAPE, fixed_pixel_size_um=FIXED_PX, moving_pixel_size_um=MOVING_PX))
   assert np.mean(np.abs(ours - ref) < 1e-4) > 0.999
@@ -262,19 +253,10 @@ def test_register_deformable_refuses_bad_input():
 # ------------------------------------------------------------------------------------------ annotation transfer
 
 
-def _square_regions():
-  from msisynth import regions as R
-
-  labels = np.zeros((260, 360), np.int32)
-  labels[100:200, 200:300] = 1
-  polygon = R.Polygon(np.array([[199.5, 99.5], [299.5, 99.5], [299.5, 199.5], [199.5, 199.5]]))
-  return labels, [R.Region("gland", (polygon,))]
-
-
 def test_regions_follow_a_deformable_transform():
   from msisynth import regions as R
 
-  labels_hist, regions = _square_regions()
+  labels_hist, regions = square_annotation()
   kwargs = dict(histology_pixel_size_um=2.0, msi_pixel_size_um=20.0)
   affine = AffineTransform.from_linear(np.eye(2), [-100.0, -50.0])
   grid = bs.BSplineTransform.for_image(labels_hist.shape, 100.0, fixed_pixel_size_um=2.0, affine=affine)
@@ -346,9 +328,9 @@ def test_spatialdata_export_keeps_the_bspline_field():
   from msisynth import export
 
   t = _transform(scale=1.0)
-  he = np.stack([_image(FIXED_SHAPE)] * 3, axis=-1) / 2
-  msi = MSIImage(cube=np.stack([_image((12, 16)), _image((12, 16), 1)], -1), mz=np.array([100.0, 200.0]),
-                 mask=np.ones((12, 16), bool), pixel_size_um=(2.5, 2.5))  # fmt: skip
+  he = np.stack([blob_image(FIXED_SHAPE, n_blobs=8)] * 3, axis=-1) / 2
+  cube = np.stack([blob_image((12, 16), n_blobs=8), blob_image((12, 16), 1, n_blobs=8)], -1)
+  msi = MSIImage(cube=cube, mz=np.array([100.0, 200.0]), mask=np.ones((12, 16), bool), pixel_size_um=(2.5, 2.5))
   sdata = export.to_spatialdata(he, FIXED_PX, msi, t, deformation_pixel_size_um=FIXED_PX)
   field = np.asarray(sdata.images["deformation_um"].values)  # (2, H, W): dx, dy at the fixed pixel centres
   np.testing.assert_allclose(np.moveaxis(field, 0, -1), t.displacement_field(FIXED_SHAPE, FIXED_PX), atol=1e-5)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scenes import blob_image
 
 from msisynth import errors
 from msisynth.geometry import transforms as tf
@@ -14,16 +15,6 @@ from msisynth.register import evaluate, transform_io
 FIXED_PX, MOVING_PX = (1.0, 1.5), (2.0, 2.0)
 FIXED_SHAPE = (40, 36)
 TRANSFORM = AffineTransform.from_params([0.25, 0.1, -0.05, 0.02, 3.0, -1.5], tf.image_center_um(FIXED_SHAPE, FIXED_PX))
-
-
-def _image(shape, seed=0):
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
-  out = np.zeros(shape, np.float32)
-  for _ in range(5):
-    cy, cx, s = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(2, 5)
-    out += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-  return out
 
 
 def test_json_roundtrip_and_no_overwrite(tmp_path):
@@ -55,7 +46,7 @@ def test_json_roundtrip_and_no_overwrite(tmp_path):
 def test_itk_file_resamples_like_warp_image(tmp_path, center):
   path = transform_io.save_itk_transform(tmp_path / "t.tfm", TRANSFORM, center_um=center)
   itk = sitk.ReadTransform(str(path))
-  moving = _image((30, 32))
+  moving = blob_image((30, 32))
   image = sitk.GetImageFromArray(moving)
   image.SetSpacing((MOVING_PX[1], MOVING_PX[0]))
   reference = sitk.Image([FIXED_SHAPE[1], FIXED_SHAPE[0]], sitk.sitkFloat32)

@@ -439,15 +439,30 @@ def ion_images_in_histology(
     DataError: an m/z with no channel in its window.
     ConfigError: no ion asked for, or no MSI pixel size.
   """
+  msi_px = _export_msi_pixel_size(msi, mz_values, msi_pixel_size_um)
+  stack = np.stack(_ion_images(msi, mz_values, tol, tol_unit), axis=-1)
+  shape = (int(histology_shape[0]), int(histology_shape[1]))
+  size = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  return _warp_tile(stack, transform, shape, size, (0.0, 0.0), msi_px)
+
+
+def _export_msi_pixel_size(msi: MSIImage, mz_values: Sequence[float], msi_pixel_size_um) -> tuple[float, float]:
+  """The MSI pixel size (y, x) µm an export of ion images works with: `msi_pixel_size_um`, else the MSI's.
+
+  Raises:
+    ConfigError: no ion asked for, or no MSI pixel size.
+  """
   if not len(mz_values):
     raise errors.ConfigError("give at least one m/z to export")
   msi_px = msi_pixel_size_um if msi_pixel_size_um is not None else msi.pixel_size_um
   if msi_px is None:
     raise errors.ConfigError("the MSI has no pixel size; pass msi_pixel_size_um")
-  stack = np.stack([np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values], axis=-1)
-  shape = (int(histology_shape[0]), int(histology_shape[1]))
-  size = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
-  return _warp_tile(stack, transform, shape, size, (0.0, 0.0), tf.pixel_size_yx(msi_px, "msi_pixel_size_um"))
+  return tf.pixel_size_yx(msi_px, "msi_pixel_size_um")
+
+
+def _ion_images(msi: MSIImage, mz_values: Sequence[float], tol: float, tol_unit: str) -> list[np.ndarray]:
+  """The float32 ion image (MSI grid) of each m/z."""
+  return [np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values]
 
 
 def _warp_tile(image, transform, shape, pixel_size_um, origin_xy_um, msi_px) -> np.ndarray:
@@ -617,19 +632,14 @@ def write_ion_images_ome_tiff(
 
   from msisynth import progress
 
-  if not len(mz_values):
-    raise errors.ConfigError("give at least one m/z to export")
   if tile % 16 or tile <= 0:
     raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
-  msi_px = msi_pixel_size_um if msi_pixel_size_um is not None else msi.pixel_size_um
-  if msi_px is None:
-    raise errors.ConfigError("the MSI has no pixel size; pass msi_pixel_size_um")
-  msi_px = tf.pixel_size_yx(msi_px, "msi_pixel_size_um")
+  msi_px = _export_msi_pixel_size(msi, mz_values, msi_pixel_size_um)
   py, px = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
   h, w = (int(v) for v in histology_shape[:2])
   if min(h, w) < 1:
     raise errors.ConfigError(f"histology_shape must be (H, W), got {histology_shape!r}")
-  ions = [np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values]
+  ions = _ion_images(msi, mz_values, tol, tol_unit)
   _affine(transform)  # an affine or deformable transform, or a ConfigError now rather than mid-file
   levels = _level_count((h, w), levels)
   shapes = [(-(-h // 2**k), -(-w // 2**k)) for k in range(levels)]

@@ -3,15 +3,13 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import skimage.data
 from scenes import blob_image, square_annotation
-from scipy import ndimage as ndi
 
 from msisynth import errors
 from msisynth.geometry import transforms as tf
 from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import bspline as bs
-from msisynth.register import optimize, transform_io
+from msisynth.register import cases, optimize, transform_io
 from msisynth.types import MSIImage
 
 FIXED_SHAPE, FIXED_PX, MOVING_PX = (30, 40), (1.0, 1.5), (1.25, 1.0)
@@ -197,32 +195,13 @@ def test_displacement_field_resamples_like_warp_image(tmp_path, name):
 # ----------------------------------------------------------------------------------------------- registration
 
 
-def _deformed_pair(size=96, amplitude_px=6.0, sigma_px=16.0, seed=1):
-  """A real IHC crop (moving) and the fixed image it becomes under a known smooth map T(x) = x + t + u(x)."""
-  rng = np.random.default_rng(seed)
-  rgb = skimage.data.immunohistochemistry()[150 : 150 + size + 40, 150 : 150 + size + 40].astype(np.float32) / 255
-  moving = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-  u = np.stack([ndi.gaussian_filter(n, sigma_px, mode="reflect") for n in rng.normal(size=(2, size, size))])
-  u *= amplitude_px / np.sqrt(np.mean(u**2))
-  yy, xx = np.mgrid[:size, :size].astype(np.float64)
-  true_map = np.stack([xx + 20.0 + u[0], yy + 20.0 + u[1]], axis=-1)  # (x, y) in moving px = µm
-  fixed = ndi.map_coordinates(moving, [true_map[..., 1], true_map[..., 0]], order=1).astype(np.float32)
-  return fixed, moving, true_map
-
-
-def _mean_error_px(transform, true_map, margin=4):
-  grid = np.asarray(tf.fixed_grid_um(true_map.shape[:2]), np.float64)
-  got = bs.apply_points(transform, grid.reshape(-1, 2)).reshape(grid.shape)
-  return float(np.linalg.norm(got - true_map, axis=-1)[margin:-margin, margin:-margin].mean())
-
-
 def test_deformable_recovers_a_smooth_deformation_the_affine_cannot():
-  fixed, moving, true_map = _deformed_pair()
+  fixed, moving, true_map = cases.deformed_pair(1)
   affine = optimize.register(fixed, moving, config=optimize.RegistrationConfig(similarity="mi")).transform
-  affine_error = _mean_error_px(affine, true_map)
+  affine_error = cases.map_error_px(affine, true_map)
   result = bs.register_deformable(fixed, moving, affine, config=bs.DeformableConfig(grid_spacing_um=16.0))
   assert affine_error > 3.0
-  assert _mean_error_px(result.transform, true_map) < 1.0
+  assert cases.map_error_px(result.transform, true_map) < 1.0
   assert result.metric > result.metric_affine and result.min_jacobian > 0 and not result.warnings
   assert result.grid_shapes == ((5, 5), (6, 6), (9, 9)) and len(result.iterations) == 3
   assert 1.0 < result.max_displacement_um < 30.0
@@ -239,7 +218,7 @@ def test_deformable_recovers_a_smooth_deformation_the_affine_cannot():
 
 
 def test_register_deformable_refuses_bad_input():
-  fixed, moving, _ = _deformed_pair(size=32, amplitude_px=0.0)
+  fixed, moving, _ = cases.deformed_pair(1, 32, amplitude_px=0.0)
   with pytest.raises(errors.RegistrationError, match="constant"):
     bs.register_deformable(np.ones((32, 32)), moving, AffineTransform.identity())
   with pytest.raises(errors.ConfigError, match="AffineTransform"):

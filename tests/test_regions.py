@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 import scipy.stats
+from checks import assert_refused_naming_the_file
 from scenes import square_annotation
 
 from msisynth import errors
@@ -160,11 +161,7 @@ def test_non_polygon_features_are_skipped_with_a_warning(tmp_path, caplog):
   ],
 )
 def test_malformed_geojson_raises_data_error_naming_the_file(tmp_path, content, message):
-  path = tmp_path / "bad.geojson"
-  path.write_text(content)
-  with pytest.raises(errors.DataError, match=message) as info:
-    R.read_geojson_regions(path)
-  assert str(path) in str(info.value)
+  assert_refused_naming_the_file(R.read_geojson_regions, tmp_path / "bad.geojson", content, message)
 
 
 def test_missing_file_raises_data_error(tmp_path):

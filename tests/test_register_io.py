@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from checks import assert_refused_naming_the_file
 from scenes import blob_image
 
 from msisynth import errors
@@ -104,11 +105,7 @@ def test_landmarks_csv_in_um_and_pixels(tmp_path):
   ],
 )
 def test_malformed_landmarks_raise_data_error_naming_the_file(tmp_path, text, match):
-  path = tmp_path / "bad.csv"
-  path.write_text(text)
-  with pytest.raises(errors.DataError, match=match) as info:
-    evaluate.load_landmarks_csv(path)
-  assert str(path) in str(info.value)
+  assert_refused_naming_the_file(evaluate.load_landmarks_csv, tmp_path / "bad.csv", text, match)
   with pytest.raises(errors.DataError):
     evaluate.load_landmarks_csv(tmp_path / "missing.csv")
 

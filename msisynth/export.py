@@ -531,23 +531,14 @@ def write_ome_tiff(
     data = data[..., None]
   if data.ndim != 3 or min(data.shape) < 1:
     raise errors.ConfigError(f"image must be (H, W) or (H, W, C), got shape {np.shape(image)}")
-  if tile % 16 or tile <= 0:
-    raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
+  _check_tile(tile)
   py, px = tf.pixel_size_yx(pixel_size_um, "pixel_size_um")
   data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
   c, h, w = data.shape
   if channel_names is not None and len(channel_names) != c:
     raise errors.ConfigError(f"{len(channel_names)} channel names for {c} channels")
   levels = _level_count((h, w), levels)
-  metadata: dict[str, Any] = {
-    "axes": "CYX",
-    "PhysicalSizeX": px,
-    "PhysicalSizeXUnit": "µm",
-    "PhysicalSizeY": py,
-    "PhysicalSizeYUnit": "µm",
-  }
-  if channel_names is not None:
-    metadata["Channel"] = {"Name": [str(n) for n in channel_names]}
+  metadata = _ome_metadata((py, px), channel_names)
   options = dict(photometric="minisblack", tile=(tile, tile), compression="zlib")
   with outputs.atomic_path(path, overwrite=overwrite) as tmp:
     with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
@@ -573,6 +564,27 @@ def write_ome_tiff(
           **options,
         )
   return pathlib.Path(path)
+
+
+def _check_tile(tile: int) -> None:
+  """Raises ConfigError unless `tile` is a positive multiple of 16 (TIFF tiles)."""
+  if tile % 16 or tile <= 0:
+    raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
+
+
+def _ome_metadata(pixel_size_yx: tuple[float, float], channel_names: Sequence[str] | None) -> dict[str, Any]:
+  """The OME metadata of a CYX image: its physical pixel size (y, x) µm and, when given, its channel names."""
+  py, px = pixel_size_yx
+  metadata: dict[str, Any] = {
+    "axes": "CYX",
+    "PhysicalSizeX": px,
+    "PhysicalSizeXUnit": "µm",
+    "PhysicalSizeY": py,
+    "PhysicalSizeYUnit": "µm",
+  }
+  if channel_names is not None:
+    metadata["Channel"] = {"Name": [str(n) for n in channel_names]}
+  return metadata
 
 
 def _level_count(shape: Sequence[int], levels: int | None) -> int:
@@ -632,8 +644,7 @@ def write_ion_images_ome_tiff(
 
   from msisynth import progress
 
-  if tile % 16 or tile <= 0:
-    raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
+  _check_tile(tile)
   msi_px = _export_msi_pixel_size(msi, mz_values, msi_pixel_size_um)
   py, px = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
   h, w = (int(v) for v in histology_shape[:2])
@@ -657,14 +668,7 @@ def write_ion_images_ome_tiff(
           bar.update(1)
           yield _warp_tile(ion, transform, (tile, tile), size, origin, msi_px)
 
-  metadata: dict[str, Any] = {
-    "axes": "CYX",
-    "PhysicalSizeX": px,
-    "PhysicalSizeXUnit": "µm",
-    "PhysicalSizeY": py,
-    "PhysicalSizeYUnit": "µm",
-    "Channel": {"Name": [f"m/z {float(mz):.4f}" for mz in mz_values]},
-  }
+  metadata = _ome_metadata((py, px), [f"m/z {float(mz):.4f}" for mz in mz_values])
   options = dict(photometric="minisblack", tile=(tile, tile), compression="zlib", dtype=np.float32)
   with (
     outputs.atomic_path(path, overwrite=overwrite) as tmp,

@@ -32,7 +32,7 @@ def load_section(data_dir=None, *, he_reduce: int = 4):
   """
   from msisynth import datasets, simulate
   from msisynth.evaluation.common import Section
-  from msisynth.register.transforms import AffineTransform
+  from msisynth.geometry.transforms import AffineTransform
 
   pair = datasets.load_msight_bladder(data_dir, download=False)
   msi = pair.msi

@@ -38,9 +38,9 @@ import numpy as np
 
 from msisynth import datasets, geometry
 from msisynth.evaluation import bladder
+from msisynth.geometry import transforms as tf
 from msisynth.outputs import atomic_write_json
 from msisynth.register import optimize
-from msisynth.register import transforms as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ from scipy import ndimage as ndi
 
 from msisynth import errors
 from msisynth.evaluation import bladder
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import optimize
-from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
 
 

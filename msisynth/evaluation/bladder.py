@@ -150,7 +150,7 @@ def histology_on_msi_grid(histology, transform, msi_shape, *, histology_pixel_si
   transform: ((h, w, C) float32, (h, w) bool inside the histology field)."""
   from scipy import ndimage as ndi
 
-  from msisynth.register.transforms import AffineTransform, warp_image
+  from msisynth.geometry.transforms import AffineTransform, warp_image
 
   he = np.asarray(histology, np.float32)
   he = he[..., None] if he.ndim == 2 else he

@@ -24,6 +24,9 @@ the verdict, the gain at each misalignment fraction, and `docs/figures/hr2msi_ch
 Command (about 6 minutes on 2 CPU cores):
   PYTHONPATH=. python benchmarks/bench_real_pairs.py
 Options: --parts=msight,hr2msi  --output=benchmarks/results/bench_real_pairs.json  --no-figure
+A sweep over H&E reduction, working pixel, image and transform type (about 2 minutes):
+  PYTHONPATH=. python benchmarks/bench_real_pairs.py --parts=sweep \
+    --output=benchmarks/results/bench_real_pairs_sweep.json
 """
 
 from __future__ import annotations
@@ -158,6 +161,34 @@ def msight_part(he_reduce: int, figure: bool) -> list[dict]:
   return rows
 
 
+def sweep_part() -> list[dict]:
+  """msight: `register_msi_to_histology` over H&E reduction (2×, 4×), working pixel (12.5, 25 µm), image (TIC,
+  PC1, PC2) and transform type (rigid, affine)."""
+  rows = []
+  for he_reduce in (2, 4):
+    section, _ = bladder.load_section(he_reduce=he_reduce)
+    msi, he, he_px = section.msi, section.he, section.histology_pixel_size_um
+    images = bladder.msi_images(msi, n_components=2)
+    for working in (12.5, 25.0):
+      for image in ("tic", "pc1", "pc2"):
+        for kind in ("rigid", "affine"):
+          config = optimize.RegistrationConfig(flips_and_rot90=True, kind=kind,
+                                               working_pixel_size_um=max(working, he_px))  # fmt: skip
+          t0 = time.perf_counter()
+          result = optimize.register_msi_to_histology(he, images[image], histology_pixel_size_um=he_px,
+                                                      msi_pixel_size_um=msi.pixel_size_um, msi_mask=msi.mask,
+                                                      config=config)  # fmt: skip
+          dist = bladder.landmark_distance_msi_px(result.transform, section.landmarks, float(msi.pixel_size_um[1]))
+          row = {"pair": "msight_bladder", "route": f"sweep/reduce{he_reduce}/working{working:g}/{image}/{kind}",
+                 "mean_landmark_distance_msi_px": float(dist.mean()), "landmark_distances_msi_px": dist.tolist(),
+                 **describe(result.transform), "success": bool(result.success), "gain": float(result.gain),
+                 "seconds": time.perf_counter() - t0}  # fmt: skip
+          rows.append(row)
+          print(f"{row['route']:40s} {dist.mean():6.1f} px  rot {row['rotation_deg']:+7.1f}°  success "
+                f"{row['success']!s:5s} gain {row['gain']:.3f}", flush=True)  # fmt: skip
+  return rows
+
+
 def hr2msi_part(figure: bool) -> list[dict]:
   pair = datasets.load_hr2msi_bladder()
   msi, optical = pair.msi, pair.optical
@@ -276,6 +307,8 @@ def main():
   parts = args.parts.split(",")
   if "msight" in parts:
     rows += msight_part(args.he_reduce, args.figure)
+  if "sweep" in parts:
+    rows += sweep_part()
   if "hr2msi" in parts:
     rows += hr2msi_part(args.figure)
   atomic_write_json(args.output, {"command": "python benchmarks/bench_real_pairs.py", "rows": rows})

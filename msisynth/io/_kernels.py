@@ -362,6 +362,13 @@ def _accumulate(mz, intensity, out, row, scratch, ks, mode, edges, table, tlo, t
   return _row_overflow(out, row)
 
 
+@nb.njit(**_OPTS)
+def _scratch(mode, edges, longest):
+  """One chunk's scratch arrays for `_accumulate`: a float64 row of bins (mode 0) and room for the bin of each
+  value of the longest spectrum."""
+  return np.zeros(edges.size - 1 if mode == 0 else 1), np.empty(longest, np.int64)
+
+
 @nb.njit(parallel=True, **_OPTS)
 def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, out, mode, edges, table, tlo, tinv,
             clip, remap, lows, highs, cummax_highs, wtable, wtlo, wtinv, zero_bad, chunks):  # fmt: skip
@@ -383,8 +390,7 @@ def bin_raw(mz_buf, mz_off, mz_code, int_buf, int_off, int_code, lengths, rows, 
   first, last = edges[0], edges[edges.size - 1]
   chunks = max(1, min(n, chunks))
   for c in nb.prange(chunks):
-    scratch = np.zeros(edges.size - 1 if mode == 0 else 1)
-    ks = np.empty(longest, np.int64)
+    scratch, ks = _scratch(mode, edges, longest)
     for i in range(c * n // chunks, (c + 1) * n // chunks):
       count = lengths[i]
       if count <= 0:
@@ -536,8 +542,7 @@ def bin_csr(indptr, mz, intensity, pixels, rows, out, mode, edges, table, tlo, t
   overflow = np.zeros(n, np.int32)
   chunks = max(1, min(n, chunks))
   for c in nb.prange(chunks):
-    scratch = np.zeros(edges.size - 1 if mode == 0 else 1)
-    ks = np.empty(longest, np.int64)
+    scratch, ks = _scratch(mode, edges, longest)
     for i in range(c * n // chunks, (c + 1) * n // chunks):
       p = pixels[i]
       a, b = indptr[p], indptr[p + 1]

@@ -225,6 +225,20 @@ def test_chunking_and_threads_do_not_change_the_result(small_processed):
     np.testing.assert_allclose(other.cube, reference.cube, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mz_dtype", [np.float64, np.float32])
+def test_first_and_last_mz_by_pread_equal_the_memory_map(tmp_path, monkeypatch, mz_dtype):
+  from msisynth.io import _engine, _ibd
+
+  rng = np.random.default_rng(3)
+  spectra = [(x, 1, np.sort(rng.uniform(100, 900, n)), rng.random(n)) for x, n in ((1, 5), (2, 1), (3, 40))]
+  index = imzml._open_index(_write(tmp_path / "ends.imzML", spectra, mz_dtype=mz_dtype))
+  ids = np.array([2, 0, 1])
+  expected = np.array([[s[2][0], s[2][-1]] for s in (spectra[i] for i in ids)]).astype(mz_dtype)
+  np.testing.assert_array_equal(_engine.mz_extremes(index, ids), expected)
+  monkeypatch.setattr(_ibd, "PREAD", None)  # no pread (Windows): through the memory map
+  np.testing.assert_array_equal(_engine.mz_extremes(index, ids), expected)
+
+
 def test_generated_processed_file_with_hole(small_processed):
   path, spectra = small_processed
   msi = imzml.read_imzml(path, bin_width=1, bin_unit="da", progress=False)

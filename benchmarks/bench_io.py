@@ -159,13 +159,14 @@ def pyimzml_loop(path: pathlib.Path, edges: np.ndarray | None, merge_axis: bool 
 
 def m2aia_anchor(path: pathlib.Path) -> dict:
   """pyM2aia's read of every spectrum (see the module docstring); {"error": ...} when it cannot run."""
+  cwd = os.getcwd()
+  os.chdir(tempfile.gettempdir())  # pyM2aia writes a preferences file into the working directory, from its import on
   try:
     import m2aia
   except Exception as e:  # noqa: BLE001 - report whatever stops it
+    os.chdir(cwd)
     return {"error": f"import m2aia failed: {type(e).__name__}: {e}"}
-  cwd = os.getcwd()
   try:
-    os.chdir(tempfile.gettempdir())  # pyM2aia writes a preferences file into the working directory
     start, cpu = time.perf_counter(), time.process_time()
     reader = m2aia.ImzMLReader(str(path))
     reader.Load()

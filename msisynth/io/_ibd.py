@@ -29,8 +29,12 @@ def _libc_pread():
   if os.name != "posix":
     return None
   try:
-    function = ctypes.CDLL(None, use_errno=True).pread
-  except (OSError, AttributeError):
+    libc = ctypes.CDLL(None, use_errno=True)
+  except OSError:
+    return None
+  # pread64 takes a 64-bit offset on every glibc (pread does only where off_t is 64-bit); others have pread.
+  function = getattr(libc, "pread64", None) or getattr(libc, "pread", None)
+  if function is None:
     return None
   function.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64)
   function.restype = ctypes.c_ssize_t

@@ -411,6 +411,8 @@ def main(argv=None) -> int:
   args.output.parent.mkdir(parents=True, exist_ok=True)
   args.output.write_text(json.dumps(record, indent=2, default=str) + "\n")
   print(f"saved {args.output}")
+  if m2aia:
+    os.chdir(tempfile.gettempdir())  # pyM2aia writes its preferences file into the working directory at exit
   return 0
 
 

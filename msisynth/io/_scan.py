@@ -123,10 +123,13 @@ def _candidates(buf, begin, end, out):
         pairs ^= lowest
         # k from 256**k times a constant whose byte j is 7 - j: the top byte of the product is k.
         p = a + 8 * t + np.int64(((lowest >> np.uint64(7)) * _BYTE_INDEX) >> np.uint64(56))
-        kind = _kind(buf, p)
-        if kind >= 0:
-          _record(out, n, p, kind)
-          n += 1
+        # Without branches on the (unpredictable) outcome: the pair is written in any case and kept by the count.
+        accession = ((buf[p - 2] == 110) & (buf[p - 3] == 111) & (buf[p - 4] == 105) & (buf[p - 5] == 115)
+                     & (buf[p - 6] == 115) & (buf[p - 7] == 101) & (buf[p - 8] == 99) & (buf[p - 9] == 99)
+                     & (buf[p - 10] == 97))  # fmt: skip
+        ref = (buf[p - 2] == 102) & (buf[p - 3] == 101) & (buf[p - 4] == 114)
+        _record(out, n, p, 0 if accession else 1)
+        n += accession | ref
   for p in range(a + 8 * max(words, 0), end):
     if buf[p] == 34 and buf[p - 1] == 61:
       kind = _kind(buf, p)

@@ -92,6 +92,18 @@ def _record(out, n, i, kind):
     out[n, 1] = kind
 
 
+@nb.njit(inline="always", **_OPTS)
+def _candidates_bytewise(buf, start, stop, out, n):
+  """`_candidates` byte by byte over positions [start, stop), the first n already found; returns the new count."""
+  for p in range(start, stop):
+    if buf[p] == 34 and buf[p - 1] == 61:
+      kind = _kind(buf, p)
+      if kind >= 0:
+        _record(out, n, p, kind)
+        n += 1
+  return n
+
+
 @nb.njit(**_OPTS)
 def _candidates(buf, begin, end, out):
   """Positions of the opening quotes of accession="..." (kind 0) and ref="..." (kind 1) in buf[begin + 10:end].
@@ -100,15 +112,9 @@ def _candidates(buf, begin, end, out):
   and once to fill, so that no array is reallocated inside the byte loop. Eight bytes at a time: the word's
   bytes equal to '=' and to '"' as bit masks, a '="' pair where one is followed by the other.
   """
-  n = 0
   i = begin + 10
   a = min(end, i + (-i) % 8) if _LITTLE_ENDIAN else end  # words aligned to the buffer (a page)
-  for p in range(i, a):
-    if buf[p] == 34 and buf[p - 1] == 61:
-      kind = _kind(buf, p)
-      if kind >= 0:
-        _record(out, n, p, kind)
-        n += 1
+  n = _candidates_bytewise(buf, i, a, out, 0)
   words = (end - a) // 8
   if words > 0:
     view = buf[a : a + 8 * words].view(np.uint64)
@@ -130,13 +136,7 @@ def _candidates(buf, begin, end, out):
         ref = (buf[p - 2] == 102) & (buf[p - 3] == 101) & (buf[p - 4] == 114)
         _record(out, n, p, 0 if accession else 1)
         n += accession | ref
-  for p in range(a + 8 * max(words, 0), end):
-    if buf[p] == 34 and buf[p - 1] == 61:
-      kind = _kind(buf, p)
-      if kind >= 0:
-        _record(out, n, p, kind)
-        n += 1
-  return n
+  return _candidates_bytewise(buf, a + 8 * max(words, 0), end, out, n)
 
 
 @nb.njit(**_OPTS)

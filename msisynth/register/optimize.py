@@ -5,9 +5,10 @@ fixed image and the moving image resampled at T(x_fixed) (docs/architecture.md).
 (H, W, 3) RGB (converted to grey by luminance) or (H, W, C) (channel mean), any float or integer dtype.
 
 How it works:
-- A Gaussian pyramid (`levels`, default 3): at level l the images are smoothed (σ = shrink/2 pixels) and
-  subsampled so that their pixel size is about `base · 2^l`, with base the finer of the two pixel sizes (or
-  `working_pixel_size_um`); a pixel keeps its centre, so physical coordinates hold at every level.
+- A Gaussian pyramid (`levels`; by default as many as bring the images to about 96 px across): at level l the
+  images are smoothed (σ = shrink/2 pixels) and subsampled so that their pixel size is about `base · 2^l`, with
+  base the working pixel size; a pixel keeps its centre, so physical coordinates hold at every level.
+- The coarsest level optimises a similarity transform (`coarse_kind`), the finer ones the full affine map.
 - Starts: translation from the centres of mass of the two images, rotation 0 and the principal-axes angle (and
   that + 180°), optionally with every 90° rotation and a mirror (`flips_and_rot90`). The weights of the moments
   are the masks when given, else |intensity - background| with the background the median of the border pixels
@@ -68,6 +69,10 @@ class RegistrationConfig:
     similarity: "mi" (Parzen mutual information, default; multimodal), "nmi", "ncc" or "mse" (single-modality,
       e.g. synthetic H&E → real H&E).
     kind: "affine", "similarity" or "rigid" (the parameters fixed in optimisation).
+    coarse_kind: the family optimised at the coarsest level when it has fewer parameters than `kind` (default
+      "similarity": rotation, one scale, translation), the finer levels then free the rest. With an affine map at
+      the coarsest level, where the images show little more than the tissue's outline, a stretched or sheared map
+      that lays a cut tissue outline over the whole other section can score higher than the truth. None: `kind`.
     bins: histogram bins for MI/NMI.
     kernel: Parzen kernel, "bspline" or "gaussian".
     levels: pyramid levels (coarse → fine); level l has pixels about 2^l times the base. None (default): as many
@@ -77,7 +82,7 @@ class RegistrationConfig:
     working_pixel_size_um: finest pixel size registration works at (µm); None: the finer of the two images',
       or half the coarser one's when that is larger (finer detail is in one image only).
     max_iterations: Adam steps per level, an int or one per level (coarse → fine); None: 100 at the coarsest
-      level and 50 at the finer ones.
+      level, 150 at the finest and 50 at those between.
     learning_rate: first Adam step, in level pixels of displacement at the image edge; cosine-decayed over the
       level to `learning_rate * final_learning_rate_fraction`.
     final_learning_rate_fraction: see `learning_rate`.
@@ -91,11 +96,16 @@ class RegistrationConfig:
       count never causes a recompilation.
     outside_bin: MI/NMI count fixed samples that map outside the moving image (or its mask) in an extra moving
       bin, and normalise by all fixed samples, so that shrinking the overlap cannot raise the similarity (it
-      loses the information of the samples that leave). False: the classic estimate over the overlap alone.
+      loses the information of the samples that leave). False (default): the classic estimate over the overlap
+      alone. The outside bin rewards a larger overlap, which is wrong where the moving field truly covers only a
+      part of the fixed tissue (an MSI field that cuts the section): there a map that spreads the moving image over
+      the whole tissue scores higher than the truth. The success test's overlap check guards against a shrunk
+      overlap instead.
     seed: seed of the pixel sampling.
     principal_axes: add the principal-axes rotation (and + 180°) to the starts.
     start_rotations_deg: rotation offsets (degrees) added to every base start angle.
-    start_scales: isotropic scales (of the fixed → moving map, relative to the moments' estimate) to start from.
+    start_scales: isotropic scales (of the fixed → moving map, relative to the moments' estimate) to start from;
+      the default 0.8, 1 and 1.25 cover the scale range 0.7–1.4 that one start at 1 does not capture.
     start_offsets_um: (x, y) µm shifts of the fixed image's centre of mass that every start is also tried at
       (a translation search, e.g. for a small MSI region somewhere on a large histology image).
     moment_scale: start from the scale that matches the spread (second moments) of the two images' weights,
@@ -122,6 +132,7 @@ class RegistrationConfig:
 
   similarity: str = "mi"
   kind: str = "affine"
+  coarse_kind: str | None = "similarity"
   bins: int = 32
   kernel: str = "bspline"
   levels: int | None = None
@@ -129,16 +140,16 @@ class RegistrationConfig:
   working_pixel_size_um: float | None = None
   max_iterations: int | tuple[int, ...] | None = None
   learning_rate: float = 0.5
-  final_learning_rate_fraction: float = 0.05
+  final_learning_rate_fraction: float = 0.01
   tolerance: float = 1e-5
   patience: int = 20
   max_samples: int | None = 2048
   sample_pool: int = 16384
-  outside_bin: bool = True
+  outside_bin: bool = False
   seed: int = 0
   principal_axes: bool = True
   start_rotations_deg: tuple[float, ...] = (0.0,)
-  start_scales: tuple[float, ...] = (1.0,)
+  start_scales: tuple[float, ...] = (0.8, 1.0, 1.25)
   start_offsets_um: tuple[tuple[float, float], ...] = ((0.0, 0.0),)
   moment_scale: bool = False
   flips_and_rot90: bool = False
@@ -158,6 +169,8 @@ class RegistrationConfig:
       raise errors.ConfigError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
     if self.kind not in tf.KINDS:
       raise errors.ConfigError(f"kind must be one of {tf.KINDS}, got {self.kind!r}")
+    if self.coarse_kind is not None and self.coarse_kind not in tf.KINDS:
+      raise errors.ConfigError(f"coarse_kind must be None or one of {tf.KINDS}, got {self.coarse_kind!r}")
     if self.kernel not in sim.KERNELS:
       raise errors.ConfigError(f"kernel must be one of {sim.KERNELS}, got {self.kernel!r}")
     if self.levels is not None and self.levels < 1 or self.bins < 4 or self.num_candidates < 1 or self.patience < 1:
@@ -192,7 +205,7 @@ class RegistrationConfig:
     """Adam steps at each level, coarse → fine."""
     levels = self.num_levels() if levels is None else levels
     if self.max_iterations is None:
-      return tuple(100 if level == levels - 1 else 50 for level in range(levels - 1, -1, -1))
+      return tuple(100 if level == levels - 1 else 150 if level == 0 else 50 for level in range(levels - 1, -1, -1))
     if isinstance(self.max_iterations, int):
       return (int(self.max_iterations),) * levels
     return tuple(int(i) for i in self.max_iterations)
@@ -350,7 +363,7 @@ def _shrink_factors(levels, fixed_px, moving_px, working_px):
 def _extent_px(fixed_shape, moving_shape, fixed_px, moving_px, working_px):
   gf, gm = math.sqrt(fixed_px[0] * fixed_px[1]), math.sqrt(moving_px[0] * moving_px[1])
   base = _working_px(gf, gm, working_px)
-  return max(max(fixed_shape) * max(gf, base), max(moving_shape) * max(gm, base)) / base
+  return max(max(fixed_shape) * gf, max(moving_shape) * gm) / base
 
 
 def _bucket(n: int) -> int:
@@ -717,6 +730,16 @@ def _is_unturned(params_row: np.ndarray, mirror: np.ndarray) -> bool:
   return np.linalg.det(mirror[:2, :2]) > 0 and abs(rot) <= math.pi / 4
 
 
+def _level_kind(config: RegistrationConfig, level: int, levels: int) -> str:
+  """The transform family optimised at a level (0 = coarsest): `coarse_kind` below the finest level, when it has
+  fewer parameters than `kind`."""
+  order = {kind: i for i, kind in enumerate(("rigid", "similarity", "affine"))}
+  coarse = config.coarse_kind
+  if level > 0 or levels == 1 or coarse is None or order[coarse] >= order[config.kind]:
+    return config.kind
+  return coarse
+
+
 def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px, moving_px, config, initial,
                     on_failure):  # fmt: skip
   fixed_px = tf.pixel_size_yx(fixed_px, "fixed_pixel_size_um")
@@ -778,6 +801,9 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
                        config.max_samples)
   iterations = []
   for level, level_factors in enumerate(factors):
+    level_kind = _level_kind(config, level, levels)
+    if level > 0 and level_kind != _level_kind(config, level - 1, levels):  # start from what the last level found
+      params = tf.constrain_params(params, _level_kind(config, level - 1, levels))
     data = _level_data(pyramids[level], config.sample_pool, moving_pad, fixed_px, moving_px, level_factors, center,
                        radius, rng)  # fmt: skip
     data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed * 1000 + 17 * level + b)))
@@ -789,7 +815,8 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
       "learning_rate": jnp.float32(config.learning_rate),
       "final_fraction": jnp.float32(config.final_learning_rate_fraction),
     }
-    params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper, opts)
+    params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper,
+                                                             opts._replace(kind=level_kind))
     iterations.append(np.asarray(steps))
     if level == 0 and params.shape[1] > config.num_candidates:
       score = np.asarray(metrics) if config.similarity == "mse" else -np.asarray(metrics)

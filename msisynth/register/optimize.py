@@ -61,6 +61,18 @@ SIMILARITIES = ("mi", "nmi", "ncc", "mse")
 _LUMINANCE = np.asarray(LUMINANCE_WEIGHTS, np.float32)
 
 
+def check_measure(similarity: str, kernel: str) -> None:
+  """Refuses an unknown similarity or Parzen kernel (the options `register` and `register_deformable` share).
+
+  Raises:
+    ConfigError: naming the bad option.
+  """
+  if similarity not in SIMILARITIES:
+    raise errors.ConfigError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+  if kernel not in sim.KERNELS:
+    raise errors.ConfigError(f"kernel must be one of {sim.KERNELS}, got {kernel!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RegistrationConfig:
   """Options of `register`.
@@ -165,14 +177,11 @@ class RegistrationConfig:
   min_mask_pixels: int = 64
 
   def __post_init__(self):
-    if self.similarity not in SIMILARITIES:
-      raise errors.ConfigError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+    check_measure(self.similarity, self.kernel)
     if self.kind not in tf.KINDS:
       raise errors.ConfigError(f"kind must be one of {tf.KINDS}, got {self.kind!r}")
     if self.coarse_kind is not None and self.coarse_kind not in tf.KINDS:
       raise errors.ConfigError(f"coarse_kind must be None or one of {tf.KINDS}, got {self.coarse_kind!r}")
-    if self.kernel not in sim.KERNELS:
-      raise errors.ConfigError(f"kernel must be one of {sim.KERNELS}, got {self.kernel!r}")
     if self.levels is not None and self.levels < 1 or self.bins < 4 or self.num_candidates < 1 or self.patience < 1:
       raise errors.ConfigError("levels, num_candidates and patience must be >= 1 and bins >= 4")
     if isinstance(self.max_iterations, tuple | list):
@@ -703,7 +712,7 @@ def _misaligned(matrix: np.ndarray, center: np.ndarray, radius: float) -> np.nda
 # ------------------------------------------------------------------------------------------------------- public
 
 
-def _prepare_stack(images, masks, name, min_pixels):
+def _prepare_stack(images, masks, name, min_pixels, first_pair=0):
   grey = np.stack([to_grey(im) for im in images])
   if masks is None:
     mask = np.ones(grey.shape, np.float32)
@@ -715,7 +724,7 @@ def _prepare_stack(images, masks, name, min_pixels):
       count = int(np.count_nonzero(m > 0))
       if 0 < count < min_pixels:
         raise errors.RegistrationError(
-          f"the {name} mask of pair {b} has {count} pixels (< {min_pixels}): too few to register")
+          f"the {name} mask of pair {first_pair + b} has {count} pixels (< {min_pixels}): too few to register")
   if not np.all(np.isfinite(grey)):
     raise errors.DataError(f"the {name} image has NaN or infinite values")
   return grey, mask
@@ -741,11 +750,11 @@ def _level_kind(config: RegistrationConfig, level: int, levels: int) -> str:
 
 
 def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px, moving_px, config, initial,
-                    on_failure):  # fmt: skip
+                    on_failure, first_pair=0):  # fmt: skip
   fixed_px = tf.pixel_size_yx(fixed_px, "fixed_pixel_size_um")
   moving_px = tf.pixel_size_yx(moving_px, "moving_pixel_size_um")
-  fixed, fmask = _prepare_stack(fixed_list, fixed_masks, "fixed", config.min_mask_pixels)
-  moving, mmask = _prepare_stack(moving_list, moving_masks, "moving", config.min_mask_pixels)
+  fixed, fmask = _prepare_stack(fixed_list, fixed_masks, "fixed", config.min_mask_pixels, first_pair)
+  moving, mmask = _prepare_stack(moving_list, moving_masks, "moving", config.min_mask_pixels, first_pair)
   if min(fixed.shape[1:]) < 4 or min(moving.shape[1:]) < 4:
     raise errors.ConfigError(f"images must be at least 4 × 4, got {fixed.shape[1:]} and {moving.shape[1:]}")
   batch = fixed.shape[0]
@@ -778,7 +787,7 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
     for name, weights in (("fixed", fw), ("moving", mw)):
       if weights.sum() <= 1e-6 * weights.size:
         raise errors.RegistrationError(
-          f"the {name} image of pair {b} is constant or its mask is empty: nothing to register"
+          f"the {name} image of pair {first_pair + b} is constant or its mask is empty: nothing to register"
         )
     if initial is None:
       p, d = _initial_params(fw, mw, lpf0, lpm0, center, starts, config.moment_scale)
@@ -888,7 +897,8 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
     problem = None if np.isfinite(best.metric) else "the similarity is not finite"
     problem = problem or _check_transform(best.transform, mirrors[b, best_k], config)
     if problem is not None:
-      msg = f"registration of pair {b} refused: {problem} (start {best.start}, {config.similarity} {best.metric:.4g})"
+      msg = (f"registration of pair {first_pair + b} refused: {problem} (start {best.start}, "
+             f"{config.similarity} {best.metric:.4g})")  # fmt: skip
       if on_failure == "raise":
         raise errors.RegistrationError(msg)
       _log.warning(msg)
@@ -996,6 +1006,11 @@ def register(
                          config, initial_transform, "raise")[0]  # fmt: skip
 
 
+def _vmap_pairs() -> bool:
+  """Whether `register_batch` maps its level functions over the pairs (on an accelerator) or runs them in turn."""
+  return jax.default_backend() != "cpu"
+
+
 def register_batch(
   fixed_stack: jax.typing.ArrayLike,
   moving_stack: jax.typing.ArrayLike,
@@ -1007,7 +1022,8 @@ def register_batch(
   config: RegistrationConfig | None = None,
   on_failure: str = "raise",
 ) -> list[RegistrationResult | None]:
-  """Registers many same-shape pairs at once (`jax.vmap` over pairs); pair i gives what `register` would.
+  """Registers many same-shape pairs: at once (`jax.vmap` over pairs) on an accelerator, one after the other on a
+  CPU (where that is faster); pair i gives what `register` would.
 
   Args:
     fixed_stack: (N, H, W) or (N, H, W, C) fixed images.
@@ -1034,8 +1050,18 @@ def register_batch(
       f"need stacks of equal length N ≥ 1 of (H, W[, C]) images, got {fixed_stack.shape} and {moving_stack.shape}"
     )
   config = config or RegistrationConfig()
-  return _register_stack(list(fixed_stack), list(moving_stack), None if fixed_masks is None else list(fixed_masks),
-                         None if moving_masks is None else list(moving_masks), fixed_pixel_size_um,
+  fixed_list, moving_list = list(fixed_stack), list(moving_stack)
+  fixed_masks = None if fixed_masks is None else list(fixed_masks)
+  moving_masks = None if moving_masks is None else list(moving_masks)
+  if not _vmap_pairs():
+    # On a CPU the pairs' arithmetic is the cost and a vmapped level runs slower than the pairs one by one
+    # (docs/results.md, section 10), so the pairs go through the single-pair path in turn.
+    return [r for b in range(len(fixed_list))
+            for r in _register_stack(fixed_list[b : b + 1], moving_list[b : b + 1],
+                                     None if fixed_masks is None else fixed_masks[b : b + 1],
+                                     None if moving_masks is None else moving_masks[b : b + 1], fixed_pixel_size_um,
+                                     moving_pixel_size_um, config, None, on_failure, first_pair=b)]  # fmt: skip
+  return _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_pixel_size_um,
                          moving_pixel_size_um, config, None, on_failure)  # fmt: skip
 
 

@@ -93,13 +93,15 @@ class RegistrationConfig:
     coarsest_size_px: see `levels`.
     working_pixel_size_um: finest pixel size registration works at (µm); None: the finer of the two images',
       or half the coarser one's when that is larger (finer detail is in one image only).
-    max_iterations: Adam steps per level, an int or one per level (coarse → fine); None: 100 at the coarsest
-      level, 150 at the finest and 50 at those between.
+    max_iterations: Adam steps per level, an int or one per level (coarse → fine); None: 300 at the finest level
+      and 100 at the others.
     learning_rate: first Adam step, in level pixels of displacement at the image edge; cosine-decayed over the
       level to `learning_rate * final_learning_rate_fraction`.
     final_learning_rate_fraction: see `learning_rate`.
     tolerance: relative improvement of the loss that resets the `patience` counter.
-    patience: steps without such improvement after which a level stops (converged).
+    patience: steps without such improvement after which a level stops (converged). The default is long: the loss
+      is stochastic and nearly flat along anisotropy and shear, and a short patience (20) stopped the finest
+      level after 34–77 of its steps while it was still moving.
     max_samples: fixed-grid pixels drawn anew at every step (with replacement) from the level's pool for the
       similarity's gradient; None: `sample_pool`.
     sample_pool: fixed-grid pixels of each level (drawn once, without replacement; all when the level has
@@ -154,7 +156,7 @@ class RegistrationConfig:
   learning_rate: float = 0.5
   final_learning_rate_fraction: float = 0.01
   tolerance: float = 1e-5
-  patience: int = 20
+  patience: int = 100
   max_samples: int | None = 2048
   sample_pool: int = 16384
   outside_bin: bool = False
@@ -214,7 +216,7 @@ class RegistrationConfig:
     """Adam steps at each level, coarse → fine."""
     levels = self.num_levels() if levels is None else levels
     if self.max_iterations is None:
-      return tuple(100 if level == levels - 1 else 150 if level == 0 else 50 for level in range(levels - 1, -1, -1))
+      return tuple(300 if level == 0 else 100 for level in range(levels - 1, -1, -1))
     if isinstance(self.max_iterations, int):
       return (int(self.max_iterations),) * levels
     return tuple(int(i) for i in self.max_iterations)

@@ -27,39 +27,21 @@ import warnings
 import numpy as np
 import skimage.data
 import skimage.filters
-from scipy import ndimage as ndi
 
 from msisynth import metrics as msi_metrics
-from msisynth.register import bspline, optimize
-from msisynth.register import transforms as tf
+from msisynth.geometry import transforms as tf
+from msisynth.register import bspline, cases, optimize
 
 ION_NAMES = ("743.5482", "798.541", "741.5307")
-
-
-def deformed_pair(size, amplitude_px, sigma_px, seed):
-  rng = np.random.default_rng(seed)
-  r0 = 60 + 40 * seed
-  rgb = skimage.data.immunohistochemistry()[r0 : r0 + size + 40, 150 : 150 + size + 40].astype(np.float32) / 255
-  moving = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-  u = np.stack([ndi.gaussian_filter(n, sigma_px, mode="reflect") for n in rng.normal(size=(2, size, size))])
-  u *= amplitude_px / np.sqrt(np.mean(u**2))
-  yy, xx = np.mgrid[:size, :size].astype(np.float64)
-  true_map = np.stack([xx + 20.0 + u[0], yy + 20.0 + u[1]], axis=-1)
-  fixed = ndi.map_coordinates(moving, [true_map[..., 1], true_map[..., 0]], order=1).astype(np.float32)
-  return fixed, moving, true_map
-
-
-def mean_error_px(transform, true_map, margin=4):
-  grid = np.asarray(tf.fixed_grid_um(true_map.shape[:2]), np.float64)
-  got = bspline.apply_points(transform, grid.reshape(-1, 2)).reshape(grid.shape)
-  return float(np.linalg.norm(got - true_map, axis=-1)[margin:-margin, margin:-margin].mean())
 
 
 def semi_synthetic(args):
   rows = []
   for size in args.sizes:
     for seed in range(args.cases):
-      fixed, moving, true_map = deformed_pair(size, args.amplitude_px, args.sigma_px, seed)
+      fixed, moving, true_map = cases.deformed_pair(
+        seed, size, amplitude_px=args.amplitude_px, sigma_px=args.sigma_px, row0=60 + 40 * seed
+      )
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
@@ -72,8 +54,8 @@ def semi_synthetic(args):
       row = {
         "size": size,
         "seed": seed,
-        "affine_error_px": mean_error_px(affine, true_map),
-        "deformable_error_px": mean_error_px(result.transform, true_map),
+        "affine_error_px": cases.map_error_px(affine, true_map),
+        "deformable_error_px": cases.map_error_px(result.transform, true_map),
         "min_jacobian": result.min_jacobian,
         "affine_s": t1 - t0,
         "deformable_s": t2 - t1,

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from msisynth import export
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.types import MSIImage
 
 _MSI = flags.DEFINE_integer("msi_size", 120, "MSI side in pixels.")

@@ -92,7 +92,7 @@ def run_msisynth(fixed, moving, fpx, mpx, flips):
 def run_elastix(fixed, moving, fpx, mpx):
   import itk
 
-  from msisynth.register.transforms import AffineTransform
+  from msisynth.geometry.transforms import AffineTransform
 
   start = time.perf_counter()
   f = itk.image_from_array(np.ascontiguousarray(fixed, np.float32))
@@ -116,7 +116,7 @@ def run_elastix(fixed, moving, fpx, mpx):
 def run_simpleitk(fixed, moving, fpx, mpx):
   import SimpleITK as sitk
 
-  from msisynth.register.transforms import AffineTransform
+  from msisynth.geometry.transforms import AffineTransform
 
   start = time.perf_counter()
   f = sitk.GetImageFromArray(fixed.astype(np.float32))

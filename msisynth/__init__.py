@@ -34,7 +34,7 @@ _SUBMODULES = (
 _EXPORTS = {
     "errors": ["MSISynthError", "DataError", "ConfigError", "OutputExistsError"],
     "types": ["MSIImage"],
-    "geometry": ["Grid"],
+    "geometry": ["Grid", "AffineTransform", "warp_image", "warp_msi"],
     "io": ["read_imzml", "read_imzml_sparse", "SparseMSI", "imzml_info", "write_imzml", "read_histology",
            "read_image", "write_image", "tissue_mask", "resample_to_pixel_size"],
     "datasets": ["data_dir", "load_msiflow", "load_mouse_brain", "list_he_slides", "load_he"],
@@ -45,10 +45,10 @@ _EXPORTS = {
     "synthesize": ["load_synthesizer", "Synthesizer"],
     "metrics": ["mutual_information", "normalized_mutual_information", "ssim", "psnr"],
     # `register` itself is the subpackage, and callable (see the module docstring).
-    "register": ["AffineTransform", "RegistrationConfig", "register_msi_to_histology", "warp_image", "warp_msi",
-                 "save_transform_json", "load_transform_json", "save_itk_transform", "load_itk_transform",
-                 "load_landmarks_csv", "target_registration_error", "parzen_mutual_information",
-                 "BSplineTransform", "DeformableConfig", "register_deformable", "save_displacement_field"],
+    "register": ["RegistrationConfig", "register_msi_to_histology", "save_transform_json", "load_transform_json",
+                 "save_itk_transform", "load_itk_transform", "load_landmarks_csv", "target_registration_error",
+                 "parzen_mutual_information", "BSplineTransform", "DeformableConfig", "register_deformable",
+                 "save_displacement_field"],
     "regions": ["read_geojson_regions", "regions_to_msi", "region_statistics", "differential_ions"],
     "pipeline": ["SectionInputs", "process_section", "register_images"],
     "report": ["write_section_report"],

@@ -32,8 +32,8 @@ from scipy import ndimage
 from msisynth import datasets, errors, geometry, progress, simulate
 from msisynth import io as msi_io
 from msisynth.geometry import upsample_grid
+from msisynth.geometry.transforms import AffineTransform, warp_image
 from msisynth.preprocess import MSIPreprocessor
-from msisynth.register.transforms import AffineTransform, warp_image
 from msisynth.types import MSIImage
 
 # The eight symmetries of the square: k quarter turns, then an optional left-right flip.

@@ -35,8 +35,8 @@ import numpy as np
 from absl import logging
 
 from msisynth import errors, outputs
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.types import MSIImage
 
 # What `write_section_exports` (and the launchers' --output_format) can write beside a section's report.
@@ -439,15 +439,30 @@ def ion_images_in_histology(
     DataError: an m/z with no channel in its window.
     ConfigError: no ion asked for, or no MSI pixel size.
   """
+  msi_px = _export_msi_pixel_size(msi, mz_values, msi_pixel_size_um)
+  stack = np.stack(_ion_images(msi, mz_values, tol, tol_unit), axis=-1)
+  shape = (int(histology_shape[0]), int(histology_shape[1]))
+  size = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
+  return _warp_tile(stack, transform, shape, size, (0.0, 0.0), msi_px)
+
+
+def _export_msi_pixel_size(msi: MSIImage, mz_values: Sequence[float], msi_pixel_size_um) -> tuple[float, float]:
+  """The MSI pixel size (y, x) µm an export of ion images works with: `msi_pixel_size_um`, else the MSI's.
+
+  Raises:
+    ConfigError: no ion asked for, or no MSI pixel size.
+  """
   if not len(mz_values):
     raise errors.ConfigError("give at least one m/z to export")
   msi_px = msi_pixel_size_um if msi_pixel_size_um is not None else msi.pixel_size_um
   if msi_px is None:
     raise errors.ConfigError("the MSI has no pixel size; pass msi_pixel_size_um")
-  stack = np.stack([np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values], axis=-1)
-  shape = (int(histology_shape[0]), int(histology_shape[1]))
-  size = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
-  return _warp_tile(stack, transform, shape, size, (0.0, 0.0), tf.pixel_size_yx(msi_px, "msi_pixel_size_um"))
+  return tf.pixel_size_yx(msi_px, "msi_pixel_size_um")
+
+
+def _ion_images(msi: MSIImage, mz_values: Sequence[float], tol: float, tol_unit: str) -> list[np.ndarray]:
+  """The float32 ion image (MSI grid) of each m/z."""
+  return [np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values]
 
 
 def _warp_tile(image, transform, shape, pixel_size_um, origin_xy_um, msi_px) -> np.ndarray:
@@ -516,23 +531,14 @@ def write_ome_tiff(
     data = data[..., None]
   if data.ndim != 3 or min(data.shape) < 1:
     raise errors.ConfigError(f"image must be (H, W) or (H, W, C), got shape {np.shape(image)}")
-  if tile % 16 or tile <= 0:
-    raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
+  _check_tile(tile)
   py, px = tf.pixel_size_yx(pixel_size_um, "pixel_size_um")
   data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
   c, h, w = data.shape
   if channel_names is not None and len(channel_names) != c:
     raise errors.ConfigError(f"{len(channel_names)} channel names for {c} channels")
   levels = _level_count((h, w), levels)
-  metadata: dict[str, Any] = {
-    "axes": "CYX",
-    "PhysicalSizeX": px,
-    "PhysicalSizeXUnit": "µm",
-    "PhysicalSizeY": py,
-    "PhysicalSizeYUnit": "µm",
-  }
-  if channel_names is not None:
-    metadata["Channel"] = {"Name": [str(n) for n in channel_names]}
+  metadata = _ome_metadata((py, px), channel_names)
   options = dict(photometric="minisblack", tile=(tile, tile), compression="zlib")
   with outputs.atomic_path(path, overwrite=overwrite) as tmp:
     with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
@@ -558,6 +564,27 @@ def write_ome_tiff(
           **options,
         )
   return pathlib.Path(path)
+
+
+def _check_tile(tile: int) -> None:
+  """Raises ConfigError unless `tile` is a positive multiple of 16 (TIFF tiles)."""
+  if tile % 16 or tile <= 0:
+    raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
+
+
+def _ome_metadata(pixel_size_yx: tuple[float, float], channel_names: Sequence[str] | None) -> dict[str, Any]:
+  """The OME metadata of a CYX image: its physical pixel size (y, x) µm and, when given, its channel names."""
+  py, px = pixel_size_yx
+  metadata: dict[str, Any] = {
+    "axes": "CYX",
+    "PhysicalSizeX": px,
+    "PhysicalSizeXUnit": "µm",
+    "PhysicalSizeY": py,
+    "PhysicalSizeYUnit": "µm",
+  }
+  if channel_names is not None:
+    metadata["Channel"] = {"Name": [str(n) for n in channel_names]}
+  return metadata
 
 
 def _level_count(shape: Sequence[int], levels: int | None) -> int:
@@ -617,19 +644,13 @@ def write_ion_images_ome_tiff(
 
   from msisynth import progress
 
-  if not len(mz_values):
-    raise errors.ConfigError("give at least one m/z to export")
-  if tile % 16 or tile <= 0:
-    raise errors.ConfigError(f"tile must be a positive multiple of 16, got {tile}")
-  msi_px = msi_pixel_size_um if msi_pixel_size_um is not None else msi.pixel_size_um
-  if msi_px is None:
-    raise errors.ConfigError("the MSI has no pixel size; pass msi_pixel_size_um")
-  msi_px = tf.pixel_size_yx(msi_px, "msi_pixel_size_um")
+  _check_tile(tile)
+  msi_px = _export_msi_pixel_size(msi, mz_values, msi_pixel_size_um)
   py, px = tf.pixel_size_yx(histology_pixel_size_um, "histology_pixel_size_um")
   h, w = (int(v) for v in histology_shape[:2])
   if min(h, w) < 1:
     raise errors.ConfigError(f"histology_shape must be (H, W), got {histology_shape!r}")
-  ions = [np.asarray(msi.ion_image(float(mz), tol, tol_unit), np.float32) for mz in mz_values]
+  ions = _ion_images(msi, mz_values, tol, tol_unit)
   _affine(transform)  # an affine or deformable transform, or a ConfigError now rather than mid-file
   levels = _level_count((h, w), levels)
   shapes = [(-(-h // 2**k), -(-w // 2**k)) for k in range(levels)]
@@ -647,14 +668,7 @@ def write_ion_images_ome_tiff(
           bar.update(1)
           yield _warp_tile(ion, transform, (tile, tile), size, origin, msi_px)
 
-  metadata: dict[str, Any] = {
-    "axes": "CYX",
-    "PhysicalSizeX": px,
-    "PhysicalSizeXUnit": "µm",
-    "PhysicalSizeY": py,
-    "PhysicalSizeYUnit": "µm",
-    "Channel": {"Name": [f"m/z {float(mz):.4f}" for mz in mz_values]},
-  }
+  metadata = _ome_metadata((py, px), [f"m/z {float(mz):.4f}" for mz in mz_values])
   options = dict(photometric="minisblack", tile=(tile, tile), compression="zlib", dtype=np.float32)
   with (
     outputs.atomic_path(path, overwrite=overwrite) as tmp,

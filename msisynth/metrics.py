@@ -156,6 +156,15 @@ def _histogram_metric(a, b, mask, *, bins, value_range, normalized):
   return jax.vmap(one)(to_grey(a), to_grey(b), mask)
 
 
+def _histogram_metric_of(a, b, mask, bins, value_range, *, normalized: bool) -> jax.Array:
+  """MI (or NMI when `normalized`) of two images or batches after the checks of the public functions."""
+  value_range = _check_histogram_options(bins, value_range)
+  a, b, batched = _check_pair(a, b)
+  mask = _as_batch_mask(mask, a.shape)
+  values = _histogram_metric(a, b, mask, bins=int(bins), value_range=value_range, normalized=normalized)
+  return _unbatch(values, batched)
+
+
 def mutual_information(
   a: jax.typing.ArrayLike,
   b: jax.typing.ArrayLike,
@@ -186,10 +195,7 @@ def mutual_information(
   Raises:
     ConfigError: for a bad `bins`, `value_range`, channel count or mask shape.
   """
-  value_range = _check_histogram_options(bins, value_range)
-  a, b, batched = _check_pair(a, b)
-  mask = _as_batch_mask(mask, a.shape)
-  return _unbatch(_histogram_metric(a, b, mask, bins=int(bins), value_range=value_range, normalized=False), batched)
+  return _histogram_metric_of(a, b, mask, bins, value_range, normalized=False)
 
 
 def normalized_mutual_information(
@@ -219,10 +225,7 @@ def normalized_mutual_information(
   Raises:
     ConfigError: for a bad `bins`, `value_range`, channel count or mask shape.
   """
-  value_range = _check_histogram_options(bins, value_range)
-  a, b, batched = _check_pair(a, b)
-  mask = _as_batch_mask(mask, a.shape)
-  return _unbatch(_histogram_metric(a, b, mask, bins=int(bins), value_range=value_range, normalized=True), batched)
+  return _histogram_metric_of(a, b, mask, bins, value_range, normalized=True)
 
 
 @functools.partial(jax.jit, static_argnames=("max_val",))

@@ -52,9 +52,9 @@ from msisynth import io as msi_io
 from msisynth import metrics as msi_metrics
 from msisynth import regions as msi_regions
 from msisynth.geometry import WORKING_FRACTION_OF_MSI_PIXEL, working_pixel_size_um  # noqa: F401 (public here too)
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import bspline, optimize
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 from msisynth.report import REPORT_FILES, write_section_report  # noqa: F401 (public here too)
 from msisynth.types import MSIImage
 

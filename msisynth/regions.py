@@ -29,7 +29,7 @@ import scipy.stats
 import skimage.draw
 
 from msisynth import errors, geometry, outputs
-from msisynth.register import transforms
+from msisynth.geometry import transforms
 from msisynth.types import MSIImage
 
 logger = logging.getLogger(__name__)
@@ -797,7 +797,7 @@ def write_region_table_csv(stats: RegionStats, path: str | os.PathLike, *, overw
   Raises:
     DataError: when the file exists and `overwrite` is False.
   """
-  header = ["region", "mz", "mean", "median", "std", "n_pixels"] + (["simulated"] if stats.simulated else [])
+  header = ["region", "mz", "mean", "median", "std", "n_pixels"]
   rows = []
   for i, name in enumerate(stats.region_names()):
     for j, mz in enumerate(stats.mz):
@@ -809,8 +809,8 @@ def write_region_table_csv(stats: RegionStats, path: str | os.PathLike, *, overw
         _num(stats.std[i, j]),
         int(stats.n_pixels[i]),
       ]
-      rows.append(row + (["true"] if stats.simulated else []))
-  _write_csv(path, header, rows, overwrite)
+      rows.append(row)
+  _write_csv(path, header, rows, overwrite, simulated_column=stats.simulated)
 
 
 def write_mean_spectra_csv(stats: RegionStats, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -860,7 +860,7 @@ def write_differential_ions_csv(table: DifferentialIons, path: str | os.PathLike
     "n_a",
     "n_b",
     "pseudo_count",
-  ] + (["simulated"] if table.simulated else [])
+  ]
   rows = []
   for k in range(len(table)):
     row = [
@@ -878,19 +878,20 @@ def write_differential_ions_csv(table: DifferentialIons, path: str | os.PathLike
       table.n_b,
       _num(table.pseudo_count),
     ]
-    rows.append(row + (["true"] if table.simulated else []))
-  _write_csv(path, header, rows, overwrite)
+    rows.append(row)
+  _write_csv(path, header, rows, overwrite, simulated_column=table.simulated)
 
 
 def _num(value) -> str:
   return repr(float(value))
 
 
-def _write_csv(path, header: list[str], rows: list[list], overwrite: bool) -> None:
+def _write_csv(path, header: list[str], rows: list[list], overwrite: bool, *, simulated_column: bool = False) -> None:
+  """Writes a CSV atomically; `simulated_column` appends a final "simulated" column that says "true" on each row."""
   buffer = io.StringIO(newline="")
   writer = csv.writer(buffer)
-  writer.writerow(header)
-  writer.writerows(rows)
+  writer.writerow(header + ["simulated"] if simulated_column else header)
+  writer.writerows([row + ["true"] for row in rows] if simulated_column else rows)
   outputs.atomic_write(path, buffer.getvalue(), overwrite=overwrite)
 
 

@@ -117,7 +117,7 @@ from scipy.cluster import vq
 
 from msisynth import errors, geometry, outputs, progress
 from msisynth import io as msi_io
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.types import MSIImage
 
 CHANNEL_KINDS = ("matrix", "ubiquitous", "class", "nuclei", "eosin", "latent")

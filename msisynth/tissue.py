@@ -86,7 +86,7 @@ class TissueCrop:
     Returns:
       AffineTransform from slide µm (fixed) to moving µm.
     """
-    from msisynth.register import transforms as tf
+    from msisynth.geometry import transforms as tf
 
     shift = tf.AffineTransform.from_linear(np.eye(2), -np.asarray(self.origin_um, np.float64))
     return transform.compose(shift)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from msisynth import errors, io, outputs, synthesize, train
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import transform_io
-from msisynth.register.transforms import AffineTransform
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OLD = b"the user's previous file\n"

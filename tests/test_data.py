@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from msisynth import data, datasets, errors, simulate
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.preprocess import MSIPreprocessor
-from msisynth.register.transforms import AffineTransform
 
 
 def _pair(seed=0, shape=(40, 48), k=3, name="p"):

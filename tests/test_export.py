@@ -10,7 +10,7 @@ import tifffile
 from spatialdata import transformations as st
 
 from msisynth import errors, export, regions
-from msisynth.register.transforms import AffineTransform, warp_image
+from msisynth.geometry.transforms import AffineTransform, warp_image
 from msisynth.types import MSIImage
 
 HE_PX = (2.0, 2.5)  # (y, x) µm

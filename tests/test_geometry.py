@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+import msisynth as ms
 from msisynth import errors, geometry
 from msisynth import io as msi_io
 
@@ -74,10 +75,29 @@ def test_renamed_argument_warns_and_refuses_both():
 
 
 def test_transforms_are_re_exported_and_geometry_stays_numpy_only():
-  from msisynth.register import transforms
+  from msisynth.geometry import transforms
 
   assert geometry.AffineTransform is transforms.AffineTransform and geometry.warp_msi is transforms.warp_msi
   assert transforms.pixel_size_yx is geometry.pixel_size_yx
+  assert ms.register.AffineTransform is transforms.AffineTransform and ms.register.warp_image is transforms.warp_image
   code = "import sys, msisynth.geometry, msisynth.io; print(int('jax' in sys.modules))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
   assert out == ["0"]
+
+
+def test_geometry_imports_no_later_stage():
+  code = (
+    "import sys, msisynth.geometry.transforms; "
+    "print(sorted(m for m in sys.modules if m.startswith('msisynth.') and not m.startswith('msisynth.geometry')))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+  assert out == "['msisynth.errors', 'msisynth.types']"
+
+
+def test_register_transforms_is_a_deprecated_alias():
+  with pytest.warns(DeprecationWarning):
+    sys.modules.pop("msisynth.register.transforms", None)
+    import msisynth.register.transforms as old
+  from msisynth.geometry import transforms
+
+  assert old is transforms and old.warp_msi is geometry.warp_msi

@@ -1,10 +1,8 @@
 """Tests of msisynth.pipeline: one section from imzML and H&E files to a registered report folder.
 
-The sections are semi-synthetic: a crop of a shipped real H&E scan (downsampled) with MSI simulated from it
-(`msisynth.simulate`) under a known transform and written as imzML. An untrained generator cannot align anything,
-so accuracy is checked with a "perfect synthesizer": a callable that returns the known H&E resampled on the MSI
-grid (the pipeline takes any callable). Registration runs one pyramid level with few steps, so that it compiles
-once for the whole test session (every section has the same shapes).
+The sections are semi-synthetic (`simulated_sections`): a crop of a shipped real H&E scan with MSI simulated from
+it under a known transform and written as imzML; accuracy is checked with a "perfect synthesizer" that returns the
+known H&E resampled on the MSI grid.
 """
 
 import json
@@ -12,20 +10,13 @@ import pathlib
 
 import numpy as np
 import pytest
+from simulated_sections import CROP, HE_PX, MSI_PX, READ, REGISTRATION, he_crop, perfect_synthesizer, write_section
 
-from msisynth import errors, outputs, pipeline, simulate
+from msisynth import errors, outputs, pipeline
 from msisynth import io as msi_io
-from msisynth.register import optimize
-from msisynth.register.transforms import AffineTransform, warp_image, warp_msi
+from msisynth.geometry.transforms import warp_msi
 from msisynth.types import MSIImage
 
-HE_PX, MSI_PX = 15.0, 60.0
-CROP = (84, 112)
-READ = {"bin_width": 1.0, "bin_unit": "da", "progress": False}
-# One level, all 12 starts (4 rotations and 2 principal-axes angles, each with and without a mirror) kept:
-# quick to compile and run on a CPU, and the same as the command-line test's, so it compiles once.
-REGISTRATION = optimize.RegistrationConfig(levels=1, max_iterations=40, max_samples=2048, num_candidates=12)
-SHIFT_UM = (90.0, 70.0)
 REGIONS = {
   "type": "FeatureCollection",
   "features": [
@@ -43,48 +34,12 @@ REGIONS = {
 }
 
 
-def _he_crop(shared_data: pathlib.Path, offset: tuple[int, int]) -> np.ndarray:
-  he = msi_io.read_histology(shared_data / "he" / "rcc-UH9905_18.png")
-  he = np.clip(msi_io.resample_to_pixel_size(he, 1.0, 5.0), 0.0, 1.0)
-  return he[offset[0] : offset[0] + CROP[0], offset[1] : offset[1] + CROP[1]]
-
-
-def _write_section(folder: pathlib.Path, he: np.ndarray, mirrored: bool, seed: int) -> simulate.SimulatedMSI:
-  transform = AffineTransform.from_linear(np.eye(2), SHIFT_UM)
-  if mirrored:
-    centre = ((he.shape[1] - 1) * HE_PX / 2, (he.shape[0] - 1) * HE_PX / 2)
-    transform = transform.compose(AffineTransform.mirror("x", centre))
-  sim = simulate.simulate_msi(
-    seed, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform,
-    n_landmarks=12,
-  )
-  simulate.save_simulated(sim, folder)
-  return sim
-
-
-def perfect_synthesizer(msi: MSIImage) -> np.ndarray:
-  """The H&E beside the imzML, resampled on the MSI grid through the ground truth (white outside)."""
-  folder = pathlib.Path(msi.metadata["source"]).parent
-  truth = json.loads((folder / "ground_truth.json").read_text())
-  he = msi_io.read_histology(folder / "he.png")
-  transform = AffineTransform.from_matrix(truth["transform_fixed_to_moving"])
-  rgb = warp_image(
-    he,
-    transform.inverse(),
-    msi.shape,
-    fixed_pixel_size_um=truth["msi_pixel_size_um"],
-    moving_pixel_size_um=truth["histology_pixel_size_um"],
-    cval=1.0,
-  )
-  return np.clip(np.asarray(rgb), 0.0, 1.0)
-
-
 @pytest.fixture(scope="module")
 def sections(shared_data, tmp_path_factory):
   root = tmp_path_factory.mktemp("sections")
   sims = {
-    "shifted": _write_section(root / "shifted", _he_crop(shared_data, (0, 0)), mirrored=False, seed=0),
-    "mirrored": _write_section(root / "mirrored", _he_crop(shared_data, (10, 20)), mirrored=True, seed=1),
+    "shifted": write_section(root / "shifted", he_crop(shared_data, (0, 0)), mirrored=False, seed=0),
+    "mirrored": write_section(root / "mirrored", he_crop(shared_data, (10, 20)), mirrored=True, seed=1),
   }
   (root / "regions.geojson").write_text(json.dumps(REGIONS))
   return root, sims
@@ -274,14 +229,7 @@ def test_a_synthesizer_on_an_upsampled_grid_registers_at_its_own_pixel_size(sect
   sim = sims["shifted"]
 
   def upsampled_synthesizer(msi: MSIImage) -> np.ndarray:
-    folder = pathlib.Path(msi.metadata["source"]).parent
-    truth = json.loads((folder / "ground_truth.json").read_text())
-    he = msi_io.read_histology(folder / "he.png")
-    shape = ((msi.shape[0] - 1) * 2 + 1, (msi.shape[1] - 1) * 2 + 1)
-    transform = AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse()
-    rgb = warp_image(he, transform, shape, fixed_pixel_size_um=np.asarray(truth["msi_pixel_size_um"]) / 2,
-                     moving_pixel_size_um=truth["histology_pixel_size_um"], cval=1.0)
-    return np.clip(np.asarray(rgb), 0.0, 1.0)
+    return perfect_synthesizer(msi, upsample=2)
 
   upsampled_synthesizer.upsample = 2  # recorded, as a Synthesizer records its checkpoint's config.data.upsample
   inputs = _inputs(root, "shifted", landmarks=root / "shifted" / "landmarks.csv")

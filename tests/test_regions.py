@@ -8,10 +8,12 @@ import pathlib
 import numpy as np
 import pytest
 import scipy.stats
+from checks import assert_refused_naming_the_file
+from scenes import square_annotation
 
 from msisynth import errors
 from msisynth import regions as R
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.types import MSIImage
 from msisynth.viz import regions as viz_regions
 
@@ -159,11 +161,7 @@ def test_non_polygon_features_are_skipped_with_a_warning(tmp_path, caplog):
   ],
 )
 def test_malformed_geojson_raises_data_error_naming_the_file(tmp_path, content, message):
-  path = tmp_path / "bad.geojson"
-  path.write_text(content)
-  with pytest.raises(errors.DataError, match=message) as info:
-    R.read_geojson_regions(path)
-  assert str(path) in str(info.value)
+  assert_refused_naming_the_file(R.read_geojson_regions, tmp_path / "bad.geojson", content, message)
 
 
 def test_missing_file_raises_data_error(tmp_path):
@@ -189,16 +187,8 @@ def test_identity_and_equal_pixel_sizes_equal_rasterize():
     assert names == expected_names
 
 
-def _square_annotation():
-  """A histology label image (2 µm pixels) and the same square as a polygon: x in [399, 599), y in [199, 399) µm."""
-  labels = np.zeros((260, 360), np.int32)
-  labels[100:200, 200:300] = 1
-  polygon = R.Polygon(np.array([[199.5, 99.5], [299.5, 99.5], [299.5, 199.5], [199.5, 199.5]]))
-  return labels, [R.Region("gland", (polygon,))]
-
-
 def test_scale_and_translation_put_labels_where_expected():
-  labels_hist, regions = _square_annotation()
+  labels_hist, regions = square_annotation()
   # T maps histology µm to MSI µm: the MSI origin sits at histology (100, 50) µm, so T(p) = p - (100, 50).
   transform = _affine([[1, 0, -100], [0, 1, -50], [0, 0, 1]])
   np.testing.assert_allclose(np.asarray(transform.apply(np.array([[100.0, 50.0]]))), [[0.0, 0.0]], atol=1e-4)
@@ -216,7 +206,7 @@ def test_scale_and_translation_put_labels_where_expected():
 
 
 def test_anisotropic_msi_pixels_and_chunked_votes(monkeypatch):
-  labels_hist, regions = _square_annotation()
+  labels_hist, regions = square_annotation()
   transform = _affine([[1, 0, -100], [0, 1, -50], [0, 0, 1]])
   kwargs = dict(histology_pixel_size_um=2.0, msi_pixel_size_um=(20.0, 10.0))
   # MSI pixel (r, c) shows histology (10c + 100, 20r + 50) µm: inside for c in 30..49, r in 8..17.
@@ -233,7 +223,7 @@ def test_anisotropic_msi_pixels_and_chunked_votes(monkeypatch):
 
 
 def test_rotated_and_scaled_polygons_agree_with_majority_vote():
-  labels_hist, regions = _square_annotation()
+  labels_hist, regions = square_annotation()
   angle = np.deg2rad(30)
   # Histology µm -> MSI µm: rotate 30°, shrink 0.9, shift.
   a = 0.9 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])

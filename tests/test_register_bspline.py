@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import skimage.data
-from scipy import ndimage as ndi
+from scenes import blob_image, square_annotation
 
 from msisynth import errors
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import bspline as bs
-from msisynth.register import optimize, transform_io
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
+from msisynth.register import cases, optimize, transform_io
 from msisynth.types import MSIImage
 
 FIXED_SHAPE, FIXED_PX, MOVING_PX = (30, 40), (1.0, 1.5), (1.25, 1.0)
@@ -22,16 +21,6 @@ def _transform(scale=1.0, seed=0, spacing=(7.0, 9.0)):
   t = bs.BSplineTransform.for_image(FIXED_SHAPE, spacing, fixed_pixel_size_um=FIXED_PX, affine=AFFINE)
   c = np.random.default_rng(seed).normal(size=t.coefficients.shape) * scale
   return bs.BSplineTransform.create(AFFINE, c, np.asarray(t.grid_origin_um), np.asarray(t.grid_spacing_um))
-
-
-def _image(shape, seed=0):
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
-  out = np.zeros(shape, np.float32)
-  for _ in range(8):
-    cy, cx, s = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(2, 5)
-    out += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-  return out
 
 
 def _sitk_image(array, pixel_size):
@@ -157,7 +146,7 @@ def test_itk_composite_file_resamples_like_warp_image_and_reads_back(tmp_path):
   text = path.read_text()
   assert text.index("AffineTransform_double_2_2") < text.index("BSplineTransform_double_2_2")
   itk = sitk.ReadTransform(str(path))
-  moving = _image((32, 44))
+  moving = blob_image((32, 44), n_blobs=8)
   ref = _sitk_resample(moving, itk)
   ours = np.asarray(tf.warp_image(moving, t, FIXED_SHAPE, fixed_pixel_size_um=FIXED_PX, moving_pixel_size_um=MOVING_PX))
   assert np.mean(np.abs(ours - ref) < 1e-4) > 0.999
@@ -193,7 +182,7 @@ def test_displacement_field_resamples_like_warp_image(tmp_path, name):
   np.testing.assert_allclose(field + grid, t.apply(grid), atol=1e-4)
   path = transform_io.save_displacement_field(tmp_path / name, t, FIXED_SHAPE, FIXED_PX)
   itk = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
-  moving = _image((32, 44))
+  moving = blob_image((32, 44), n_blobs=8)
   ref = _sitk_resample(moving, itk)
   ours = np.asarray(tf.warp_image(moving, t, FIXED_SHAPE, fixed_pixel_size_um=FIXED_PX, moving_pixel_size_um=MOVING_PX))
   assert np.mean(np.abs(ours - ref) < 1e-4) > 0.999
@@ -206,32 +195,13 @@ def test_displacement_field_resamples_like_warp_image(tmp_path, name):
 # ----------------------------------------------------------------------------------------------- registration
 
 
-def _deformed_pair(size=96, amplitude_px=6.0, sigma_px=16.0, seed=1):
-  """A real IHC crop (moving) and the fixed image it becomes under a known smooth map T(x) = x + t + u(x)."""
-  rng = np.random.default_rng(seed)
-  rgb = skimage.data.immunohistochemistry()[150 : 150 + size + 40, 150 : 150 + size + 40].astype(np.float32) / 255
-  moving = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-  u = np.stack([ndi.gaussian_filter(n, sigma_px, mode="reflect") for n in rng.normal(size=(2, size, size))])
-  u *= amplitude_px / np.sqrt(np.mean(u**2))
-  yy, xx = np.mgrid[:size, :size].astype(np.float64)
-  true_map = np.stack([xx + 20.0 + u[0], yy + 20.0 + u[1]], axis=-1)  # (x, y) in moving px = µm
-  fixed = ndi.map_coordinates(moving, [true_map[..., 1], true_map[..., 0]], order=1).astype(np.float32)
-  return fixed, moving, true_map
-
-
-def _mean_error_px(transform, true_map, margin=4):
-  grid = np.asarray(tf.fixed_grid_um(true_map.shape[:2]), np.float64)
-  got = bs.apply_points(transform, grid.reshape(-1, 2)).reshape(grid.shape)
-  return float(np.linalg.norm(got - true_map, axis=-1)[margin:-margin, margin:-margin].mean())
-
-
 def test_deformable_recovers_a_smooth_deformation_the_affine_cannot():
-  fixed, moving, true_map = _deformed_pair()
+  fixed, moving, true_map = cases.deformed_pair(1)
   affine = optimize.register(fixed, moving, config=optimize.RegistrationConfig(similarity="mi")).transform
-  affine_error = _mean_error_px(affine, true_map)
+  affine_error = cases.map_error_px(affine, true_map)
   result = bs.register_deformable(fixed, moving, affine, config=bs.DeformableConfig(grid_spacing_um=16.0))
   assert affine_error > 3.0
-  assert _mean_error_px(result.transform, true_map) < 1.0
+  assert cases.map_error_px(result.transform, true_map) < 1.0
   assert result.metric > result.metric_affine and result.min_jacobian > 0 and not result.warnings
   assert result.grid_shapes == ((5, 5), (6, 6), (9, 9)) and len(result.iterations) == 3
   assert 1.0 < result.max_displacement_um < 30.0
@@ -248,7 +218,7 @@ def test_deformable_recovers_a_smooth_deformation_the_affine_cannot():
 
 
 def test_register_deformable_refuses_bad_input():
-  fixed, moving, _ = _deformed_pair(size=32, amplitude_px=0.0)
+  fixed, moving, _ = cases.deformed_pair(1, 32, amplitude_px=0.0)
   with pytest.raises(errors.RegistrationError, match="constant"):
     bs.register_deformable(np.ones((32, 32)), moving, AffineTransform.identity())
   with pytest.raises(errors.ConfigError, match="AffineTransform"):
@@ -262,19 +232,10 @@ def test_register_deformable_refuses_bad_input():
 # ------------------------------------------------------------------------------------------ annotation transfer
 
 
-def _square_regions():
-  from msisynth import regions as R
-
-  labels = np.zeros((260, 360), np.int32)
-  labels[100:200, 200:300] = 1
-  polygon = R.Polygon(np.array([[199.5, 99.5], [299.5, 99.5], [299.5, 199.5], [199.5, 199.5]]))
-  return labels, [R.Region("gland", (polygon,))]
-
-
 def test_regions_follow_a_deformable_transform():
   from msisynth import regions as R
 
-  labels_hist, regions = _square_regions()
+  labels_hist, regions = square_annotation()
   kwargs = dict(histology_pixel_size_um=2.0, msi_pixel_size_um=20.0)
   affine = AffineTransform.from_linear(np.eye(2), [-100.0, -50.0])
   grid = bs.BSplineTransform.for_image(labels_hist.shape, 100.0, fixed_pixel_size_um=2.0, affine=affine)
@@ -312,44 +273,20 @@ def test_tre_through_a_deformable_transform():
 # ------------------------------------------------------------------------------------------------- pipeline
 
 
-HE_PX, MSI_PX, CROP = 15.0, 60.0, (84, 112)
-READ = {"bin_width": 1.0, "bin_unit": "da", "progress": False}
-
-
-def _perfect_synthesizer(msi):
-  """The H&E beside the imzML resampled on the MSI grid through the simulation's ground truth (white outside)."""
-  import json
-  import pathlib
-
-  from msisynth import io as msi_io
-
-  folder = pathlib.Path(msi.metadata["source"]).parent
-  truth = json.loads((folder / "ground_truth.json").read_text())
-  he = msi_io.read_histology(folder / "he.png")
-  inverse = AffineTransform.from_matrix(truth["transform_fixed_to_moving"]).inverse()
-  rgb = tf.warp_image(he, inverse, msi.shape, fixed_pixel_size_um=truth["msi_pixel_size_um"],
-                      moving_pixel_size_um=truth["histology_pixel_size_um"], cval=1.0)  # fmt: skip
-  return np.clip(np.asarray(rgb), 0.0, 1.0)
-
-
 def test_pipeline_with_deformable_refinement(shared_data, tmp_path):
-  from msisynth import io as msi_io
-  from msisynth import pipeline, simulate
+  from simulated_sections import CROP, HE_PX, MSI_PX, READ, REGISTRATION, he_crop, perfect_synthesizer, write_section
 
-  he = msi_io.read_histology(shared_data / "he" / "rcc-UH9905_18.png")
-  he = np.clip(msi_io.resample_to_pixel_size(he, 1.0, 5.0), 0.0, 1.0)[: CROP[0], : CROP[1]]
+  from msisynth import io as msi_io
+  from msisynth import pipeline
+
   folder = tmp_path / "section"
-  shift = AffineTransform.from_linear(np.eye(2), (90.0, 70.0))
-  sim = simulate.simulate_msi(0, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8,
-                              misalignment=shift, n_landmarks=12)  # fmt: skip
-  simulate.save_simulated(sim, folder)
+  write_section(folder, he_crop(shared_data), mirrored=False, seed=0)
   inputs = pipeline.SectionInputs(msi=folder / "simulated_msi.imzML", histology=folder / "he.png",
                                   histology_pixel_size_um=HE_PX, read_options=READ, simulated=True,
                                   landmarks=folder / "landmarks.csv")  # fmt: skip
-  registration = optimize.RegistrationConfig(levels=1, max_iterations=40, max_samples=2048, num_candidates=12)
   config = bs.DeformableConfig(levels=1, max_iterations=20, max_samples=2048)
   out = tmp_path / "report"
-  result = pipeline.process_section(inputs, _perfect_synthesizer, registration_config=registration, deformable=True,
+  result = pipeline.process_section(inputs, perfect_synthesizer, registration_config=REGISTRATION, deformable=True,
                                     bspline_spacing_um=300.0, deformable_config=config, out_dir=out,
                                     figures=False)  # fmt: skip
   assert isinstance(result.transform, bs.BSplineTransform)
@@ -370,9 +307,9 @@ def test_spatialdata_export_keeps_the_bspline_field():
   from msisynth import export
 
   t = _transform(scale=1.0)
-  he = np.stack([_image(FIXED_SHAPE)] * 3, axis=-1) / 2
-  msi = MSIImage(cube=np.stack([_image((12, 16)), _image((12, 16), 1)], -1), mz=np.array([100.0, 200.0]),
-                 mask=np.ones((12, 16), bool), pixel_size_um=(2.5, 2.5))  # fmt: skip
+  he = np.stack([blob_image(FIXED_SHAPE, n_blobs=8)] * 3, axis=-1) / 2
+  cube = np.stack([blob_image((12, 16), n_blobs=8), blob_image((12, 16), 1, n_blobs=8)], -1)
+  msi = MSIImage(cube=cube, mz=np.array([100.0, 200.0]), mask=np.ones((12, 16), bool), pixel_size_um=(2.5, 2.5))
   sdata = export.to_spatialdata(he, FIXED_PX, msi, t, deformation_pixel_size_um=FIXED_PX)
   field = np.asarray(sdata.images["deformation_um"].values)  # (2, H, W): dx, dy at the fixed pixel centres
   np.testing.assert_allclose(np.moveaxis(field, 0, -1), t.displacement_field(FIXED_SHAPE, FIXED_PX), atol=1e-5)

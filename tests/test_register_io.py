@@ -5,25 +5,17 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from checks import assert_refused_naming_the_file
+from scenes import blob_image
 
 from msisynth import errors
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import evaluate, transform_io
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 
 FIXED_PX, MOVING_PX = (1.0, 1.5), (2.0, 2.0)
 FIXED_SHAPE = (40, 36)
 TRANSFORM = AffineTransform.from_params([0.25, 0.1, -0.05, 0.02, 3.0, -1.5], tf.image_center_um(FIXED_SHAPE, FIXED_PX))
-
-
-def _image(shape, seed=0):
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
-  out = np.zeros(shape, np.float32)
-  for _ in range(5):
-    cy, cx, s = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(2, 5)
-    out += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-  return out
 
 
 def test_json_roundtrip_and_no_overwrite(tmp_path):
@@ -55,7 +47,7 @@ def test_json_roundtrip_and_no_overwrite(tmp_path):
 def test_itk_file_resamples_like_warp_image(tmp_path, center):
   path = transform_io.save_itk_transform(tmp_path / "t.tfm", TRANSFORM, center_um=center)
   itk = sitk.ReadTransform(str(path))
-  moving = _image((30, 32))
+  moving = blob_image((30, 32))
   image = sitk.GetImageFromArray(moving)
   image.SetSpacing((MOVING_PX[1], MOVING_PX[0]))
   reference = sitk.Image([FIXED_SHAPE[1], FIXED_SHAPE[0]], sitk.sitkFloat32)
@@ -113,11 +105,7 @@ def test_landmarks_csv_in_um_and_pixels(tmp_path):
   ],
 )
 def test_malformed_landmarks_raise_data_error_naming_the_file(tmp_path, text, match):
-  path = tmp_path / "bad.csv"
-  path.write_text(text)
-  with pytest.raises(errors.DataError, match=match) as info:
-    evaluate.load_landmarks_csv(path)
-  assert str(path) in str(info.value)
+  assert_refused_naming_the_file(evaluate.load_landmarks_csv, tmp_path / "bad.csv", text, match)
   with pytest.raises(errors.DataError):
     evaluate.load_landmarks_csv(tmp_path / "missing.csv")
 

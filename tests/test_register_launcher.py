@@ -15,9 +15,9 @@ from test_synthesize import _random_variables
 
 from experiments import register as launcher
 from msisynth import checkpoint, errors, io, preprocess, synthesize, train
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import transform_io
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 from msisynth.types import MSIImage
 from msisynth.viz import registration as viz
 
@@ -64,18 +64,23 @@ def _flags(argv):
 SPEED = ["--samples=2048", "--iterations=80,40,30"]
 
 
-def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
-  folder, fixed, _ = images
-  out = tmp_path / "out"
-  argv = [
+def _image_argv(folder, landmarks, out):
+  """The flags registering the `images` fixture's moving.tif (2 µm pixels) to fixed.tif (1 µm), quickly."""
+  return [
     f"--fixed={folder / 'fixed.tif'}",
     "--fixed_pixel_size_um=1",
     f"--moving={folder / 'moving.tif'}",
     "--moving_pixel_size_um=2",
-    f"--landmarks={folder / 'landmarks.csv'}",
+    f"--landmarks={landmarks}",
     f"--output_dir={out}",
     *SPEED,
   ]
+
+
+def test_launcher_writes_outputs_and_recovers_shift(images, tmp_path):
+  folder, fixed, _ = images
+  out = tmp_path / "out"
+  argv = _image_argv(folder, folder / "landmarks.csv", out)
   metrics = launcher.run(_flags(argv))
   for name in ("transform.json", "transform.tfm", "warped_moving.tif", "warped_moving.png", "checkerboard.png",
                "overlay.png", "landmarks.png", "metrics.json"):  # fmt: skip
@@ -106,15 +111,7 @@ def test_bad_landmarks_are_refused_before_anything_is_written(images, tmp_path, 
   if content is not None:
     landmarks.write_text(content)
   out = tmp_path / "out"
-  argv = [
-    f"--fixed={folder / 'fixed.tif'}",
-    "--fixed_pixel_size_um=1",
-    f"--moving={folder / 'moving.tif'}",
-    "--moving_pixel_size_um=2",
-    f"--landmarks={landmarks}",
-    f"--output_dir={out}",
-    *SPEED,
-  ]
+  argv = _image_argv(folder, landmarks, out)
   with pytest.raises((errors.MSISynthError, FileNotFoundError)):
     launcher.run(_flags(argv))
   assert not out.exists() or not any(out.iterdir())

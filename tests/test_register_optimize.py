@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from msisynth import errors
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import optimize as opt
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 
 FIXED_SHAPE, FIXED_PX = (128, 128), 1.0
 MOVING_SHAPE, MOVING_PX = (64, 64), 2.0

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from msisynth import errors
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import cases
 from msisynth.register import optimize as opt
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 
 CONFIG = opt.RegistrationConfig(max_iterations=(50, 25, 25))
 

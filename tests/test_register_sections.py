@@ -17,17 +17,13 @@ import types
 import numpy as np
 import pytest
 from absl import flags
+from simulated_sections import CROP, HE_PX, MSI_PX, READ, REGISTRATION, he_crop, perfect_synthesizer, write_section
 
 from experiments import register_sections
-from msisynth import batch, errors, pipeline, simulate, synthesize
+from msisynth import batch, errors, pipeline, synthesize
 from msisynth import io as msi_io
-from msisynth.register import optimize
-from msisynth.register.transforms import AffineTransform, warp_image
+from msisynth.geometry.transforms import AffineTransform
 
-HE_PX, MSI_PX = 15.0, 60.0
-CROP = (84, 112)
-READ = {"bin_width": 1.0, "bin_unit": "da", "progress": False}
-REGISTRATION = optimize.RegistrationConfig(levels=1, max_iterations=40, max_samples=2048, num_candidates=12)
 REGISTRATION_FLAGS = [
   "--registration_levels=1",
   "--registration_iterations=40",
@@ -49,43 +45,12 @@ def _regions(*features):
   return json.dumps({"type": "FeatureCollection", "features": list(features)})
 
 
-def _simulate(folder: pathlib.Path, he: np.ndarray, mirrored: bool, seed: int) -> None:
-  transform = AffineTransform.from_linear(np.eye(2), (90.0, 70.0))
-  if mirrored:
-    centre = ((he.shape[1] - 1) * HE_PX / 2, (he.shape[0] - 1) * HE_PX / 2)
-    transform = transform.compose(AffineTransform.mirror("x", centre))
-  sim = simulate.simulate_msi(
-    seed, he, histology_pixel_size_um=HE_PX, msi_pixel_size_um=MSI_PX, n_channels=8, misalignment=transform,
-    n_landmarks=8,
-  )
-  simulate.save_simulated(sim, folder)
-
-
-def perfect_synthesizer(msi):
-  """The H&E beside the imzML, resampled on the MSI grid through the ground truth."""
-  folder = pathlib.Path(msi.metadata["source"]).parent
-  truth = json.loads((folder / "ground_truth.json").read_text())
-  he = msi_io.read_histology(folder / "he.png")
-  transform = AffineTransform.from_matrix(truth["transform_fixed_to_moving"])
-  rgb = warp_image(
-    he,
-    transform.inverse(),
-    msi.shape,
-    fixed_pixel_size_um=truth["msi_pixel_size_um"],
-    moving_pixel_size_um=truth["histology_pixel_size_um"],
-    cval=1.0,
-  )
-  return np.clip(np.asarray(rgb), 0.0, 1.0)
-
-
 @pytest.fixture(scope="module")
 def templates(shared_data, tmp_path_factory):
   """Two simulated section folders (shifted; mirrored and shifted) to copy into each test's sections folder."""
   root = tmp_path_factory.mktemp("templates")
-  he = msi_io.read_histology(shared_data / "he" / "rcc-UH9905_18.png")
-  he = np.clip(msi_io.resample_to_pixel_size(he, 1.0, 5.0), 0.0, 1.0)
-  _simulate(root / "shifted", he[: CROP[0], : CROP[1]], mirrored=False, seed=0)
-  _simulate(root / "mirrored", he[10 : 10 + CROP[0], 20 : 20 + CROP[1]], mirrored=True, seed=1)
+  write_section(root / "shifted", he_crop(shared_data, (0, 0)), mirrored=False, seed=0, n_landmarks=8)
+  write_section(root / "mirrored", he_crop(shared_data, (10, 20)), mirrored=True, seed=1, n_landmarks=8)
   (root / "regions.geojson").write_text(
     _regions(_rectangle("Tumor", 8, 8, 50, 40), _rectangle("Normal", 58, 40, 104, 78))
   )

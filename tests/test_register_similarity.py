@@ -8,8 +8,8 @@ from scipy import ndimage as ndi
 from skimage.metrics import normalized_mutual_information as skimage_nmi
 
 from msisynth import errors
+from msisynth.geometry.transforms import sample_linear
 from msisynth.register import similarity as sim
-from msisynth.register.transforms import sample_linear
 
 
 def _field(seed, shape=(256, 256), sigma=4.0):

@@ -1,12 +1,12 @@
-"""Tests of msisynth.register.transforms against SimpleITK's resampler and algebraic identities."""
+"""Tests of msisynth.geometry.transforms against SimpleITK's resampler and algebraic identities."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from msisynth import errors
-from msisynth.register import transforms
-from msisynth.register.transforms import AffineTransform, warp_image, warp_msi
+from msisynth.geometry import transforms
+from msisynth.geometry.transforms import AffineTransform, warp_image, warp_msi
 from msisynth.types import MSIImage
 
 PARAMS = np.array([0.3, 0.08, -0.05, 0.04, 3.5, -2.25], np.float32)

@@ -8,7 +8,7 @@ import pytest
 
 from msisynth import errors, simulate
 from msisynth import io as msi_io
-from msisynth.register.transforms import AffineTransform, warp_image
+from msisynth.geometry.transforms import AffineTransform, warp_image
 
 HE_PX = 5.0
 

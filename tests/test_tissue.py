@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from msisynth import errors, tissue
-from msisynth.register import transforms as tf
+from msisynth.geometry import transforms as tf
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def load_section(data_dir=None, *, he_reduce: int = 4):
   """
   from msisynth import datasets, simulate
   from msisynth.evaluation.common import Section
-  from msisynth.register.transforms import AffineTransform
+  from msisynth.geometry.transforms import AffineTransform
 
   pair = datasets.load_msight_bladder(data_dir, download=False)
   msi = pair.msi
@@ -68,3 +68,152 @@ def spatial_split(mask: np.ndarray, *, test_fraction: float = 0.4, gap_px: int =
   shape = [1, 1]
   shape[axis] = -1
   return np.broadcast_to(train_1d.reshape(shape), m.shape) & m, np.broadcast_to(test_1d.reshape(shape), m.shape) & m
+
+
+# ----------------------------------------------------------------------------------------- registration routes
+# The routes measured on the real pairs (benchmarks/bench_real_pairs.py, docs/results.md section 10 "Real pairs").
+# Landmarks only score a result (`landmark_distance_msi_px`); no route fits to them or chooses by them.
+
+
+def _pc_scores(spectra: np.ndarray, n_components: int) -> np.ndarray:
+  """(N, k) scores on the first principal components of √(TIC-normalised) (N, C) spectra, largest variance first.
+
+  From the eigenvectors of the C × C scatter matrix (C ≪ N), which is several times cheaper than an SVD of the
+  N × C matrix; each component's sign makes its largest loading positive, so the images do not flip between runs.
+  """
+  rooted = np.sqrt(spectra / np.maximum(spectra.sum(axis=1), 1e-12)[:, None])
+  rooted -= rooted.mean(axis=0)
+  k = int(min(n_components, *rooted.shape))
+  if k < 1:
+    return np.zeros((rooted.shape[0], 0))
+  values, vectors = np.linalg.eigh(rooted.T @ rooted)
+  vectors = vectors[:, np.argsort(values)[::-1][:k]]
+  vectors *= np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(k)])
+  return rooted @ vectors
+
+
+def msi_images(msi, *, n_components: int = 6) -> dict[str, np.ndarray]:
+  """Grey images of an MSI on its grid, each scaled to [0, 1] by its 1st and 99th percentiles over the measured
+  pixels: "tic" (total ion count) and "pc1" ... (principal components of the square root of the TIC-normalised
+  spectra, ordered by variance). Unmeasured pixels hold each image's median.
+
+  Args:
+    msi: an `MSIImage`.
+    n_components: principal components to return.
+
+  Returns:
+    {name: (H, W) float32}.
+
+  Raises:
+    DataError: when fewer than 2 pixels are measured or every measured spectrum is zero.
+  """
+  from msisynth import errors
+
+  mask = np.asarray(msi.mask, bool)
+  spectra = np.asarray(msi.cube, np.float64)[mask]
+  tic = spectra.sum(axis=1)
+  if spectra.shape[0] < 2 or not np.any(tic > 0):
+    raise errors.DataError("the MSI has fewer than 2 measured pixels or only zero spectra", msi.metadata.get("source"))
+  pcs = _pc_scores(spectra, n_components)
+  scores = [tic] + [pcs[:, i] for i in range(pcs.shape[1])]
+  out = {}
+  for name, values in zip(["tic"] + [f"pc{i + 1}" for i in range(pcs.shape[1])], scores):
+    lo, hi = np.percentile(values, [1, 99])
+    scaled = np.clip((values - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    image = np.full(mask.shape, np.median(scaled), np.float32)
+    image[mask] = scaled
+    out[name] = image
+  return out
+
+
+def msi_features(msi, n_components: int) -> np.ndarray:
+  """(H, W, K) float32 principal-component scores (as `msi_images`, unscaled; 0 outside the measured pixels)."""
+  mask = np.asarray(msi.mask, bool)
+  pcs = _pc_scores(np.asarray(msi.cube, np.float64)[mask], n_components)
+  out = np.zeros(mask.shape + (pcs.shape[1],), np.float32)
+  out[mask] = pcs
+  return out
+
+
+def landmark_distance_msi_px(transform, landmarks_um: np.ndarray, msi_pixel_size_um: float) -> np.ndarray:
+  """(N,) distances (MSI pixels) between where a histology µm → MSI µm transform sends the histology landmarks and
+  the MSI landmarks; `landmarks_um` is (N, 4): histology x, y, MSI x, y (µm)."""
+  m = np.asarray(transform.matrix, np.float64)
+  lm = np.asarray(landmarks_um, np.float64)
+  mapped = lm[:, :2] @ m[:2, :2].T + m[:2, 2]
+  return np.linalg.norm(mapped - lm[:, 2:4], axis=1) / float(msi_pixel_size_um)
+
+
+def histology_on_msi_grid(histology, transform, msi_shape, *, histology_pixel_size_um: float,
+                          msi_pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+  """The histology smoothed to the MSI pixel and sampled at the MSI pixel centres through a histology µm → MSI µm
+  transform: ((h, w, C) float32, (h, w) bool inside the histology field)."""
+  from scipy import ndimage as ndi
+
+  from msisynth.geometry.transforms import AffineTransform, warp_image
+
+  he = np.asarray(histology, np.float32)
+  he = he[..., None] if he.ndim == 2 else he
+  sigma = 0.5 * float(msi_pixel_size_um) / float(histology_pixel_size_um)
+  smooth = np.stack([ndi.gaussian_filter(he[..., c], sigma) for c in range(he.shape[-1])], axis=-1)
+  inverse = AffineTransform.from_matrix(np.linalg.inv(np.asarray(transform.matrix, np.float64)))
+  kwargs = dict(fixed_pixel_size_um=float(msi_pixel_size_um), moving_pixel_size_um=float(histology_pixel_size_um))
+  sampled = np.asarray(warp_image(smooth, inverse, msi_shape[:2], **kwargs))
+  inside = np.asarray(warp_image(np.ones(he.shape[:2], np.float32), inverse, msi_shape[:2], order=0, **kwargs)) > 0.5
+  return sampled.reshape(*msi_shape[:2], -1), inside
+
+
+def ridge_image(features: np.ndarray, mask: np.ndarray, target: np.ndarray, fit_mask: np.ndarray, *,
+                ridge: float = 1.0) -> np.ndarray:  # fmt: skip
+  """A linear "synthesis": the ridge regression of `target` (h, w) on `features` (h, w, K) fitted over `fit_mask`,
+  predicted over `mask` and clipped to [0, 1]; the median prediction elsewhere. (h, w) float32."""
+  sel = np.asarray(fit_mask, bool) & np.asarray(mask, bool) & np.isfinite(target)
+  design = np.concatenate([features[sel], np.ones((int(sel.sum()), 1), np.float32)], axis=1).astype(np.float64)
+  gram = design.T @ design + ridge * np.eye(design.shape[1])
+  coef = np.linalg.solve(gram, design.T @ np.asarray(target, np.float64)[sel])
+  full = np.concatenate([features[mask], np.ones((int(mask.sum()), 1), np.float32)], axis=1) @ coef
+  full = np.clip(full, 0.0, 1.0)
+  out = np.full(mask.shape, np.median(full), np.float32)
+  out[mask] = full
+  return out
+
+
+def register_iterative_ridge(histology, msi, initial, *, histology_pixel_size_um: float, n_components: int = 30,
+                             iterations: int = 4, config=None, histology_mask=None):  # fmt: skip
+  """Alternates a linear synthesis and a registration, from an initial histology µm → MSI µm transform.
+
+  At each round: the histology's luminance is sampled on the MSI grid at the current transform, a ridge map from
+  the MSI's first `n_components` principal components to it is fitted (`ridge_image`), and that image is
+  registered (moving, with the measured pixels as its mask) starting from the current transform.
+
+  Args:
+    histology: (H, W, 3) RGB histology in [0, 1].
+    msi: the `MSIImage` (its pixel size is used).
+    initial: the starting `AffineTransform` (e.g. from `register_msi_to_histology` on a principal component).
+    histology_pixel_size_um: histology pixel size.
+    n_components: principal components the ridge map uses.
+    iterations: rounds.
+    config: `RegistrationConfig` of each round's registration.
+    histology_mask: optional fixed mask.
+
+  Returns:
+    (result, history): the last `RegistrationResult` and the transform after each round.
+  """
+  from msisynth.metrics import LUMINANCE_WEIGHTS
+  from msisynth.register import optimize
+
+  msi_px = float(msi.pixel_size_um[1])
+  features = msi_features(msi, n_components)
+  mask = np.asarray(msi.mask, bool)
+  grey = np.asarray(histology, np.float32)[..., :3] @ np.asarray(LUMINANCE_WEIGHTS, np.float32)
+  transform, history, result = initial, [], None
+  for _ in range(int(iterations)):
+    target, inside = histology_on_msi_grid(grey, transform, mask.shape, histology_pixel_size_um=histology_pixel_size_um,
+                                           msi_pixel_size_um=msi_px)  # fmt: skip
+    image = ridge_image(features, mask, target[..., 0], inside)
+    result = optimize.register(histology, image, fixed_pixel_size_um=histology_pixel_size_um,
+                               moving_pixel_size_um=msi.pixel_size_um, fixed_mask=histology_mask, moving_mask=mask,
+                               config=config, initial_transform=transform)  # fmt: skip
+    transform = result.transform
+    history.append(transform)
+  return result, history

@@ -629,8 +629,8 @@ def registration_simulated(config, data: EvalData, synthesizer, figures: pathlib
   from msisynth import data as data_lib
   from msisynth import io as msi_io
   from msisynth import simulate
+  from msisynth.geometry.transforms import AffineTransform, warp_image
   from msisynth.register import evaluate as reg_eval
-  from msisynth.register.transforms import AffineTransform, warp_image
   from msisynth.viz import msi as viz_msi
   from msisynth.viz import registration as viz_reg
 
@@ -757,9 +757,9 @@ def registration_msiflow(config, data: EvalData, synthetic_whole: np.ndarray, fi
   """Registers msiFlow's unregistered microscopy to the MSI by several routes and compares with msiFlow's result."""
   from msisynth import data as data_lib
   from msisynth import datasets
+  from msisynth.geometry.transforms import AffineTransform, warp_image
   from msisynth.register import evaluate as reg_eval
   from msisynth.register import optimize
-  from msisynth.register.transforms import AffineTransform, warp_image
   from msisynth.viz import msi as viz_msi
   from msisynth.viz import registration as viz_reg
 

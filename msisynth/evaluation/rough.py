@@ -46,7 +46,7 @@ def landmark_transforms(train, *, n_points: int = 4, noise_um: float = 60.0, see
   """Round 0 from landmarks: an affine fitted to `n_points` of each section's landmarks, the MSI side jittered by
   Gaussian noise of `noise_um` µm (as hand-placed landmarks are: the real bladder pair's 4 leave 3-8 MSI px)."""
   from msisynth.evaluation.bladder import fit_affine
-  from msisynth.register.transforms import AffineTransform
+  from msisynth.geometry.transforms import AffineTransform
 
   rng = np.random.default_rng(seed)
   out = []

@@ -31,7 +31,7 @@ import numpy as np
 
 from msisynth import errors, outputs, synthesize
 from msisynth.evaluation import common, paper, report, ridge, rough, stats
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry.transforms import AffineTransform
 
 MODELS = ("unet", "pix2pix")
 MEASURES = ("mi_bits", "mi_perm_bits", "mi_plugin_bits", "nmi", "ssim", "psnr_db", "kid")

@@ -1,4 +1,7 @@
-"""Registration in physical space (µm): affine transforms, similarity measures, optimisation, I/O and accuracy.
+"""Registration in physical space (µm): similarity measures, optimisation, transform I/O and accuracy.
+
+The affine transforms and the warping are `msisynth.geometry.transforms`; this package re-exports them
+(`msisynth.register.AffineTransform`, `warp_image`, `warp_msi`, ...).
 
 Transforms map FIXED → MOVING (ITK's convention); see docs/architecture.md. `register` finds an affine map;
 `register_deformable` refines it with a cubic B-spline (`BSplineTransform`), which the warps, the regions and the
@@ -17,6 +20,14 @@ evaluation MI of `msisynth.metrics` (hard histogram).
 import sys
 import types
 
+from msisynth.geometry.transforms import (
+  AffineTransform,
+  constrain_params,
+  image_center_um,
+  image_corners_um,
+  warp_image,
+  warp_msi,
+)
 from msisynth.register.bspline import (
   BSplineTransform,
   DeformableConfig,
@@ -50,14 +61,6 @@ from msisynth.register.transform_io import (
   save_displacement_field,
   save_itk_transform,
   save_transform_json,
-)
-from msisynth.register.transforms import (
-  AffineTransform,
-  constrain_params,
-  image_center_um,
-  image_corners_um,
-  warp_image,
-  warp_msi,
 )
 
 __all__ = [

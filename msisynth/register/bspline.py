@@ -46,10 +46,10 @@ import numpy as np
 import optax
 
 from msisynth import errors
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import optimize
 from msisynth.register import similarity as sim
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 
 SIMILARITIES = optimize.SIMILARITIES
 # Fixed-point steps of the inverse map; each one divides the error by about 1 / max |∇d| (a few per digit).

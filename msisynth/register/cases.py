@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from msisynth import errors
-from msisynth.register.transforms import AffineTransform
+from msisynth.geometry.transforms import AffineTransform
 
 APPEARANCES = ("uni", "msi")
 
@@ -256,3 +256,49 @@ def grid_error_px(found: AffineTransform, case: Case, num: int = 10) -> tuple[fl
   back = (true_inv @ np.asarray(found.matrix, np.float64) @ pts)[:2]
   d = np.linalg.norm(back - pts[:2], axis=0) / px
   return float(d.mean()), float(d.max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deformable cases: a real image under a known smooth map.
+
+
+def deformed_pair(seed: int, size: int = 96, *, amplitude_px: float = 6.0, sigma_px: float = 16.0,
+                  row0: int = 150) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+  """A crop of scikit-image's real IHC image (moving, grey) and the fixed image it becomes under a known smooth
+  map T(x) = x + (20, 20) + u(x), u a Gaussian-filtered random field (σ `sigma_px`) of RMS `amplitude_px`.
+
+  Pixels are 1 µm on both images, so points in µm are pixel (x, y).
+
+  Args:
+    seed: seed of the field u.
+    size: side of the fixed image, px.
+    amplitude_px: RMS of u, px.
+    sigma_px: smoothness of u, px.
+    row0: first row of the crop (column 150) in the IHC image.
+
+  Returns:
+    (fixed (size, size) float32, moving (size + 40, size + 40) float32, true map (size, size, 2) (x, y) in moving
+    px of each fixed pixel centre).
+  """
+  import skimage.data
+
+  rng = np.random.default_rng(seed)
+  rgb = skimage.data.immunohistochemistry()[row0 : row0 + size + 40, 150 : 150 + size + 40].astype(np.float32) / 255
+  moving = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+  u = np.stack([ndi.gaussian_filter(n, sigma_px, mode="reflect") for n in rng.normal(size=(2, size, size))])
+  u *= amplitude_px / np.sqrt(np.mean(u**2))
+  yy, xx = np.mgrid[:size, :size].astype(np.float64)
+  true_map = np.stack([xx + 20.0 + u[0], yy + 20.0 + u[1]], axis=-1)
+  fixed = ndi.map_coordinates(moving, [true_map[..., 1], true_map[..., 0]], order=1).astype(np.float32)
+  return fixed, moving, true_map
+
+
+def map_error_px(transform, true_map: np.ndarray, margin: int = 4) -> float:
+  """Mean distance (px) between where `transform` (affine or B-spline) and the true map of `deformed_pair` send
+  the fixed pixel centres, `margin` px from the border excluded."""
+  from msisynth.geometry import transforms as tf
+  from msisynth.register import bspline
+
+  grid = np.asarray(tf.fixed_grid_um(true_map.shape[:2]), np.float64)
+  got = bspline.apply_points(transform, grid.reshape(-1, 2)).reshape(grid.shape)
+  return float(np.linalg.norm(got - true_map, axis=-1)[margin:-margin, margin:-margin].mean())

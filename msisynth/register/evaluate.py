@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from msisynth import errors, outputs
-from msisynth.register.transforms import AffineTransform, pixel_size_yx
+from msisynth.geometry.transforms import AffineTransform, pixel_size_yx
 
 _UM_COLUMNS = ("fixed_x", "fixed_y", "moving_x", "moving_y")
 _PX_COLUMNS = ("fixed_x_px", "fixed_y_px", "moving_x_px", "moving_y_px")

@@ -49,10 +49,10 @@ import optax
 from scipy import ndimage as ndi
 
 from msisynth import errors, geometry
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform
 from msisynth.metrics import LUMINANCE_WEIGHTS
 from msisynth.register import similarity as sim
-from msisynth.register import transforms as tf
-from msisynth.register.transforms import AffineTransform
 
 _log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from msisynth import errors, outputs
-from msisynth.register import transforms as tf
+from msisynth.geometry import transforms as tf
+from msisynth.geometry.transforms import AffineTransform, pixel_size_yx
 from msisynth.register.bspline import BSplineTransform
-from msisynth.register.transforms import AffineTransform, pixel_size_yx
 
 JSON_FORMAT = "msisynth.affine_transform"
 JSON_VERSION = 1

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from msisynth import errors
-from msisynth.register.transforms import AffineTransform, pixel_size_yx
+from msisynth.geometry.transforms import AffineTransform, pixel_size_yx
 
 
 def _new_figure(width: float, height: float) -> Figure:

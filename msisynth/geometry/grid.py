@@ -1,4 +1,4 @@
-"""Image geometry: where an image's pixels are in physical space, and the rules that change a grid.
+"""Grids: where an image's pixels are in physical space, and the rules that change a grid.
 
 Every array with a physical size travels with a `Grid`: its shape (H, W), its pixel size (y, x) in µm and its
 origin, the physical (x, y) µm of the centre of pixel (0, 0), as an ITK image has size, spacing and origin. Pixel
@@ -17,15 +17,13 @@ The rules that every stage shares live here, once:
 - `working_pixel_size_um`: the pixel size MSI → histology registration works at (a quarter of the MSI pixel,
   never finer than the histology).
 
-The affine transforms and the warping functions (`AffineTransform`, `warp_image`, `warp_msi`, ...) live in
-`msisynth.register.transforms` and are re-exported here (loaded on first use, so this module stays NumPy-only and
-`msisynth.io` can use it without importing JAX).
+This module is NumPy-only: `msisynth.io` uses it without importing JAX. The affine transforms and the warping
+(JAX) are `msisynth.geometry.transforms`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import warnings
 from collections.abc import Sequence
 
@@ -240,28 +238,6 @@ def working_pixel_size_um(msi_pixel_size_um, histology_pixel_size_um, registrati
     if wanted[0] < he[0] or wanted[1] < he[1]:
       logging.warning("registration pixel size %s µm is finer than the H&E's %s µm; using the H&E's", wanted, he)
   return max(wanted[0], he[0]), max(wanted[1], he[1])
-
-
-# The transforms and warping, re-exported from msisynth.register.transforms (JAX), loaded on first use.
-_TRANSFORM_NAMES = (
-  "AffineTransform",
-  "constrain_params",
-  "image_center_um",
-  "image_corners_um",
-  "rotation_deg",
-  "warp_image",
-  "warp_msi",
-)
-
-
-def __getattr__(name: str):
-  if name in _TRANSFORM_NAMES:
-    return getattr(importlib.import_module("msisynth.register.transforms"), name)
-  raise AttributeError(f"module 'msisynth.geometry' has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(set(globals()) | set(_TRANSFORM_NAMES))
 
 
 def renamed_argument(value, old_value, name: str, old_name: str):

@@ -141,6 +141,8 @@ class RegistrationConfig:
     min_gain: the success test: the similarity must fall by at least this fraction of itself when the result is
       misaligned by a shift of 1/32 of the half-diagonal of the smaller image (the moving one mapped into the
       fixed space, or the fixed one) along ±x and ±y: a true alignment is a sharp optimum, a chance one is not.
+      MI and NMI are measured with the outside bin for this test (see `outside_bin`), whatever the optimisation
+      used, so that a shift that moves tissue out of the field costs the information it loses.
     min_mask_pixels: a fixed or moving mask (or weight image) with fewer pixels is refused.
   """
 
@@ -267,7 +269,8 @@ class RegistrationResult:
     success: the registration's own verdict: the similarity stands clearly above that of the same pair
       misaligned (`gain` ≥ `min_gain`), the overlap is not near zero, and the transform is valid. False comes
       with a warning saying why.
-    gain: 1 - (mean similarity of the result slightly misaligned, see `min_gain`) / (its similarity); for MSE
+    gain: 1 - (mean similarity of the result slightly misaligned, see `min_gain`) / (its similarity), both as the
+      success test measures them (MI/NMI with the outside bin, on the finest level's pool); for MSE
       1 - (its MSE) / (that misaligned). The success test uses it for MI and NMI only (NCC and MSE vary too
       smoothly with a shift for one threshold to suit them).
     moving_overlap: fraction of the moving image (its mask) covered by the fixed image (its mask).

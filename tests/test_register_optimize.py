@@ -137,7 +137,9 @@ def test_mirror_check_uses_the_non_mirror_part():
   assert "scales" in opt._check_transform(squashed, np.eye(3), config)
 
 
-def test_register_batch_agrees_with_one_by_one(affine_case):
+@pytest.mark.parametrize("vmap", [False, True])
+def test_register_batch_agrees_with_one_by_one(affine_case, vmap, monkeypatch):
+  monkeypatch.setattr(opt, "_vmap_pairs", lambda: vmap)
   fixed, moving, single = affine_case
   other_true = AffineTransform.from_params([-0.12, 0.05, 0.0, 0.0, -3.0, 6.0], CENTER)
   fixed2, moving2 = make_pair(other_true)

@@ -51,7 +51,7 @@ from msisynth.geometry.transforms import AffineTransform
 from msisynth.register import optimize
 from msisynth.register import similarity as sim
 
-SIMILARITIES = ("mi", "nmi", "ncc", "mse")
+SIMILARITIES = optimize.SIMILARITIES
 # Fixed-point steps of the inverse map; each one divides the error by about 1 / max |∇d| (a few per digit).
 _INVERSE_STEPS = 30
 # Points per chunk when mapping many points through the B-spline (bounds the gathers' intermediates).
@@ -532,10 +532,7 @@ class DeformableConfig:
   min_jacobian: float = 0.1
 
   def __post_init__(self):
-    if self.similarity not in SIMILARITIES:
-      raise errors.ConfigError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
-    if self.kernel not in sim.KERNELS:
-      raise errors.ConfigError(f"kernel must be one of {sim.KERNELS}, got {self.kernel!r}")
+    optimize.check_measure(self.similarity, self.kernel)
     if self.levels < 1 or self.bins < 4 or self.patience < 1:
       raise errors.ConfigError("levels and patience must be >= 1 and bins >= 4")
     its = self.iterations_per_level()

@@ -5,9 +5,10 @@ fixed image and the moving image resampled at T(x_fixed) (docs/architecture.md).
 (H, W, 3) RGB (converted to grey by luminance) or (H, W, C) (channel mean), any float or integer dtype.
 
 How it works:
-- A Gaussian pyramid (`levels`, default 3): at level l the images are smoothed (σ = shrink/2 pixels) and
-  subsampled so that their pixel size is about `base · 2^l`, with base the finer of the two pixel sizes (or
-  `working_pixel_size_um`); a pixel keeps its centre, so physical coordinates hold at every level.
+- A Gaussian pyramid (`levels`; by default as many as bring the images to about 96 px across): at level l the
+  images are smoothed (σ = shrink/2 pixels) and subsampled so that their pixel size is about `base · 2^l`, with
+  base the working pixel size; a pixel keeps its centre, so physical coordinates hold at every level.
+- The coarsest level optimises a similarity transform (`coarse_kind`), the finer ones the full affine map.
 - Starts: translation from the centres of mass of the two images, rotation 0 and the principal-axes angle (and
   that + 180°), optionally with every 90° rotation and a mirror (`flips_and_rot90`). The weights of the moments
   are the masks when given, else |intensity - background| with the background the median of the border pixels
@@ -60,6 +61,18 @@ SIMILARITIES = ("mi", "nmi", "ncc", "mse")
 _LUMINANCE = np.asarray(LUMINANCE_WEIGHTS, np.float32)
 
 
+def check_measure(similarity: str, kernel: str) -> None:
+  """Refuses an unknown similarity or Parzen kernel (the options `register` and `register_deformable` share).
+
+  Raises:
+    ConfigError: naming the bad option.
+  """
+  if similarity not in SIMILARITIES:
+    raise errors.ConfigError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+  if kernel not in sim.KERNELS:
+    raise errors.ConfigError(f"kernel must be one of {sim.KERNELS}, got {kernel!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RegistrationConfig:
   """Options of `register`.
@@ -68,6 +81,10 @@ class RegistrationConfig:
     similarity: "mi" (Parzen mutual information, default; multimodal), "nmi", "ncc" or "mse" (single-modality,
       e.g. synthetic H&E → real H&E).
     kind: "affine", "similarity" or "rigid" (the parameters fixed in optimisation).
+    coarse_kind: the family optimised at the coarsest level when it has fewer parameters than `kind` (default
+      "similarity": rotation, one scale, translation), the finer levels then free the rest. With an affine map at
+      the coarsest level, where the images show little more than the tissue's outline, a stretched or sheared map
+      that lays a cut tissue outline over the whole other section can score higher than the truth. None: `kind`.
     bins: histogram bins for MI/NMI.
     kernel: Parzen kernel, "bspline" or "gaussian".
     levels: pyramid levels (coarse → fine); level l has pixels about 2^l times the base. None (default): as many
@@ -76,13 +93,15 @@ class RegistrationConfig:
     coarsest_size_px: see `levels`.
     working_pixel_size_um: finest pixel size registration works at (µm); None: the finer of the two images',
       or half the coarser one's when that is larger (finer detail is in one image only).
-    max_iterations: Adam steps per level, an int or one per level (coarse → fine); None: 100 at the coarsest
-      level and 50 at the finer ones.
+    max_iterations: Adam steps per level, an int or one per level (coarse → fine); None: 300 at the finest level
+      and 100 at the others.
     learning_rate: first Adam step, in level pixels of displacement at the image edge; cosine-decayed over the
       level to `learning_rate * final_learning_rate_fraction`.
     final_learning_rate_fraction: see `learning_rate`.
     tolerance: relative improvement of the loss that resets the `patience` counter.
-    patience: steps without such improvement after which a level stops (converged).
+    patience: steps without such improvement after which a level stops (converged). The default is long: the loss
+      is stochastic and nearly flat along anisotropy and shear, and a short patience (20) stopped the finest
+      level after 34–77 of its steps while it was still moving.
     max_samples: fixed-grid pixels drawn anew at every step (with replacement) from the level's pool for the
       similarity's gradient; None: `sample_pool`.
     sample_pool: fixed-grid pixels of each level (drawn once, without replacement; all when the level has
@@ -91,11 +110,16 @@ class RegistrationConfig:
       count never causes a recompilation.
     outside_bin: MI/NMI count fixed samples that map outside the moving image (or its mask) in an extra moving
       bin, and normalise by all fixed samples, so that shrinking the overlap cannot raise the similarity (it
-      loses the information of the samples that leave). False: the classic estimate over the overlap alone.
+      loses the information of the samples that leave). False (default): the classic estimate over the overlap
+      alone. The outside bin rewards a larger overlap, which is wrong where the moving field truly covers only a
+      part of the fixed tissue (an MSI field that cuts the section): there a map that spreads the moving image over
+      the whole tissue scores higher than the truth. The success test's overlap check guards against a shrunk
+      overlap instead.
     seed: seed of the pixel sampling.
     principal_axes: add the principal-axes rotation (and + 180°) to the starts.
     start_rotations_deg: rotation offsets (degrees) added to every base start angle.
-    start_scales: isotropic scales (of the fixed → moving map, relative to the moments' estimate) to start from.
+    start_scales: isotropic scales (of the fixed → moving map, relative to the moments' estimate) to start from;
+      the default 0.8, 1 and 1.25 cover the scale range 0.7–1.4 that one start at 1 does not capture.
     start_offsets_um: (x, y) µm shifts of the fixed image's centre of mass that every start is also tried at
       (a translation search, e.g. for a small MSI region somewhere on a large histology image).
     moment_scale: start from the scale that matches the spread (second moments) of the two images' weights,
@@ -117,11 +141,14 @@ class RegistrationConfig:
     min_gain: the success test: the similarity must fall by at least this fraction of itself when the result is
       misaligned by a shift of 1/32 of the half-diagonal of the smaller image (the moving one mapped into the
       fixed space, or the fixed one) along ±x and ±y: a true alignment is a sharp optimum, a chance one is not.
+      MI and NMI are measured with the outside bin for this test (see `outside_bin`), whatever the optimisation
+      used, so that a shift that moves tissue out of the field costs the information it loses.
     min_mask_pixels: a fixed or moving mask (or weight image) with fewer pixels is refused.
   """
 
   similarity: str = "mi"
   kind: str = "affine"
+  coarse_kind: str | None = "similarity"
   bins: int = 32
   kernel: str = "bspline"
   levels: int | None = None
@@ -129,16 +156,16 @@ class RegistrationConfig:
   working_pixel_size_um: float | None = None
   max_iterations: int | tuple[int, ...] | None = None
   learning_rate: float = 0.5
-  final_learning_rate_fraction: float = 0.05
+  final_learning_rate_fraction: float = 0.01
   tolerance: float = 1e-5
-  patience: int = 20
+  patience: int = 100
   max_samples: int | None = 2048
   sample_pool: int = 16384
-  outside_bin: bool = True
+  outside_bin: bool = False
   seed: int = 0
   principal_axes: bool = True
   start_rotations_deg: tuple[float, ...] = (0.0,)
-  start_scales: tuple[float, ...] = (1.0,)
+  start_scales: tuple[float, ...] = (0.8, 1.0, 1.25)
   start_offsets_um: tuple[tuple[float, float], ...] = ((0.0, 0.0),)
   moment_scale: bool = False
   flips_and_rot90: bool = False
@@ -154,12 +181,11 @@ class RegistrationConfig:
   min_mask_pixels: int = 64
 
   def __post_init__(self):
-    if self.similarity not in SIMILARITIES:
-      raise errors.ConfigError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+    check_measure(self.similarity, self.kernel)
     if self.kind not in tf.KINDS:
       raise errors.ConfigError(f"kind must be one of {tf.KINDS}, got {self.kind!r}")
-    if self.kernel not in sim.KERNELS:
-      raise errors.ConfigError(f"kernel must be one of {sim.KERNELS}, got {self.kernel!r}")
+    if self.coarse_kind is not None and self.coarse_kind not in tf.KINDS:
+      raise errors.ConfigError(f"coarse_kind must be None or one of {tf.KINDS}, got {self.coarse_kind!r}")
     if self.levels is not None and self.levels < 1 or self.bins < 4 or self.num_candidates < 1 or self.patience < 1:
       raise errors.ConfigError("levels, num_candidates and patience must be >= 1 and bins >= 4")
     if isinstance(self.max_iterations, tuple | list):
@@ -192,7 +218,7 @@ class RegistrationConfig:
     """Adam steps at each level, coarse → fine."""
     levels = self.num_levels() if levels is None else levels
     if self.max_iterations is None:
-      return tuple(100 if level == levels - 1 else 50 for level in range(levels - 1, -1, -1))
+      return tuple(300 if level == 0 else 100 for level in range(levels - 1, -1, -1))
     if isinstance(self.max_iterations, int):
       return (int(self.max_iterations),) * levels
     return tuple(int(i) for i in self.max_iterations)
@@ -243,7 +269,8 @@ class RegistrationResult:
     success: the registration's own verdict: the similarity stands clearly above that of the same pair
       misaligned (`gain` ≥ `min_gain`), the overlap is not near zero, and the transform is valid. False comes
       with a warning saying why.
-    gain: 1 - (mean similarity of the result slightly misaligned, see `min_gain`) / (its similarity); for MSE
+    gain: 1 - (mean similarity of the result slightly misaligned, see `min_gain`) / (its similarity), both as the
+      success test measures them (MI/NMI with the outside bin, on the finest level's pool); for MSE
       1 - (its MSE) / (that misaligned). The success test uses it for MI and NMI only (NCC and MSE vary too
       smoothly with a shift for one threshold to suit them).
     moving_overlap: fraction of the moving image (its mask) covered by the fixed image (its mask).
@@ -350,7 +377,7 @@ def _shrink_factors(levels, fixed_px, moving_px, working_px):
 def _extent_px(fixed_shape, moving_shape, fixed_px, moving_px, working_px):
   gf, gm = math.sqrt(fixed_px[0] * fixed_px[1]), math.sqrt(moving_px[0] * moving_px[1])
   base = _working_px(gf, gm, working_px)
-  return max(max(fixed_shape) * max(gf, base), max(moving_shape) * max(gm, base)) / base
+  return max(max(fixed_shape) * gf, max(moving_shape) * gm) / base
 
 
 def _bucket(n: int) -> int:
@@ -690,7 +717,7 @@ def _misaligned(matrix: np.ndarray, center: np.ndarray, radius: float) -> np.nda
 # ------------------------------------------------------------------------------------------------------- public
 
 
-def _prepare_stack(images, masks, name, min_pixels):
+def _prepare_stack(images, masks, name, min_pixels, first_pair=0):
   grey = np.stack([to_grey(im) for im in images])
   if masks is None:
     mask = np.ones(grey.shape, np.float32)
@@ -702,7 +729,7 @@ def _prepare_stack(images, masks, name, min_pixels):
       count = int(np.count_nonzero(m > 0))
       if 0 < count < min_pixels:
         raise errors.RegistrationError(
-          f"the {name} mask of pair {b} has {count} pixels (< {min_pixels}): too few to register")
+          f"the {name} mask of pair {first_pair + b} has {count} pixels (< {min_pixels}): too few to register")
   if not np.all(np.isfinite(grey)):
     raise errors.DataError(f"the {name} image has NaN or infinite values")
   return grey, mask
@@ -717,12 +744,22 @@ def _is_unturned(params_row: np.ndarray, mirror: np.ndarray) -> bool:
   return np.linalg.det(mirror[:2, :2]) > 0 and abs(rot) <= math.pi / 4
 
 
+def _level_kind(config: RegistrationConfig, level: int, levels: int) -> str:
+  """The transform family optimised at a level (0 = coarsest): `coarse_kind` below the finest level, when it has
+  fewer parameters than `kind`."""
+  order = {kind: i for i, kind in enumerate(("rigid", "similarity", "affine"))}
+  coarse = config.coarse_kind
+  if level > 0 or levels == 1 or coarse is None or order[coarse] >= order[config.kind]:
+    return config.kind
+  return coarse
+
+
 def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px, moving_px, config, initial,
-                    on_failure):  # fmt: skip
+                    on_failure, first_pair=0):  # fmt: skip
   fixed_px = tf.pixel_size_yx(fixed_px, "fixed_pixel_size_um")
   moving_px = tf.pixel_size_yx(moving_px, "moving_pixel_size_um")
-  fixed, fmask = _prepare_stack(fixed_list, fixed_masks, "fixed", config.min_mask_pixels)
-  moving, mmask = _prepare_stack(moving_list, moving_masks, "moving", config.min_mask_pixels)
+  fixed, fmask = _prepare_stack(fixed_list, fixed_masks, "fixed", config.min_mask_pixels, first_pair)
+  moving, mmask = _prepare_stack(moving_list, moving_masks, "moving", config.min_mask_pixels, first_pair)
   if min(fixed.shape[1:]) < 4 or min(moving.shape[1:]) < 4:
     raise errors.ConfigError(f"images must be at least 4 × 4, got {fixed.shape[1:]} and {moving.shape[1:]}")
   batch = fixed.shape[0]
@@ -755,7 +792,7 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
     for name, weights in (("fixed", fw), ("moving", mw)):
       if weights.sum() <= 1e-6 * weights.size:
         raise errors.RegistrationError(
-          f"the {name} image of pair {b} is constant or its mask is empty: nothing to register"
+          f"the {name} image of pair {first_pair + b} is constant or its mask is empty: nothing to register"
         )
     if initial is None:
       p, d = _initial_params(fw, mw, lpf0, lpm0, center, starts, config.moment_scale)
@@ -778,6 +815,9 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
                        config.max_samples)
   iterations = []
   for level, level_factors in enumerate(factors):
+    level_kind = _level_kind(config, level, levels)
+    if level > 0 and level_kind != _level_kind(config, level - 1, levels):  # start from what the last level found
+      params = tf.constrain_params(params, _level_kind(config, level - 1, levels))
     data = _level_data(pyramids[level], config.sample_pool, moving_pad, fixed_px, moving_px, level_factors, center,
                        radius, rng)  # fmt: skip
     data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed * 1000 + 17 * level + b)))
@@ -789,7 +829,8 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
       "learning_rate": jnp.float32(config.learning_rate),
       "final_fraction": jnp.float32(config.final_learning_rate_fraction),
     }
-    params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper, opts)
+    params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper,
+                                                             opts._replace(kind=level_kind))
     iterations.append(np.asarray(steps))
     if level == 0 and params.shape[1] > config.num_candidates:
       score = np.asarray(metrics) if config.similarity == "mse" else -np.asarray(metrics)
@@ -846,9 +887,11 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
   for c in cand_lists:
     m = np.asarray(c[0].transform.matrix, np.float64)
     scale = math.sqrt(abs(np.linalg.det(m[:2, :2])))
-    mats.append(_misaligned(m, center, min(radius, moving_radius / max(scale, 1e-12))))
+    mats.append(np.concatenate([m[None], _misaligned(m, center, min(radius, moving_radius / max(scale, 1e-12)))]))
   mats = np.stack(mats)
-  mis_values, _ = _evaluate(jnp.asarray(mats, jnp.float32), data, opts)
+  # MI/NMI with the outside bin here whatever the optimisation used: a shift that moves tissue out of the field then
+  # costs what it loses, so a true alignment stands out as sharply as in the verdict's calibration.
+  mis_values, _ = _evaluate(jnp.asarray(mats, jnp.float32), data, opts._replace(outside_bin=True))
   mis_values = np.asarray(mis_values, np.float64)
   fixed_area = fmask.reshape(batch, -1).sum(axis=1) * fixed_px[0] * fixed_px[1]
   moving_area = mmask.reshape(batch, -1).sum(axis=1) * moving_px[0] * moving_px[1]
@@ -861,7 +904,8 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
     problem = None if np.isfinite(best.metric) else "the similarity is not finite"
     problem = problem or _check_transform(best.transform, mirrors[b, best_k], config)
     if problem is not None:
-      msg = f"registration of pair {b} refused: {problem} (start {best.start}, {config.similarity} {best.metric:.4g})"
+      msg = (f"registration of pair {first_pair + b} refused: {problem} (start {best.start}, "
+             f"{config.similarity} {best.metric:.4g})")  # fmt: skip
       if on_failure == "raise":
         raise errors.RegistrationError(msg)
       _log.warning(msg)
@@ -872,12 +916,13 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
     close = [d for c, d in zip(cands[1:], dist) if abs(c.metric - best.metric) <= margin and d > limit_um]
     uncertainty = max(close, default=0.0)
     agreement = (1 + int(np.sum(dist <= limit_um))) / len(cands)
-    per = mis_values[b][: 4 * len(_MISALIGN_FRACTIONS)].reshape(len(_MISALIGN_FRACTIONS), 4).mean(axis=1)
+    at_result = float(mis_values[b][0])
+    per = mis_values[b][1 : 1 + 4 * len(_MISALIGN_FRACTIONS)].reshape(len(_MISALIGN_FRACTIONS), 4).mean(axis=1)
     mis = float(per[0])
     if higher_better:
-      gain = 1.0 - mis / best.metric if best.metric > 0 else -np.inf
+      gain = 1.0 - mis / at_result if at_result > 0 else -np.inf
     else:
-      gain = 1.0 - best.metric / mis if mis > 0 else 0.0
+      gain = 1.0 - at_result / mis if mis > 0 else 0.0
     overlap = float(overlaps[b, best_k])
     det = abs(float(np.linalg.det(np.asarray(best.transform.matrix, np.float64)[:2, :2])))
     moving_overlap = min(1.0, overlap * fixed_area[b] * det / max(moving_area[b], 1e-12))
@@ -969,6 +1014,11 @@ def register(
                          config, initial_transform, "raise")[0]  # fmt: skip
 
 
+def _vmap_pairs() -> bool:
+  """Whether `register_batch` maps its level functions over the pairs (on an accelerator) or runs them in turn."""
+  return jax.default_backend() != "cpu"
+
+
 def register_batch(
   fixed_stack: jax.typing.ArrayLike,
   moving_stack: jax.typing.ArrayLike,
@@ -980,7 +1030,8 @@ def register_batch(
   config: RegistrationConfig | None = None,
   on_failure: str = "raise",
 ) -> list[RegistrationResult | None]:
-  """Registers many same-shape pairs at once (`jax.vmap` over pairs); pair i gives what `register` would.
+  """Registers many same-shape pairs: at once (`jax.vmap` over pairs) on an accelerator, one after the other on a
+  CPU (where that is faster); pair i gives what `register` would.
 
   Args:
     fixed_stack: (N, H, W) or (N, H, W, C) fixed images.
@@ -1007,8 +1058,18 @@ def register_batch(
       f"need stacks of equal length N ≥ 1 of (H, W[, C]) images, got {fixed_stack.shape} and {moving_stack.shape}"
     )
   config = config or RegistrationConfig()
-  return _register_stack(list(fixed_stack), list(moving_stack), None if fixed_masks is None else list(fixed_masks),
-                         None if moving_masks is None else list(moving_masks), fixed_pixel_size_um,
+  fixed_list, moving_list = list(fixed_stack), list(moving_stack)
+  fixed_masks = None if fixed_masks is None else list(fixed_masks)
+  moving_masks = None if moving_masks is None else list(moving_masks)
+  if not _vmap_pairs():
+    # On a CPU the pairs' arithmetic is the cost and a vmapped level runs slower than the pairs one by one
+    # (docs/results.md, section 10), so the pairs go through the single-pair path in turn.
+    return [r for b in range(len(fixed_list))
+            for r in _register_stack(fixed_list[b : b + 1], moving_list[b : b + 1],
+                                     None if fixed_masks is None else fixed_masks[b : b + 1],
+                                     None if moving_masks is None else moving_masks[b : b + 1], fixed_pixel_size_um,
+                                     moving_pixel_size_um, config, None, on_failure, first_pair=b)]  # fmt: skip
+  return _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_pixel_size_um,
                          moving_pixel_size_um, config, None, on_failure)  # fmt: skip
 
 

@@ -27,7 +27,8 @@ _GAUSSIAN_SIGMA = 0.5773502691896258
 _LOG2 = 0.6931471805599453
 
 
-def _check_pair(fixed, moving, mask):
+def _check_pair(fixed, moving, mask, sample=None, key=None):
+  """Flat float32 (fixed, moving, weights) of a pair; refuses mismatched shapes and sampling without a key."""
   fixed = jnp.asarray(fixed)
   moving = jnp.asarray(moving)
   if fixed.shape != moving.shape:
@@ -40,6 +41,8 @@ def _check_pair(fixed, moving, mask):
     weights = jnp.asarray(mask).astype(jnp.float32)
     if weights.shape != fixed.shape:
       raise errors.ConfigError(f"mask shape {weights.shape} != image shape {fixed.shape}")
+  if sample is not None and sample < fixed.size and key is None:
+    raise errors.ConfigError("sampling pixels (sample=N) needs a PRNG key")
   return fixed.astype(jnp.float32).ravel(), moving.astype(jnp.float32).ravel(), weights.ravel()
 
 
@@ -177,9 +180,7 @@ def joint_histogram(
     raise errors.ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
   if bins < 4:
     raise errors.ConfigError(f"bins must be at least 4, got {bins}")
-  a, b, w = _check_pair(fixed, moving, mask)
-  if sample is not None and sample < a.size and key is None:
-    raise errors.ConfigError("sampling pixels (sample=N) needs a PRNG key")
+  a, b, w = _check_pair(fixed, moving, mask, sample, key)
   return _joint_histogram(a, b, w, fixed_range, moving_range, key, bins=bins, kernel=kernel, sample=sample)
 
 
@@ -321,10 +322,7 @@ def ncc(
   Raises:
     ConfigError: for mismatched shapes or sampling without a key.
   """
-  a, b, w = _check_pair(fixed, moving, mask)
-  if sample is not None and sample < a.size and key is None:
-    raise errors.ConfigError("sampling pixels (sample=N) needs a PRNG key")
-  return _sampled(ncc_from_values, a, b, w, key, sample=sample)
+  return _sampled(ncc_from_values, *_check_pair(fixed, moving, mask, sample, key), key, sample=sample)
 
 
 def mse(
@@ -350,7 +348,4 @@ def mse(
   Raises:
     ConfigError: for mismatched shapes or sampling without a key.
   """
-  a, b, w = _check_pair(fixed, moving, mask)
-  if sample is not None and sample < a.size and key is None:
-    raise errors.ConfigError("sampling pixels (sample=N) needs a PRNG key")
-  return _sampled(mse_from_values, a, b, w, key, sample=sample)
+  return _sampled(mse_from_values, *_check_pair(fixed, moving, mask, sample, key), key, sample=sample)

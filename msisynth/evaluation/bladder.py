@@ -76,20 +76,15 @@ def spatial_split(mask: np.ndarray, *, test_fraction: float = 0.4, gap_px: int =
 
 
 def _pc_scores(spectra: np.ndarray, n_components: int) -> np.ndarray:
-  """(N, k) scores on the first principal components of √(TIC-normalised) (N, C) spectra, largest variance first.
+  """(N, k) scores on the first principal components (`preprocess.pca`, largest variance first, each axis's
+  largest loading positive, so the images do not flip between runs) of √(TIC-normalised) (N, C) spectra."""
+  from msisynth import preprocess
 
-  From the eigenvectors of the C × C scatter matrix (C ≪ N), which is several times cheaper than an SVD of the
-  N × C matrix; each component's sign makes its largest loading positive, so the images do not flip between runs.
-  """
   rooted = np.sqrt(spectra / np.maximum(spectra.sum(axis=1), 1e-12)[:, None])
-  rooted -= rooted.mean(axis=0)
   k = int(min(n_components, *rooted.shape))
   if k < 1:
     return np.zeros((rooted.shape[0], 0))
-  values, vectors = np.linalg.eigh(rooted.T @ rooted)
-  vectors = vectors[:, np.argsort(values)[::-1][:k]]
-  vectors *= np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(k)])
-  return rooted @ vectors
+  return np.asarray(preprocess.pca(rooted, k, method="full").scores, np.float64)
 
 
 def msi_images(msi, *, n_components: int = 6) -> dict[str, np.ndarray]:
@@ -199,13 +194,12 @@ def register_iterative_ridge(histology, msi, initial, *, histology_pixel_size_um
   Returns:
     (result, history): the last `RegistrationResult` and the transform after each round.
   """
-  from msisynth.metrics import LUMINANCE_WEIGHTS
   from msisynth.register import optimize
 
   msi_px = float(msi.pixel_size_um[1])
   features = msi_features(msi, n_components)
   mask = np.asarray(msi.mask, bool)
-  grey = np.asarray(histology, np.float32)[..., :3] @ np.asarray(LUMINANCE_WEIGHTS, np.float32)
+  grey = optimize.to_grey(np.asarray(histology, np.float32)[..., :3])
   transform, history, result = initial, [], None
   for _ in range(int(iterations)):
     target, inside = histology_on_msi_grid(grey, transform, mask.shape, histology_pixel_size_um=histology_pixel_size_um,

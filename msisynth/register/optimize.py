@@ -814,10 +814,10 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
   opts = _LevelOptions(config.similarity, config.kind, config.bins, config.kernel, config.outside_bin,
                        config.max_samples)
   iterations = []
+  kinds = [_level_kind(config, level, levels) for level in range(levels)]
   for level, level_factors in enumerate(factors):
-    level_kind = _level_kind(config, level, levels)
-    if level > 0 and level_kind != _level_kind(config, level - 1, levels):  # start from what the last level found
-      params = tf.constrain_params(params, _level_kind(config, level - 1, levels))
+    if level > 0 and kinds[level] != kinds[level - 1]:  # start from what the last level found
+      params = tf.constrain_params(params, kinds[level - 1])
     data = _level_data(pyramids[level], config.sample_pool, moving_pad, fixed_px, moving_px, level_factors, center,
                        radius, rng)  # fmt: skip
     data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed * 1000 + 17 * level + b)))
@@ -830,7 +830,7 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
       "final_fraction": jnp.float32(config.final_learning_rate_fraction),
     }
     params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper,
-                                                             opts._replace(kind=level_kind))
+                                                             opts._replace(kind=kinds[level]))
     iterations.append(np.asarray(steps))
     if level == 0 and params.shape[1] > config.num_candidates:
       score = np.asarray(metrics) if config.similarity == "mse" else -np.asarray(metrics)
@@ -1061,16 +1061,17 @@ def register_batch(
   fixed_list, moving_list = list(fixed_stack), list(moving_stack)
   fixed_masks = None if fixed_masks is None else list(fixed_masks)
   moving_masks = None if moving_masks is None else list(moving_masks)
-  if not _vmap_pairs():
-    # On a CPU the pairs' arithmetic is the cost and a vmapped level runs slower than the pairs one by one
-    # (docs/results.md, section 10), so the pairs go through the single-pair path in turn.
-    return [r for b in range(len(fixed_list))
-            for r in _register_stack(fixed_list[b : b + 1], moving_list[b : b + 1],
-                                     None if fixed_masks is None else fixed_masks[b : b + 1],
-                                     None if moving_masks is None else moving_masks[b : b + 1], fixed_pixel_size_um,
-                                     moving_pixel_size_um, config, None, on_failure, first_pair=b)]  # fmt: skip
-  return _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_pixel_size_um,
-                         moving_pixel_size_um, config, None, on_failure)  # fmt: skip
+
+  def run(pairs: slice) -> list[RegistrationResult | None]:
+    return _register_stack(fixed_list[pairs], moving_list[pairs], None if fixed_masks is None else fixed_masks[pairs],
+                           None if moving_masks is None else moving_masks[pairs], fixed_pixel_size_um,
+                           moving_pixel_size_um, config, None, on_failure, first_pair=pairs.start or 0)  # fmt: skip
+
+  if _vmap_pairs():
+    return run(slice(None))
+  # On a CPU the pairs' arithmetic is the cost and a vmapped level runs slower than the pairs one by one
+  # (docs/results.md, section 10), so the pairs go through the single-pair path in turn.
+  return [result for b in range(len(fixed_list)) for result in run(slice(b, b + 1))]
 
 
 def enable_compilation_cache(path: str | None = None) -> str:

@@ -35,6 +35,9 @@ _CONFIGS = flags.DEFINE_string(
   "Python dict literal: name -> RegistrationConfig options ('max_iterations': 50 means 100 at the coarsest level and "
   "50 at the others, with the previous default level count).")  # fmt: skip
 
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Results file (default benchmarks/results/bench_register_drift_<size>.json).")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -75,7 +78,7 @@ def main(argv):
                             "max_err_px": max(errs), "median_s": float(np.median([r["seconds"] for r in rows]))}
     print(f"{name}: {out['configs'][name]['success']}/{len(rows)} < 4 px, errors {np.round(errs, 1).tolist()}, "
           f"from the truth {np.round([r['from_truth_err_px'] for r in rows], 1).tolist()}", flush=True)
-  path = REPO / "benchmarks" / "results" / f"bench_register_drift_{_SIZE.value}.json"
+  path = pathlib.Path(_OUTPUT.value or REPO / "benchmarks" / "results" / f"bench_register_drift_{_SIZE.value}.json")
   path.write_text(json.dumps(out, indent=2) + "\n")
   print(f"wrote {path}")
 

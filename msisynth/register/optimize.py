@@ -517,7 +517,7 @@ def _similarities_of_matrices(mats, data, opts: _LevelOptions):
     else:
       cols_per = opts.bins
       norm = jnp.maximum(total, 1e-12)
-    joint = jnp.matmul(data["fixed_parzen"].T, wm.reshape(num, k * cols_per), precision=jax.lax.Precision.HIGHEST)
+    joint = jnp.matmul(data["fixed_parzen"].T, wm.reshape(num, k * cols_per), precision=sim.matmul_precision())
     joint = jnp.transpose(joint.reshape(opts.bins, k, cols_per), (1, 0, 2)) / norm[:, None, None]
     measure = sim.mi_from_histogram if opts.similarity == "mi" else sim.nmi_from_histogram
     value = jax.vmap(measure)(joint)

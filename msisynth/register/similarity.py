@@ -64,6 +64,13 @@ def intensity_range(values: jax.typing.ArrayLike, weights: jax.typing.ArrayLike 
   return jnp.stack([lo, hi])
 
 
+def matmul_precision() -> jax.lax.Precision | None:
+  """Precision of the joint-histogram products: HIGHEST on accelerators, whose default can round float32 inputs
+  (TF32 or bfloat16 passes), and the default on the CPU, which is exact float32 there (the same results bit for
+  bit) and measured 1.7× faster in the MI gradient than HIGHEST (9 candidates × 2,048 samples × 32 bins)."""
+  return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+
+
 def _cubic_bspline(x):
   # ((2 - |x|)+^3 - 4 (1 - |x|)+^3) / 6: the piecewise cubic without branches, which compiles and differentiates
   # more simply.
@@ -115,7 +122,7 @@ def histogram_from_weights(
   else:
     moving_weights = moving_weights * sample_weights[:, None]
     total = jnp.sum(sample_weights)
-  joint = jnp.matmul(fixed_weights.T, moving_weights, precision=jax.lax.Precision.HIGHEST)
+  joint = jnp.matmul(fixed_weights.T, moving_weights, precision=matmul_precision())
   return joint / jnp.maximum(total, 1e-12)
 
 

@@ -19,8 +19,9 @@ A case succeeds when the mean distance over a 10 × 10 grid across the fixed ima
 transform is below 2 fixed pixels (uni) or 1 moving pixel (msi, i.e. 4 fixed pixels). msisynth's own verdict
 (`RegistrationResult.success`) is compared with that: a false alarm is a successful case it calls failed; a miss is
 a failed or unrelated case it calls successful. Times are wall-clock per registration. Before the timed cases of
-each size, msisynth registers one throw-away case of each appearance, which compiles that size's shapes: its time
-is the cold time (`cold_s_by_appearance`), and every timed msisynth call is warm.
+each size, every method registers one throw-away case of each appearance, which compiles msisynth's shapes for
+that size (its time is msisynth's cold time, `cold_s_by_appearance`) and loads elastix and SimpleITK: every timed
+call is warm.
 
 Command (from the repository root; keep runs short, the machine may be shared):
   python benchmarks/bench_register.py --sizes=256,512,1024,2048 --cases=4 --unrelated=2
@@ -152,6 +153,17 @@ def run_simpleitk(fixed, moving, fpx, mpx):
   return AffineTransform.from_linear(a, offset), seconds, {}
 
 
+def run_method(method, fixed, moving, fpx, mpx):
+  """(transform or None, seconds, info) of one method on one pair."""
+  if method == "msisynth":
+    return run_msisynth(fixed, moving, fpx, mpx, _FLIPS.value)
+  if method == "elastix":
+    return run_elastix(fixed, moving, fpx, mpx)
+  if method == "simpleitk":
+    return run_simpleitk(fixed, moving, fpx, mpx)
+  raise app.UsageError(f"unknown method {method!r}")
+
+
 def summarise(rows):
   out = {}
   for method in sorted({r["method"] for r in rows}):
@@ -160,15 +172,12 @@ def summarise(rows):
       continue
     ok = np.array([r["ok"] for r in sel])
     err = np.array([r["err_mean_px"] if r["err_mean_px"] is not None else np.inf for r in sel])
-    times = [r["seconds"] for r in sel]
-    warm = [r["seconds"] for r in sel if not r.get("cold")]
     entry = {"n": len(sel), "success_rate": float(ok.mean()), "median_err_px": float(np.median(err)),
-             "median_warm_s": float(np.median(warm)) if warm else None,
-             "cold_s": float(times[0]) if sel[0].get("cold") else None}  # fmt: skip
+             "median_warm_s": float(np.median([r["seconds"] for r in sel]))}  # fmt: skip
     for appearance in sorted({r["appearance"] for r in sel}):
       part = [r for r in sel if r["appearance"] == appearance]
       entry[f"{appearance}_success"] = f"{sum(r['ok'] for r in part)}/{len(part)}"
-      entry[f"{appearance}_median_warm_s"] = float(np.median([r["seconds"] for r in part if not r.get("cold")]))
+      entry[f"{appearance}_median_warm_s"] = float(np.median([r["seconds"] for r in part]))
     if method == "msisynth":
       flag = np.array([r.get("success_flag", False) for r in sel])
       unrel = [r for r in rows if r["method"] == method and r["unrelated"]]
@@ -212,17 +221,18 @@ def main(argv):
     rows, made = [], []
     # Warm-up: one throw-away case per appearance (its own seed, so the timed cases do not change) compiles the
     # shapes of that size; every timed msisynth call below is then warm, and these times are the cold ones.
+    # elastix and SimpleITK run on the same case, so that their one-time loading is not timed either.
     cold = {}
-    if "msisynth" in _METHODS.value:
-      warm_rng = np.random.default_rng([_SEED.value, size, 7])
-      for appearance in _APPEARANCES.value:
-        source = None if slides is None else slides[int(warm_rng.integers(len(slides)))]
-        case = cases.make_case(warm_rng, size, appearance=appearance, flips=_FLIPS.value, source=source)
-        _, seconds, _ = run_msisynth(1.0 - case.fixed.mean(axis=2), case.moving, case.fixed_pixel_size_um,
-                                     case.moving_pixel_size_um, _FLIPS.value)  # fmt: skip
-        cold[appearance] = seconds
-        logging.info("size %d %s warm-up (compiles) %.2f s", size, appearance, seconds)
-    first = False
+    warm_rng = np.random.default_rng([_SEED.value, size, 7])
+    for appearance in _APPEARANCES.value:
+      source = None if slides is None else slides[int(warm_rng.integers(len(slides)))]
+      case = cases.make_case(warm_rng, size, appearance=appearance, flips=_FLIPS.value, source=source)
+      args = (1.0 - case.fixed.mean(axis=2), case.moving, case.fixed_pixel_size_um, case.moving_pixel_size_um)
+      for method in _METHODS.value:
+        _, seconds, _ = run_method(method, *args)
+        if method == "msisynth":
+          cold[appearance] = seconds
+        logging.info("size %d %s %s warm-up %.2f s", size, appearance, method, seconds)
     plan = [(a, i) for i in range(_CASES.value) for a in _APPEARANCES.value]
     plan += [("unrelated", i) for i in range(_UNRELATED.value)]
     for appearance, i in plan:
@@ -239,22 +249,13 @@ def main(argv):
       fixed = 1.0 - case.fixed.mean(axis=2)
       fpx, mpx = case.fixed_pixel_size_um, case.moving_pixel_size_um
       for method in _METHODS.value:
-        if method == "msisynth":
-          found, seconds, info = run_msisynth(fixed, moving, fpx, mpx, _FLIPS.value)
-        elif method == "elastix":
-          found, seconds, info = run_elastix(fixed, moving, fpx, mpx)
-        elif method == "simpleitk":
-          found, seconds, info = run_simpleitk(fixed, moving, fpx, mpx)
-        else:
-          raise app.UsageError(f"unknown method {method!r}")
+        found, seconds, info = run_method(method, fixed, moving, fpx, mpx)
         err = cases.grid_error_px(found, case) if found is not None and not unrelated else (None, None)
         ok = err[0] is not None and err[0] < threshold_px(case)
         row = {"size": size, "case": i, "appearance": case.appearance, "unrelated": unrelated, "method": method,
                "seconds": seconds, "err_mean_px": err[0], "err_max_px": err[1], "ok": bool(ok),
-               "cold": bool(method == "msisynth" and first), "mirrored": case.mirrored,
+               "mirrored": case.mirrored,
                "quarter_turns": case.quarter_turns, **info}  # fmt: skip
-        if method == "msisynth":
-          first = False
         rows.append(row)
         logging.info("size %d %s %d %-9s err %s px in %.2f s %s", size, appearance, i, method,
                      "-" if err[0] is None else f"{err[0]:.2f}", seconds,
@@ -267,7 +268,7 @@ def main(argv):
     for method, s in entry["summary"].items():
       colds = entry.get("cold_s_by_appearance") or {}
       cold = f"{max(colds.values()):.2f}" if method == "msisynth" and colds else "-"
-      warm = "-" if s["median_warm_s"] is None else f"{s['median_warm_s']:.2f}"
+      warm = f"{s['median_warm_s']:.2f}"
       extra = "".join(f"  {a} {s[a + '_success']} ({s[a + '_median_warm_s']:.2f} s)" for a in _APPEARANCES.value
                       if a + "_success" in s)  # fmt: skip
       if method == "msisynth":

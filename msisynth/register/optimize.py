@@ -509,16 +509,20 @@ def _similarities_of_matrices(mats, data, opts: _LevelOptions):
   overlap = total / fixed_total
   if opts.similarity in ("mi", "nmi"):
     num, k = values.shape[1], values.shape[0]
-    wm = sim.parzen_weights(values.T, data["moving_range"], bins=opts.bins, kernel=opts.kernel) * w.T[..., None]
+    if opts.kernel == "bspline":
+      joint = sim.bspline_joint_counts(data["fixed_parzen"], sim.bin_coordinates(values, data["moving_range"],
+                                                                                 opts.bins), w)  # fmt: skip
+    else:
+      wm = sim.parzen_weights(values.T, data["moving_range"], bins=opts.bins, kernel=opts.kernel) * w.T[..., None]
+      joint = jnp.matmul(data["fixed_parzen"].T, wm.reshape(num, k * opts.bins), precision=sim.matmul_precision())
+      joint = jnp.transpose(joint.reshape(opts.bins, k, opts.bins), (1, 0, 2))
     if opts.outside_bin:
-      wm = jnp.concatenate([wm, (fixed_w - w).T[..., None]], axis=-1)
-      cols_per = opts.bins + 1
+      outside = jnp.matmul(fixed_w - w, data["fixed_parzen"], precision=sim.matmul_precision())  # (K, B)
+      joint = jnp.concatenate([joint, outside[..., None]], axis=-1)
       norm = jnp.broadcast_to(fixed_total, (k,))
     else:
-      cols_per = opts.bins
       norm = jnp.maximum(total, 1e-12)
-    joint = jnp.matmul(data["fixed_parzen"].T, wm.reshape(num, k * cols_per), precision=sim.matmul_precision())
-    joint = jnp.transpose(joint.reshape(opts.bins, k, cols_per), (1, 0, 2)) / norm[:, None, None]
+    joint = joint / norm[:, None, None]
     measure = sim.mi_from_histogram if opts.similarity == "mi" else sim.nmi_from_histogram
     value = jax.vmap(measure)(joint)
   elif opts.similarity == "ncc":

@@ -30,6 +30,7 @@ Writes benchmarks/results/bench_register.json (and prints a table).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pathlib
@@ -52,6 +53,7 @@ _FLIPS = flags.DEFINE_bool("flips", False, "Mirrors and quarter turns in the tru
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the cases.")
 _METHODS = flags.DEFINE_list("methods", ["msisynth", "elastix", "simpleitk"], "Methods to run.")
 _SOURCE = flags.DEFINE_enum("source", "generated", ["generated", "he"], "Fixed images: generated or H&E slides.")
+_CONFIG = flags.DEFINE_string("config", "{}", "Python dict literal of RegistrationConfig options for msisynth.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/bench_register.json", "Result file (overwritten).")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def run_msisynth(fixed, moving, fpx, mpx, flips):
   from msisynth import errors
   from msisynth.register import optimize
 
-  config = optimize.RegistrationConfig(flips_and_rot90=flips)
+  config = optimize.RegistrationConfig(**{"flips_and_rot90": flips, **ast.literal_eval(_CONFIG.value)})
   start = time.perf_counter()
   try:
     with warnings.catch_warnings():
@@ -212,6 +214,7 @@ def main(argv):
     "load_average_at_start": list(os.getloadavg()),
     "machine": platform.machine(),
     "flips": _FLIPS.value,
+    "msisynth_config": _CONFIG.value,
     "source": _SOURCE.value,
     "sizes": {},
   }

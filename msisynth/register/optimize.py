@@ -104,6 +104,7 @@ class RegistrationConfig:
       level after 34–77 of its steps while it was still moving.
     max_samples: fixed-grid pixels drawn anew at every step (with replacement) from the level's pool for the
       similarity's gradient; None: `sample_pool`.
+    coarsest_samples: samples per step at the coarsest level, where every start is optimised (None: `max_samples`).
     sample_pool: fixed-grid pixels of each level (drawn once, without replacement; all when the level has
       fewer; raised to `max_samples` when smaller) that the steps draw from and that final similarities are
       measured on. Every level and image shape uses pools of this size (zero-weight padding), so that the sample
@@ -160,6 +161,7 @@ class RegistrationConfig:
   tolerance: float = 1e-5
   patience: int = 100
   max_samples: int | None = 2048
+  coarsest_samples: int | None = None
   sample_pool: int = 16384
   outside_bin: bool = False
   seed: int = 0
@@ -199,8 +201,10 @@ class RegistrationConfig:
       object.__setattr__(self, "max_samples", int(self.sample_pool))
     if self.learning_rate <= 0 or self.max_samples < 16:
       raise errors.ConfigError("learning_rate must be > 0 and max_samples >= 16")
-    if self.sample_pool < self.max_samples:  # a pool at least as large as one step's draw
-      object.__setattr__(self, "sample_pool", int(self.max_samples))
+    if self.coarsest_samples is not None and self.coarsest_samples < 16:
+      raise errors.ConfigError(f"coarsest_samples must be None or >= 16, got {self.coarsest_samples}")
+    if self.sample_pool < max(self.max_samples, self.coarsest_samples or 0):  # at least one step's draw
+      object.__setattr__(self, "sample_pool", int(max(self.max_samples, self.coarsest_samples or 0)))
     if self.working_pixel_size_um is not None and self.working_pixel_size_um <= 0:
       raise errors.ConfigError(f"working_pixel_size_um must be > 0, got {self.working_pixel_size_um}")
     if self.coarsest_size_px < 16 or not self.start_scales or min(self.start_scales) <= 0:
@@ -833,8 +837,9 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
       "learning_rate": jnp.float32(config.learning_rate),
       "final_fraction": jnp.float32(config.final_learning_rate_fraction),
     }
+    samples = config.coarsest_samples if level == 0 and config.coarsest_samples else config.max_samples
     params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper,
-                                                             opts._replace(kind=kinds[level]))
+                                                             opts._replace(kind=kinds[level], samples=samples))
     iterations.append(np.asarray(steps))
     if level == 0 and params.shape[1] > config.num_candidates:
       score = np.asarray(metrics) if config.similarity == "mse" else -np.asarray(metrics)

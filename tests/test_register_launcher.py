@@ -169,8 +169,9 @@ def test_launcher_msi_route_registers_at_the_generators_pixel_size(upsampling_se
   assert metrics["simulated"] and metrics["flips_searched"]  # flips on by default for MSI
   transform = transform_io.load_transform_json(out / "transform.json")
   # The bug scales by u = 2; the generator's output from random weights is a weak image for MI (the small
-  # residual rotation here is the registration's, not the grid's), so the check is on the scale.
-  np.testing.assert_allclose(np.linalg.svd(np.asarray(transform.linear), compute_uv=False), [1.0, 1.0], atol=0.05)
+  # residual rotation here is the registration's, not the grid's), so the check is on the scale. Its singular
+  # values move by a few per cent with the stream of samples (0.95-1.01 seen), far from the bug's 2.
+  np.testing.assert_allclose(np.linalg.svd(np.asarray(transform.linear), compute_uv=False), [1.0, 1.0], atol=0.1)
   pts = np.array([[100.0, 100.0], [700.0, 400.0]])
   np.testing.assert_allclose(transform.apply(pts), pts, atol=60.0)  # within three MSI pixels; the bug: 400+ µm
   carried = np.load(out / "msi_in_histology_space.npy")

@@ -6,6 +6,8 @@ so the jitted level functions compile once and are reused.
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -200,3 +202,23 @@ def test_single_level_with_more_starts_than_candidates_reports_consistent_candid
   assert len(result.candidates) == 2
   assert result.metric == pytest.approx(result.candidates[0].metric)
   assert result.candidates[0].mirrored
+
+
+def test_step_indices_are_uniform_in_range_and_change_with_step_and_key():
+  from msisynth.register.optimize import _step_indices
+
+  key = jnp.asarray(np.asarray(jax.random.key_data(jax.random.PRNGKey(3))))
+  pool = jnp.int32(1000)
+  draws = [np.asarray(_step_indices(key, jnp.int32(s), 2048, pool)) for s in range(50)]
+  flat = np.concatenate(draws)
+  assert flat.min() >= 0 and flat.max() < 1000
+  counts = np.bincount(flat, minlength=1000)
+  expected = flat.size / 1000
+  chi2 = float(((counts - expected) ** 2 / expected).sum())
+  assert chi2 < 1000 + 5 * np.sqrt(2 * 1000)  # chi-square with 999 degrees of freedom, far in its tail
+  assert np.mean(draws[0] == draws[1]) < 0.01  # successive steps draw afresh
+  other = np.asarray(_step_indices(key + 1, jnp.int32(0), 2048, pool))
+  assert np.mean(other == draws[0]) < 0.01  # another key, other draws
+  np.testing.assert_array_equal(draws[7], np.asarray(_step_indices(key, jnp.int32(7), 2048, pool)))  # repeatable
+  # Draws of neighbouring counters are not correlated.
+  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.02

@@ -542,6 +542,26 @@ def _losses(params, mirrors, data, opts):
 _SAMPLED_KEYS = ("points", "values", "weights", "fixed_parzen")
 
 
+def _mix32(x):
+  # The "lowbias32" integer finaliser (two xor-shift-multiply rounds): every output bit depends on every input bit.
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _step_indices(key, step, num, pool_size):
+  """`num` indices into a pool of `pool_size` for one Adam step, drawn with replacement from a counter-based hash
+  of the (uint32 pair) key, the step and the draw number. Elementwise integer arithmetic: `jax.random` on the CPU
+  runs the threefry rounds as a rolled XLA loop, which took a quarter of a registration step. The modulo bias is
+  below pool_size / 2³² (4e-6 for the default pool)."""
+  key = key.astype(jnp.uint32)
+  counter = jnp.arange(num, dtype=jnp.uint32) + jnp.uint32(num) * step.astype(jnp.uint32)
+  x = _mix32(_mix32(counter ^ key[0]) ^ key[1])
+  return (x % jnp.maximum(pool_size, 1).astype(jnp.uint32)).astype(jnp.int32)
+
+
 def _optimise(params0, mirrors, data, hyper, opts: _LevelOptions):
   """Adam from (K, 6) params0 on one level; per candidate: (params, similarity, overlap, steps, converged).
 
@@ -570,7 +590,7 @@ def _optimise(params0, mirrors, data, hyper, opts: _LevelOptions):
   def body(state):
     step, z, opt_state, avg_loss, best_avg, since, steps = state
     active = since < hyper["patience"]
-    idx = jax.random.randint(jax.random.fold_in(data["key"], step), (opts.samples,), 0, data["pool_size"])
+    idx = _step_indices(data["key"], step, opts.samples, data["pool_size"])
     sample = {key: v[idx] for key, v in pool.items()}
     (_, loss), grad = grad_fn(z, sample)
     grad = jnp.where(jnp.isfinite(grad), grad, 0.0)

@@ -203,8 +203,9 @@ class RegistrationConfig:
       raise errors.ConfigError("learning_rate must be > 0 and max_samples >= 16")
     if self.coarsest_samples is not None and self.coarsest_samples < 16:
       raise errors.ConfigError(f"coarsest_samples must be None or >= 16, got {self.coarsest_samples}")
-    if self.sample_pool < max(self.max_samples, self.coarsest_samples or 0):  # at least one step's draw
-      object.__setattr__(self, "sample_pool", int(max(self.max_samples, self.coarsest_samples or 0)))
+    largest_draw = max(self.max_samples, self.coarsest_samples or 0)
+    if self.sample_pool < largest_draw:  # a pool at least as large as one step's draw
+      object.__setattr__(self, "sample_pool", int(largest_draw))
     if self.working_pixel_size_um is not None and self.working_pixel_size_um <= 0:
       raise errors.ConfigError(f"working_pixel_size_um must be > 0, got {self.working_pixel_size_um}")
     if self.coarsest_size_px < 16 or not self.start_scales or min(self.start_scales) <= 0:

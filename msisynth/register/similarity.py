@@ -139,11 +139,15 @@ def bspline_joint_counts(fixed_parzen: jax.Array, coords: jax.Array, weights: ja
   return _joint_counts(fixed_parzen, coords, weights)
 
 
+def _moving_weights(coords, weights, bins):
+  # (K, B, N), samples last like the fixed weights' transpose, so that the histograms are one plain product.
+  return _cubic_bspline(coords[:, None, :] - jnp.arange(bins, dtype=jnp.float32)[:, None]) * weights[:, None, :]
+
+
 def _joint_counts(fixed_parzen, coords, weights):
   bins = fixed_parzen.shape[1]
   k, n = coords.shape
-  # Moving weights (K, B, N), samples last like the fixed ones' transpose: one plain product (K·B, N) @ (N, B_f).
-  wm = _cubic_bspline(coords[:, None, :] - jnp.arange(bins, dtype=jnp.float32)[:, None]) * weights[:, None, :]
+  wm = _moving_weights(coords, weights, bins)
   counts = jnp.matmul(wm.reshape(k * bins, n), fixed_parzen, precision=matmul_precision())
   return jnp.transpose(counts.reshape(k, bins, fixed_parzen.shape[1]), (0, 2, 1))
 
@@ -170,7 +174,7 @@ def _joint_counts_bwd(res, g):
     d_weights = d_weights + ht * taps_w[..., t]
   d_coords = (weights.T * d_coords).T
   d_weights = d_weights.T
-  wm = _cubic_bspline(coords[:, None, :] - jnp.arange(bins, dtype=jnp.float32)[:, None]) * weights[:, None, :]
+  wm = _moving_weights(coords, weights, bins)
   d_fixed = jnp.einsum("kij,kjn->ni", g, wm, precision=matmul_precision())  # unused (and pruned) in registration
   return d_fixed, d_coords, d_weights
 

@@ -8,7 +8,8 @@ mixture of the stains on a grid 4× coarser, with noise and hotspots). `--unrela
 moving image comes from another case (nothing to find), to measure misses of the failure detection.
 
 Every method registers the same grey images (1 - mean RGB for the fixed, the moving as made) with their pixel
-sizes, one after the other in one process:
+sizes, each method in a fresh process of its own per size (once ITK had run in a process, msisynth's calls there
+took 30-50 % longer, and elastix's slowed beside JAX's thread pools too):
 - msisynth: `msisynth.register.register` with its defaults (`register_msi_to_histology`'s with `--flips`).
 - elastix: itk-elastix with its default affine parameter map (`GetDefaultParameterMap("affine")`: 4 levels,
   256 iterations, 2048 random samples per iteration, Mattes MI, adaptive stochastic gradient descent).
@@ -19,9 +20,9 @@ A case succeeds when the mean distance over a 10 × 10 grid across the fixed ima
 transform is below 2 fixed pixels (uni) or 1 moving pixel (msi, i.e. 4 fixed pixels). msisynth's own verdict
 (`RegistrationResult.success`) is compared with that: a false alarm is a successful case it calls failed; a miss is
 a failed or unrelated case it calls successful. Times are wall-clock per registration. Before the timed cases of
-each size, every method registers one throw-away case of each appearance, which compiles msisynth's shapes for
-that size (its time is msisynth's cold time, `cold_s_by_appearance`) and loads elastix and SimpleITK: every timed
-call is warm.
+each size, every method's process registers one throw-away case of each appearance, which compiles msisynth's
+shapes for that size (its time is msisynth's cold time, `cold_s_by_appearance`, in a fresh process) and loads
+elastix and SimpleITK: every timed call is warm.
 
 Command (from the repository root; keep runs short, the machine may be shared):
   python benchmarks/bench_register.py --sizes=256,512,1024,2048 --cases=4 --unrelated=2
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import json
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -74,11 +76,11 @@ def threshold_px(case) -> float:
   return 2.0 if case.appearance == "uni" else case.moving_pixel_size_um / case.fixed_pixel_size_um
 
 
-def run_msisynth(fixed, moving, fpx, mpx, flips):
+def run_msisynth(fixed, moving, fpx, mpx, flips, config_literal="{}"):
   from msisynth import errors
   from msisynth.register import optimize
 
-  config = optimize.RegistrationConfig(**{"flips_and_rot90": flips, **ast.literal_eval(_CONFIG.value)})
+  config = optimize.RegistrationConfig(**{"flips_and_rot90": flips, **ast.literal_eval(config_literal)})
   start = time.perf_counter()
   try:
     with warnings.catch_warnings():
@@ -155,15 +157,26 @@ def run_simpleitk(fixed, moving, fpx, mpx):
   return AffineTransform.from_linear(a, offset), seconds, {}
 
 
-def run_method(method, fixed, moving, fpx, mpx):
+def run_method(method, fixed, moving, fpx, mpx, flips=False, config_literal="{}"):
   """(transform or None, seconds, info) of one method on one pair."""
   if method == "msisynth":
-    return run_msisynth(fixed, moving, fpx, mpx, _FLIPS.value)
+    return run_msisynth(fixed, moving, fpx, mpx, flips, config_literal)
   if method == "elastix":
     return run_elastix(fixed, moving, fpx, mpx)
   if method == "simpleitk":
     return run_simpleitk(fixed, moving, fpx, mpx)
   raise app.UsageError(f"unknown method {method!r}")
+
+
+def run_phase(method, warm_pairs, pairs, flips, config_literal):
+  """One method on one size's pairs, in a process of its own (see the module): the throw-away warm-up pairs
+  first, then the timed ones. Returns (warm-up seconds per pair, [(3 × 3 matrix or None, seconds, info)])."""
+  cold = [run_method(method, *pair, flips, config_literal)[1] for pair in warm_pairs]
+  out = []
+  for pair in pairs:
+    found, seconds, info = run_method(method, *pair, flips, config_literal)
+    out.append((None if found is None else np.asarray(found.matrix, np.float64), seconds, info))
+  return cold, out
 
 
 def summarise(rows):
@@ -197,9 +210,11 @@ def summarise(rows):
 def main(argv):
   del argv
   import jax
+  import jax.numpy as jnp
 
   import msisynth
   from msisynth import outputs
+  from msisynth.geometry.transforms import AffineTransform
   from msisynth.register import cases
 
   slides = _slides() if _SOURCE.value == "he" else None
@@ -220,47 +235,54 @@ def main(argv):
   }
   output = REPO / _OUTPUT.value if not os.path.isabs(_OUTPUT.value) else pathlib.Path(_OUTPUT.value)
   output.parent.mkdir(parents=True, exist_ok=True)
+  spawn = multiprocessing.get_context("spawn")
   for size in (int(s) for s in _SIZES.value):
-    rows, made = [], []
-    # Warm-up: one throw-away case per appearance (its own seed, so the timed cases do not change) compiles the
-    # shapes of that size; every timed msisynth call below is then warm, and these times are the cold ones.
-    # elastix and SimpleITK run on the same case, so that their one-time loading is not timed either.
-    cold = {}
+    # Warm-up: one throw-away case per appearance (its own seed, so the timed cases do not change).
     warm_rng = np.random.default_rng([_SEED.value, size, 7])
+    warm_pairs = []
     for appearance in _APPEARANCES.value:
       source = None if slides is None else slides[int(warm_rng.integers(len(slides)))]
       case = cases.make_case(warm_rng, size, appearance=appearance, flips=_FLIPS.value, source=source)
-      args = (1.0 - case.fixed.mean(axis=2), case.moving, case.fixed_pixel_size_um, case.moving_pixel_size_um)
-      for method in _METHODS.value:
-        _, seconds, _ = run_method(method, *args)
-        if method == "msisynth":
-          cold[appearance] = seconds
-        logging.info("size %d %s %s warm-up %.2f s", size, appearance, method, seconds)
+      warm_pairs.append((1.0 - case.fixed.mean(axis=2), case.moving, case.fixed_pixel_size_um,
+                         case.moving_pixel_size_um))  # fmt: skip
     plan = [(a, i) for i in range(_CASES.value) for a in _APPEARANCES.value]
     plan += [("unrelated", i) for i in range(_UNRELATED.value)]
+    made, jobs = [], []
     for appearance, i in plan:
       if appearance == "unrelated":
         base = made[i % len(made)]
         other = cases.make_case(rng, size, appearance=base.appearance, flips=_FLIPS.value,
                                 source=None if slides is None else slides[int(rng.integers(len(slides)))])  # fmt: skip
-        case, moving, unrelated = base, other.moving, True
+        jobs.append((i, base, other.moving, True))
       else:
         source = None if slides is None else slides[int(rng.integers(len(slides)))]
         case = cases.make_case(rng, size, appearance=appearance, flips=_FLIPS.value, source=source)
         made.append(case)
-        moving, unrelated = case.moving, False
-      fixed = 1.0 - case.fixed.mean(axis=2)
-      fpx, mpx = case.fixed_pixel_size_um, case.moving_pixel_size_um
-      for method in _METHODS.value:
-        found, seconds, info = run_method(method, fixed, moving, fpx, mpx)
-        err = cases.grid_error_px(found, case) if found is not None and not unrelated else (None, None)
+        jobs.append((i, case, case.moving, False))
+    pairs = [(1.0 - c.fixed.mean(axis=2), moving, c.fixed_pixel_size_um, c.moving_pixel_size_um)
+             for _, c, moving, _ in jobs]  # fmt: skip
+    rows, cold = [], {}
+    for method in _METHODS.value:
+      # Each method runs in a fresh process: once ITK had run in a process, msisynth's later calls there took
+      # 30-50 % longer (its thread pools stay), and elastix's calls slowed beside JAX's too.
+      pool = spawn.Pool(1)
+      try:
+        warm_s, found = pool.apply(run_phase, (method, warm_pairs, pairs, _FLIPS.value, _CONFIG.value))
+      finally:
+        pool.close()
+        pool.join()
+      if method == "msisynth":
+        cold = dict(zip(_APPEARANCES.value, warm_s))
+      logging.info("size %d %s warm-up %s s", size, method, ", ".join(f"{v:.2f}" for v in warm_s))
+      for (i, case, _, unrelated), (matrix, seconds, info) in zip(jobs, found):
+        transform = None if matrix is None else AffineTransform(jnp.asarray(matrix, jnp.float32))
+        err = cases.grid_error_px(transform, case) if transform is not None and not unrelated else (None, None)
         ok = err[0] is not None and err[0] < threshold_px(case)
-        row = {"size": size, "case": i, "appearance": case.appearance, "unrelated": unrelated, "method": method,
-               "seconds": seconds, "err_mean_px": err[0], "err_max_px": err[1], "ok": bool(ok),
-               "mirrored": case.mirrored,
-               "quarter_turns": case.quarter_turns, **info}  # fmt: skip
-        rows.append(row)
-        logging.info("size %d %s %d %-9s err %s px in %.2f s %s", size, appearance, i, method,
+        rows.append({"size": size, "case": i, "appearance": case.appearance, "unrelated": unrelated,
+                     "method": method, "seconds": seconds, "err_mean_px": err[0], "err_max_px": err[1],
+                     "ok": bool(ok), "mirrored": case.mirrored, "quarter_turns": case.quarter_turns,
+                     **info})  # fmt: skip
+        logging.info("size %d %s %d %-9s err %s px in %.2f s %s", size, case.appearance, i, method,
                      "-" if err[0] is None else f"{err[0]:.2f}", seconds,
                      "" if method != "msisynth" else f"success={info.get('success_flag')}")  # fmt: skip
     results["sizes"][str(size)] = {"summary": summarise(rows), "cold_s_by_appearance": cold, "cases": rows}

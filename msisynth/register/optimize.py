@@ -488,6 +488,13 @@ def _transform(params, mirror, center, kind):
   return AffineTransform(AffineTransform.from_params(tf.constrain_params(params, kind), center).matrix @ mirror)
 
 
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _matrices(params, mirrors, center, kind):
+  """(B, K, 3, 3) FIXED → MOVING matrices of (B, K, 6) params and (B, K, 3, 3) mirrors, in one call."""
+  one = lambda p, m: _transform(p, m, center, kind).matrix  # noqa: E731
+  return jax.vmap(jax.vmap(one))(params, mirrors)
+
+
 def _similarities(params, mirrors, data, opts: _LevelOptions):
   """(similarity, overlap), each (K,), of K candidates on one level's sample."""
   mats = jax.vmap(lambda p, m: _transform(p, m, data["center"], opts.kind).matrix)(params, mirrors)
@@ -886,13 +893,15 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
   corners = np.asarray(tf.image_corners_um(fixed.shape[1:], fixed_px), np.float64)
   limit_um = config.uncertainty_warn_px * math.sqrt(fixed_px[0] * fixed_px[1])
   higher_better = config.similarity != "mse"
+  matrices = np.asarray(_matrices(jnp.asarray(params), jnp.asarray(mirrors, jnp.float32),
+                                  jnp.asarray(center, jnp.float32), config.kind))  # fmt: skip
   chosen, cand_lists = [], []
   for b in range(batch):
     score = -metrics[b] if higher_better else metrics[b]
     rank = np.argsort(np.where(np.isfinite(score), score, np.inf), kind="stable")
     cands = []
     for k in rank:
-      t = _transform(jnp.asarray(params[b, k]), jnp.asarray(mirrors[b, k], jnp.float32), center, config.kind)
+      t = AffineTransform(jnp.asarray(matrices[b, k]))
       s = starts[order[b, k]]
       cands.append(Candidate(transform=t, metric=float(metrics[b, k]), start=s.label, mirrored=s.mirrored))
     pick, ambiguous = 0, False

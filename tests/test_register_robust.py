@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from msisynth import errors
 from msisynth.geometry import transforms as tf
@@ -187,3 +188,51 @@ def test_msi_to_histology_on_tiny_tissue_with_uncertain_pixel_size():
   expected = np.array([11.5, 11.5]) * 4.0 * 1.3
   assert np.linalg.norm(mapped - expected) < 2 * 4.0 * 1.3, (mapped, expected)
   assert result.success
+
+
+def test_msi_like_options_change_only_what_they_name():
+  rng = np.random.default_rng(3)
+  rgb = cases.tissue_image(rng, 96)
+  tissue = rgb.min(axis=2) < 0.85
+  default = cases.msi_like(np.random.default_rng(1), rgb, tissue)
+  assert np.array_equal(default, cases.msi_like(np.random.default_rng(1), rgb, tissue, mixture="sine", hidden=0.4))
+  # Without the hidden field the image no longer depends on the random stream.
+  a = cases.msi_like(np.random.default_rng(1), rgb, tissue, hidden=0.0)
+  b = cases.msi_like(np.random.default_rng(2), rgb, tissue, hidden=0.0)
+  assert np.array_equal(a, b) and not np.allclose(a, default)
+  linear = cases.msi_like(np.random.default_rng(1), rgb, tissue, mixture="linear", hidden=0.0)
+  assert not np.allclose(linear, a)
+  far = ~ndi.binary_dilation(tissue, iterations=4)
+  np.testing.assert_allclose(linear[far], a[far], atol=1e-3)  # away from tissue both are the matrix signal
+  with pytest.raises(errors.ConfigError, match="mixture"):
+    cases.msi_like(rng, rgb, tissue, mixture="cubic")
+
+
+def test_match_resolution_smooths_only_the_finer_image_to_the_coarser_ones_width():
+  impulse = np.zeros((1, 41, 41), np.float32)
+  impulse[0, 20, 20] = 1.0
+  other = np.random.default_rng(0).random((1, 11, 11)).astype(np.float32)
+
+  def variance(img):
+    ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
+    return float(np.sum(img * (xs - 20.0) ** 2) / np.sum(img))
+
+  # Fixed pixels 2 µm, moving 6 µm: the fixed image gets σ² = (3² − 1) / 4 = 2 of its pixels.
+  fixed, moving = opt._match_resolution(impulse, other, 2.0, 6.0)
+  assert moving is other
+  assert variance(fixed[0]) == pytest.approx(2.0, rel=0.02)
+  # The other way round the moving image is smoothed, and equal grids are left alone.
+  fixed2, moving2 = opt._match_resolution(other, impulse, 6.0, 2.0)
+  assert fixed2 is other and variance(moving2[0]) == pytest.approx(2.0, rel=0.02)
+  same = opt._match_resolution(impulse, impulse, 3.0, 3.0)
+  assert same[0] is impulse and same[1] is impulse
+
+
+def test_match_resolution_registers_an_msi_like_case():
+  case = cases.make_case(np.random.default_rng(0), 128, appearance="msi", max_rotation_deg=10, max_shift=0.05)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    r = opt.register(1.0 - case.fixed.mean(axis=2), case.moving, fixed_pixel_size_um=case.fixed_pixel_size_um,
+                     moving_pixel_size_um=case.moving_pixel_size_um,
+                     config=opt.RegistrationConfig(match_resolution=True))  # fmt: skip
+  assert cases.grid_error_px(r.transform, case)[0] < case.moving_pixel_size_um  # 1 MSI pixel

@@ -153,24 +153,41 @@ def _warp_np(image, matrix, out_shape, in_px, out_px, order=1, cval=0.0):
                               cval=cval)  # fmt: skip
 
 
-def msi_like(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
-  """An MSI-like single-channel image of an H&E image on the same grid (see the module)."""
+MIXTURES = ("sine", "linear")
+
+
+def msi_like(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray, *, mixture: str = "sine",
+             hidden: float = 0.4) -> np.ndarray:  # fmt: skip
+  """An MSI-like single-channel image of an H&E image on the same grid (see the module).
+
+  Args:
+    rng: random generator (the hidden field).
+    rgb: (H, W, 3) H&E image in [0, 1].
+    tissue: (H, W) bool tissue.
+    mixture: "sine" (default): sin(2.5 h + 0.7) + 0.6 e of the normalised hematoxylin h and eosin e densities, a
+      non-monotonic function of the stain; "linear": h + 0.6 e.
+    hidden: weight of a smooth random field the stains do not show.
+  """
+  if mixture not in MIXTURES:
+    raise errors.ConfigError(f"mixture must be one of {MIXTURES}, got {mixture!r}")
   od = -np.log10(np.clip(rgb, 1e-3, 1.0))
   hem = np.clip(od @ _H_RGB / (_H_RGB @ _H_RGB), 0, None)
   eos = np.clip(od @ _E_RGB / (_E_RGB @ _E_RGB), 0, None)
   h, w = tissue.shape
-  hidden = ndi.zoom(_smooth_noise(rng, (32, 32), 3.0), (h / 32, w / 32), order=1)[:h, :w]
+  field = ndi.zoom(_smooth_noise(rng, (32, 32), 3.0), (h / 32, w / 32), order=1)[:h, :w]
   t = ndi.gaussian_filter(tissue.astype(np.float32), 1.0)
-  mix = np.sin(2.5 * hem / max(np.percentile(hem[tissue], 99), 1e-3) + 0.7) + 0.6 * eos / max(
-    np.percentile(eos[tissue], 99), 1e-3)  # fmt: skip
-  signal = t * (1.2 + 0.6 * mix + 0.4 * hidden) + (1 - t) * 0.5
+  hn = hem / max(np.percentile(hem[tissue], 99), 1e-3)
+  en = eos / max(np.percentile(eos[tissue], 99), 1e-3)
+  mix = (np.sin(2.5 * hn + 0.7) if mixture == "sine" else hn) + 0.6 * en
+  signal = t * (1.2 + 0.6 * mix + hidden * field) + (1 - t) * 0.5
   return np.clip(signal, 0, None).astype(np.float32)
 
 
 def make_case(rng: np.random.Generator, size: int, *, appearance: str = "uni", flips: bool = False,
               source: np.ndarray | None = None, msi_factor: int = 4, fine_texture: bool = True,
               max_rotation_deg: float = 30.0, min_scale: float = 0.7, max_scale: float = 1.4,
-              max_shift: float = 0.2, pale: float = 0.0) -> Case:  # fmt: skip
+              max_shift: float = 0.2, pale: float = 0.0, msi_mixture: str = "sine",
+              msi_hidden: float = 0.4) -> Case:  # fmt: skip
   """A generated case (see the module).
 
   Args:
@@ -186,6 +203,8 @@ def make_case(rng: np.random.Generator, size: int, *, appearance: str = "uni", f
     max_scale: see `random_transform`.
     max_shift: see `random_transform`.
     pale: paleness of the generated tissue (see `tissue_image`).
+    msi_mixture: the stain mixture of "msi" (see `msi_like`).
+    msi_hidden: the hidden field's weight for "msi" (see `msi_like`).
 
   Returns:
     A `Case`; the fixed pixel size is 1 µm.
@@ -227,7 +246,7 @@ def make_case(rng: np.random.Generator, size: int, *, appearance: str = "uni", f
     moving = _warp_np(grey, inv, mshape, fixed_px, moving_px)
     moving = ndi.gaussian_filter(moving, 0.7) + 0.02 * rng.standard_normal(mshape)
   else:
-    signal = msi_like(rng, rgb, tissue)
+    signal = msi_like(rng, rgb, tissue, mixture=msi_mixture, hidden=msi_hidden)
     # Warp at the fixed resolution onto a fine moving grid, then integrate over each MSI pixel.
     fine_shape = (mshape[0] * msi_factor, mshape[1] * msi_factor)
     fine = _warp_np(signal, inv, fine_shape, fixed_px, fixed_px, cval=0.5)

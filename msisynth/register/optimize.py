@@ -357,6 +357,8 @@ def _pyramid(image: np.ndarray, factors: Sequence[int]) -> dict[int, np.ndarray]
   """`shrink_image(image, f)` for each factor, each level made from the largest finer one whose factor divides
   it (σ² adding up to about that of the direct filter), so that a large image is filtered at full size once."""
   out = {1: np.asarray(image, np.float32)}
+  if out[1].size and out[1].min() == out[1].max():  # a constant (a mask of ones when none is given) stays so
+    return {f: out[1][::f, ::f] for f in {1, *factors}}
   for f in sorted(set(factors)):
     if f in out:
       continue

@@ -19,13 +19,14 @@ took 30-50 % longer, and elastix's slowed beside JAX's thread pools too):
 A case succeeds when the mean distance over a 10 × 10 grid across the fixed image between the found and the true
 transform is below 2 fixed pixels (uni) or 1 moving pixel (msi, i.e. 4 fixed pixels). msisynth's own verdict
 (`RegistrationResult.success`) is compared with that: a false alarm is a successful case it calls failed; a miss is
-a failed or unrelated case it calls successful. Times are wall-clock per registration. Before the timed cases of
+a failed or unrelated case it calls successful. Times are wall-clock per registration (with `--repeats=N`, the
+median of N rounds over the pairs; the machine's load changes within a run). Before the timed cases of
 each size, every method's process registers one throw-away case of each appearance, which compiles msisynth's
 shapes for that size (its time is msisynth's cold time, `cold_s_by_appearance`, in a fresh process) and loads
 elastix and SimpleITK: every timed call is warm.
 
 Command (from the repository root; keep runs short, the machine may be shared):
-  python benchmarks/bench_register.py --sizes=256,512,1024,2048 --cases=4 --unrelated=2
+  python benchmarks/bench_register.py --sizes=256,512,1024,2048 --cases=4 --unrelated=2 --repeats=3
 Writes benchmarks/results/bench_register.json (and prints a table).
 """
 
@@ -56,6 +57,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the cases.")
 _METHODS = flags.DEFINE_list("methods", ["msisynth", "elastix", "simpleitk"], "Methods to run.")
 _SOURCE = flags.DEFINE_enum("source", "generated", ["generated", "he"], "Fixed images: generated or H&E slides.")
 _CONFIG = flags.DEFINE_string("config", "{}", "Python dict literal of RegistrationConfig options for msisynth.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed calls per pair (the pairs in turn, N rounds); the median counts.")
 _OUTPUT = flags.DEFINE_string("output", "benchmarks/results/bench_register.json", "Result file (overwritten).")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -168,15 +170,19 @@ def run_method(method, fixed, moving, fpx, mpx, flips=False, config_literal="{}"
   raise app.UsageError(f"unknown method {method!r}")
 
 
-def run_phase(method, warm_pairs, pairs, flips, config_literal):
+def run_phase(method, warm_pairs, pairs, flips, config_literal, repeats=1):
   """One method on one size's pairs, in a process of its own (see the module): the throw-away warm-up pairs
-  first, then the timed ones. Returns (warm-up seconds per pair, [(3 × 3 matrix or None, seconds, info)])."""
+  first, then the timed ones, all pairs once per repeat. Returns (warm-up seconds per pair, [(3 × 3 matrix or
+  None, median seconds, info with every repeat's seconds)]); the result is that of the first repeat."""
   cold = [run_method(method, *pair, flips, config_literal)[1] for pair in warm_pairs]
-  out = []
-  for pair in pairs:
-    found, seconds, info = run_method(method, *pair, flips, config_literal)
-    out.append((None if found is None else np.asarray(found.matrix, np.float64), seconds, info))
-  return cold, out
+  out, times = [], [[] for _ in pairs]
+  for repeat in range(repeats):
+    for i, pair in enumerate(pairs):
+      found, seconds, info = run_method(method, *pair, flips, config_literal)
+      times[i].append(seconds)
+      if repeat == 0:
+        out.append((None if found is None else np.asarray(found.matrix, np.float64), info))
+  return cold, [(m, float(np.median(t)), {**info, "seconds_each": t}) for (m, info), t in zip(out, times)]
 
 
 def summarise(rows):
@@ -230,6 +236,7 @@ def main(argv):
     "machine": platform.machine(),
     "flips": _FLIPS.value,
     "msisynth_config": _CONFIG.value,
+    "repeats": _REPEATS.value,
     "source": _SOURCE.value,
     "sizes": {},
   }
@@ -267,7 +274,8 @@ def main(argv):
       # 30-50 % longer (its thread pools stay), and elastix's calls slowed beside JAX's too.
       pool = spawn.Pool(1)
       try:
-        warm_s, found = pool.apply(run_phase, (method, warm_pairs, pairs, _FLIPS.value, _CONFIG.value))
+        warm_s, found = pool.apply(run_phase, (method, warm_pairs, pairs, _FLIPS.value, _CONFIG.value,
+                                               _REPEATS.value))  # fmt: skip
       finally:
         pool.close()
         pool.join()

@@ -48,7 +48,7 @@ _EXPORTS = {
     "register": ["RegistrationConfig", "register_msi_to_histology", "save_transform_json", "load_transform_json",
                  "save_itk_transform", "load_itk_transform", "load_landmarks_csv", "target_registration_error",
                  "parzen_mutual_information", "BSplineTransform", "DeformableConfig", "register_deformable",
-                 "save_displacement_field"],
+                 "save_displacement_field", "load_displacement_field", "DisplacementFieldTransform"],
     "regions": ["read_geojson_regions", "regions_to_msi", "region_statistics", "differential_ions"],
     "pipeline": ["SectionInputs", "process_section", "register_images"],
     "report": ["write_section_report"],

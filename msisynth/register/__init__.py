@@ -5,7 +5,8 @@ The affine transforms and the warping are `msisynth.geometry.transforms`; this p
 
 Transforms map FIXED → MOVING (ITK's convention); see docs/architecture.md. `register` finds an affine map;
 `register_deformable` refines it with a cubic B-spline (`BSplineTransform`), which the warps, the regions and the
-ITK / displacement-field writers accept as well.
+ITK / displacement-field writers accept as well; a dense displacement field (ours, or another tool's) is read back
+by `load_displacement_field` as a `DisplacementFieldTransform`, which they accept too.
 
 This package is callable: `msisynth.register(fixed, moving, ...)` is `msisynth.register.optimize.register`. A
 package is bound as an attribute of its parent when it is imported (`import msisynth.register` sets
@@ -41,6 +42,7 @@ from msisynth.register.evaluate import (
   target_registration_error,
   transform_error,
 )
+from msisynth.register.field import DisplacementFieldTransform, load_displacement_field
 from msisynth.register.optimize import (
   Candidate,
   RegistrationConfig,
@@ -69,6 +71,7 @@ __all__ = [
   "Candidate",
   "DeformableConfig",
   "DeformableResult",
+  "DisplacementFieldTransform",
   "RegistrationConfig",
   "RegistrationResult",
   "constrain_params",
@@ -76,6 +79,7 @@ __all__ = [
   "image_center_um",
   "image_corners_um",
   "joint_histogram",
+  "load_displacement_field",
   "load_itk_transform",
   "load_landmarks_csv",
   "load_transform_json",

@@ -365,11 +365,12 @@ def save_displacement_field(
   `.npy`: a float32 (H, W, 2) array, [..., 0] along x and [..., 1] along y, at the pixel centres
   (col·px, row·py). `.nii`, `.nii.gz`, `.mha`, `.nrrd`: an ITK vector image (float64, spacing = pixel size,
   origin 0) that `SimpleITK.DisplacementFieldTransform(SimpleITK.ReadImage(path, SimpleITK.sitkVectorFloat64))`
-  turns into the same FIXED → MOVING map (linear between pixel centres).
+  turns into the same FIXED → MOVING map (linear between pixel centres). `load_displacement_field` reads either back
+  as a `DisplacementFieldTransform`.
 
   Args:
     path: the file to write; its suffix picks the format.
-    transform: an `AffineTransform` or a `BSplineTransform`, FIXED → MOVING.
+    transform: an `AffineTransform`, a `BSplineTransform` or a `DisplacementFieldTransform`, FIXED → MOVING.
     fixed_shape: (H, W) of the fixed grid.
     fixed_pixel_size_um: fixed pixel size, float or (y, x).
     overwrite: replace an existing file.
@@ -389,14 +390,15 @@ def save_displacement_field(
     raise errors.ConfigError(f"fixed_shape must be (H, W), got {fixed_shape!r}")
   shape = (int(fixed_shape[0]), int(fixed_shape[1]))
   py, px = pixel_size_yx(fixed_pixel_size_um, "fixed_pixel_size_um")
-  if isinstance(transform, BSplineTransform):
-    field = transform.displacement_field(shape, (py, px))
-  elif isinstance(transform, AffineTransform):
+  if isinstance(transform, AffineTransform):
     m = _matrix(transform)
     grid = np.asarray(tf.fixed_grid_um(shape, (py, px)), np.float64)
     field = (grid @ m[:2, :2].T + m[:2, 2] - grid).astype(np.float32)
+  elif callable(getattr(transform, "displacement_field", None)):  # BSplineTransform, DisplacementFieldTransform
+    field = np.asarray(transform.displacement_field(shape, (py, px)), np.float32)
   else:
-    raise errors.ConfigError(f"expected an AffineTransform or a BSplineTransform, got {type(transform).__name__}")
+    raise errors.ConfigError(f"expected an AffineTransform, a BSplineTransform or a DisplacementFieldTransform, "
+                             f"got {type(transform).__name__}")  # fmt: skip
   if not np.all(np.isfinite(field)):
     raise errors.ConfigError("the displacement field is not finite")
   target = _target(path, overwrite)

@@ -133,6 +133,30 @@ def test_jpeg_cut_and_closed_with_an_end_marker_is_refused(tmp_path, options):
     msi_io.read_histology(tmp_path / "cut.jpg")
 
 
+@pytest.mark.parametrize("grey", [False, True])
+def test_progressive_jpeg_cut_between_scans_and_closed_is_refused(tmp_path, grey):
+  image = _rgb((64, 80))
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if grey else image).save(buffer, format="JPEG", quality=90, progressive=True)
+  jpeg = buffer.getvalue()
+  (tmp_path / "whole.jpg").write_bytes(jpeg)
+  integrity.check_jpeg(tmp_path / "whole.jpg")
+  assert msi_io.read_histology(tmp_path / "whole.jpg").shape[:2] == (64, 80)
+  # Cut after the first scans (the DC and first AC bands), before the refinements, and closed: Pillow decodes it.
+  sos = [m.start() for m in re.finditer(b"\xff\xda", jpeg)]
+  assert len(sos) >= 3
+  cut = jpeg[: sos[2]] + b"\xff\xd9"
+  (tmp_path / "cut.jpg").write_bytes(cut)
+  with Image.open(tmp_path / "cut.jpg") as im:
+    im.load()  # no error from the decoder itself
+  with pytest.raises(errors.ImageReadError, match=r"cut.jpg: progressive JPEG ends before its scans refine"):
+    msi_io.read_histology(tmp_path / "cut.jpg")
+  # Cut without the end marker: refused too.
+  (tmp_path / "open.jpg").write_bytes(jpeg[: sos[2]])
+  with pytest.raises(errors.ImageReadError, match="open.jpg"):
+    msi_io.read_histology(tmp_path / "open.jpg")
+
+
 def test_jpeg_check_without_numba_agrees(tmp_path, monkeypatch):
   buffer = io.BytesIO()
   Image.fromarray(_rgb((32, 40))).save(buffer, format="JPEG", quality=80)

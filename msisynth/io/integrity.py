@@ -263,11 +263,65 @@ def _ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def _check_progressive(raw: bytes, pos: int, frame: bytes, path: pathlib.Path) -> None:
+  """The scans after a progressive (Huffman) frame header must refine every coefficient of every component to
+  full precision (Al = 0) before the end-of-image marker, as every standard encoder's scan script does. A file cut
+  between scans and closed with an end-of-image marker decodes without an error into a blurred or grey image."""
+  if len(frame) < 6 or len(frame) < 6 + 3 * frame[5]:
+    return  # a header the decoder will reject
+  finest = {frame[6 + 3 * c]: np.full(64, 99) for c in range(frame[5])}  # the lowest Al reached per coefficient
+  end = len(raw)
+  while True:
+    while pos < end and raw[pos] != 0xFF:
+      pos += 1
+    while pos < end and raw[pos] == 0xFF:
+      pos += 1
+    if pos >= end:
+      raise errors.ImageReadError("JPEG is cut short or corrupt: the file ends without an end-of-image marker", path)
+    marker = raw[pos]
+    pos += 1
+    if marker == 0xD9:
+      break
+    if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):
+      continue
+    if pos + 2 > end or pos + int.from_bytes(raw[pos : pos + 2], "big") > end:
+      raise errors.ImageReadError(f"JPEG is cut short or corrupt: the file ends inside marker 0xFF{marker:02X}", path)
+    length = int.from_bytes(raw[pos : pos + 2], "big")
+    segment = raw[pos + 2 : pos + length]
+    pos += length
+    if marker != 0xDA or not segment or len(segment) < 4 + 2 * segment[0]:
+      continue
+    n = segment[0]
+    ss, se, approx = segment[1 + 2 * n], segment[2 + 2 * n], segment[3 + 2 * n]
+    for c in range(n):
+      levels = finest.get(segment[1 + 2 * c])
+      if levels is not None and ss <= se < 64:
+        levels[ss : se + 1] = np.minimum(levels[ss : se + 1], approx & 15)
+    # Skip the scan's entropy-coded data: up to the next marker that is not a stuffed 0xFF00 or a restart.
+    while True:
+      pos = raw.find(b"\xff", pos)
+      if pos < 0 or pos + 1 >= end:
+        pos = end
+        break
+      following = raw[pos + 1]
+      if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+        pos += 1 if following == 0xFF else 2
+        continue
+      break
+  unfinished = {ident: int(np.sum(levels != 0)) for ident, levels in finest.items() if np.any(levels != 0)}
+  if unfinished:
+    which = ", ".join(f"component {ident}: {k} of 64" for ident, k in unfinished.items())
+    raise errors.ImageReadError(
+      f"progressive JPEG ends before its scans refine every coefficient ({which} unfinished): a cut file closed "
+      "with an end-of-image marker, which would decode without an error into a blurred image; re-export it", path)
+
+
 def check_jpeg(path: str | os.PathLike) -> None:
-  """Raises ImageReadError unless every scan of a sequential Huffman JPEG holds data for all its blocks.
+  """Raises ImageReadError unless every scan of a sequential Huffman JPEG holds data for all its blocks, or the
+  scans of a progressive one refine every coefficient.
 
   Args:
-    path: a JPEG file (progressive and arithmetic-coded JPEGs pass unchecked).
+    path: a JPEG file (lossless and arithmetic-coded JPEGs pass unchecked).
 
   Raises:
     ImageReadError: a scan that ends before its last block (a cut file, closed with an end-of-image marker or
@@ -312,8 +366,10 @@ def check_jpeg(path: str | os.PathLike) -> None:
       raise cut(f"marker 0xFF{marker:02X} declares {length} bytes but the file ends first")
     segment = raw[pos + 2 : pos + length]
     pos += length
+    if marker == 0xC2:
+      return _check_progressive(raw, pos, segment, path)
     if marker in _OTHER_FRAMES:
-      return  # progressive, lossless or arithmetic-coded: not checked here
+      return  # lossless or arithmetic-coded: not checked here
     if marker in _SEQUENTIAL_HUFFMAN:
       if len(segment) < 6:
         raise cut("frame header too short")

@@ -263,6 +263,40 @@ def _ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def _jpeg_cut(path, what: str) -> errors.ImageReadError:
+  return errors.ImageReadError(f"JPEG is cut short or corrupt: {what}", path)
+
+
+def _next_segment(raw: bytes, pos: int, path) -> tuple[int, bytes, int]:
+  """The next JPEG marker segment from `pos`: (marker, its payload, the position after it), or (0xD9, b"", ...) at
+  the end-of-image marker. Bytes between segments, and a scan's entropy-coded data with its stuffed 0xFF00 and
+  restart markers, are skipped, as libjpeg skips them.
+
+  Raises:
+    ImageReadError: the file ends before an end-of-image marker, or inside a marker segment.
+  """
+  end = len(raw)
+  while True:
+    pos = raw.find(b"\xff", pos)
+    pos = end if pos < 0 else pos
+    while pos < end and raw[pos] == 0xFF:
+      pos += 1
+    if pos >= end:
+      raise _jpeg_cut(path, "the file ends without an end-of-image marker")
+    marker = raw[pos]
+    pos += 1
+    if marker == 0xD9:  # EOI
+      return marker, b"", pos
+    if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):
+      continue  # restart markers, and a stuffed 0xFF00 of image data
+    if pos + 2 > end:
+      raise _jpeg_cut(path, f"the file ends inside marker 0xFF{marker:02X}")
+    length = int.from_bytes(raw[pos : pos + 2], "big")
+    if length < 2 or pos + length > end:
+      raise _jpeg_cut(path, f"marker 0xFF{marker:02X} declares {length} bytes but the file ends first")
+    return marker, raw[pos + 2 : pos + length], pos + length
+
+
 def _check_progressive(raw: bytes, pos: int, frame: bytes, path: pathlib.Path) -> None:
   """The scans after a progressive (Huffman) frame header must refine every coefficient of every component to
   full precision (Al = 0) before the end-of-image marker, as every standard encoder's scan script does. A file cut
@@ -270,25 +304,10 @@ def _check_progressive(raw: bytes, pos: int, frame: bytes, path: pathlib.Path) -
   if len(frame) < 6 or len(frame) < 6 + 3 * frame[5]:
     return  # a header the decoder will reject
   finest = {frame[6 + 3 * c]: np.full(64, 99) for c in range(frame[5])}  # the lowest Al reached per coefficient
-  end = len(raw)
   while True:
-    while pos < end and raw[pos] != 0xFF:
-      pos += 1
-    while pos < end and raw[pos] == 0xFF:
-      pos += 1
-    if pos >= end:
-      raise errors.ImageReadError("JPEG is cut short or corrupt: the file ends without an end-of-image marker", path)
-    marker = raw[pos]
-    pos += 1
+    marker, segment, pos = _next_segment(raw, pos, path)
     if marker == 0xD9:
       break
-    if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):
-      continue
-    if pos + 2 > end or pos + int.from_bytes(raw[pos : pos + 2], "big") > end:
-      raise errors.ImageReadError(f"JPEG is cut short or corrupt: the file ends inside marker 0xFF{marker:02X}", path)
-    length = int.from_bytes(raw[pos : pos + 2], "big")
-    segment = raw[pos + 2 : pos + length]
-    pos += length
     if marker != 0xDA or not segment or len(segment) < 4 + 2 * segment[0]:
       continue
     n = segment[0]
@@ -297,17 +316,6 @@ def _check_progressive(raw: bytes, pos: int, frame: bytes, path: pathlib.Path) -
       levels = finest.get(segment[1 + 2 * c])
       if levels is not None and ss <= se < 64:
         levels[ss : se + 1] = np.minimum(levels[ss : se + 1], approx & 15)
-    # Skip the scan's entropy-coded data: up to the next marker that is not a stuffed 0xFF00 or a restart.
-    while True:
-      pos = raw.find(b"\xff", pos)
-      if pos < 0 or pos + 1 >= end:
-        pos = end
-        break
-      following = raw[pos + 1]
-      if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
-        pos += 1 if following == 0xFF else 2
-        continue
-      break
   unfinished = {ident: int(np.sum(levels != 0)) for ident, levels in finest.items() if np.any(levels != 0)}
   if unfinished:
     which = ", ".join(f"component {ident}: {k} of 64" for ident, k in unfinished.items())
@@ -344,28 +352,12 @@ def check_jpeg(path: str | os.PathLike) -> None:
   frame, restart, pos = None, 0, 2
 
   def cut(what: str) -> errors.ImageReadError:
-    return errors.ImageReadError(f"JPEG is cut short or corrupt: {what}", path)
+    return _jpeg_cut(path, what)
 
   while True:
-    while pos < len(raw) and raw[pos] != 0xFF:
-      pos += 1  # stray bytes between segments; libjpeg skips them too
-    while pos < len(raw) and raw[pos] == 0xFF:
-      pos += 1
-    if pos >= len(raw):
-      raise cut("the file ends without an end-of-image marker")
-    marker = raw[pos]
-    pos += 1
+    marker, segment, pos = _next_segment(raw, pos, path)
     if marker == 0xD9:  # EOI
       return
-    if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01):
-      continue  # restart markers, and a stuffed 0xFF00 of the image data just read
-    if pos + 2 > len(raw):
-      raise cut(f"the file ends inside marker 0xFF{marker:02X}")
-    length = int.from_bytes(raw[pos : pos + 2], "big")
-    if length < 2 or pos + length > len(raw):
-      raise cut(f"marker 0xFF{marker:02X} declares {length} bytes but the file ends first")
-    segment = raw[pos + 2 : pos + length]
-    pos += length
     if marker == 0xC2:
       return _check_progressive(raw, pos, segment, path)
     if marker in _OTHER_FRAMES:

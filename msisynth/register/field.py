@@ -26,8 +26,8 @@ import numpy as np
 from msisynth import errors
 from msisynth.geometry import transforms as tf
 from msisynth.geometry.transforms import AffineTransform
+from msisynth.register.transform_io import _FIELD_SUFFIXES
 
-_FIELD_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 _INVERSE_STEPS = 30
 
 
@@ -134,18 +134,9 @@ class ComposedTransform:
 
 @jax.jit
 def _displacement(t: DisplacementFieldTransform, points: jax.Array) -> jax.Array:
-  h, w = t.field.shape[0], t.field.shape[1]
   idx = (points - t.origin_um) / t.pixel_size_um  # (..., 2) continuous (col, row)
-  col, row = idx[..., 0], idx[..., 1]
-  inside = (col >= -0.5) & (col <= w - 0.5) & (row >= -0.5) & (row <= h - 0.5)
-  col = jnp.clip(col, 0.0, w - 1.0)
-  row = jnp.clip(row, 0.0, h - 1.0)
-  c0 = jnp.clip(jnp.floor(col).astype(jnp.int32), 0, max(w - 2, 0))
-  r0 = jnp.clip(jnp.floor(row).astype(jnp.int32), 0, max(h - 2, 0))
-  c1, r1 = jnp.minimum(c0 + 1, w - 1), jnp.minimum(r0 + 1, h - 1)
-  fc, fr = (col - c0)[..., None], (row - r0)[..., None]
-  d = ((1 - fr) * ((1 - fc) * t.field[r0, c0] + fc * t.field[r0, c1])
-       + fr * ((1 - fc) * t.field[r1, c0] + fc * t.field[r1, c1]))  # fmt: skip
+  # Clamped neighbours beyond the outermost centres give the edge value; outside the extent, no displacement.
+  d, inside = tf.sample_linear(t.field, idx[..., 1], idx[..., 0])
   return jnp.where(inside[..., None], d, 0.0)
 
 

@@ -401,7 +401,7 @@ def _working_px(gf, gm, working_px):
 
 
 def _shrink_factors(levels, fixed_px, moving_px, working_px):
-  gf, gm = math.sqrt(fixed_px[0] * fixed_px[1]), math.sqrt(moving_px[0] * moving_px[1])
+  gf, gm = _geo(fixed_px), _geo(moving_px)
   base = _working_px(gf, gm, working_px)
   out = []
   for level in range(levels - 1, -1, -1):
@@ -411,7 +411,7 @@ def _shrink_factors(levels, fixed_px, moving_px, working_px):
 
 
 def _extent_px(fixed_shape, moving_shape, fixed_px, moving_px, working_px):
-  gf, gm = math.sqrt(fixed_px[0] * fixed_px[1]), math.sqrt(moving_px[0] * moving_px[1])
+  gf, gm = _geo(fixed_px), _geo(moving_px)
   base = _working_px(gf, gm, working_px)
   return max(max(fixed_shape) * gf, max(moving_shape) * gm) / base
 

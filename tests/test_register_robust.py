@@ -236,3 +236,57 @@ def test_match_resolution_registers_an_msi_like_case():
                      moving_pixel_size_um=case.moving_pixel_size_um,
                      config=opt.RegistrationConfig(match_resolution=True))  # fmt: skip
   assert cases.grid_error_px(r.transform, case)[0] < case.moving_pixel_size_um  # 1 MSI pixel
+
+
+def _half_level_area(image, low, high):
+  return float((image > 0.5 * (low + high)).sum())
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_tissue_cover_follows_the_slides_own_edge(size):
+  rng = np.random.default_rng(4)
+  rgb, truth = cases._tissue_image(rng, size)
+  from msisynth.io.histology import tissue_mask
+
+  mask = tissue_mask(rgb, min_size_px=max(16, size * size // 2000))
+  cover = cases.tissue_cover(rgb, mask)
+  perimeter = float((truth > 0.5).sum() - ndi.binary_erosion(truth > 0.5).sum())
+  # The half level of the estimate lies within half a pixel of the true one (on average along the edge) ...
+  offset = (_half_level_area(cover, 0, 1) - _half_level_area(truth, 0, 1)) / perimeter
+  assert abs(offset) < 0.5, offset
+  # ... where the blurred binary mask ends well outside it (the bias the estimate removes).
+  blurred = ndi.gaussian_filter(mask.astype(np.float32), 1.0)
+  assert (_half_level_area(blurred, 0, 1) - _half_level_area(truth, 0, 1)) / perimeter > 1.5
+  assert cover.min() >= 0 and cover.max() <= 1
+  assert np.all(cover[~ndi.binary_dilation(mask, iterations=3)] == 0)
+  assert np.mean(cover[ndi.binary_erosion(mask, iterations=5)] >= 0.9) > 0.9
+  assert not cases.tissue_cover(rgb, np.zeros_like(mask)).any()
+
+
+def test_msi_like_case_shows_the_tissue_as_large_as_the_histology():
+  # The MSI-like image's tissue (half way between the off-tissue and the tissue signal) covers the area of the
+  # histology's true tissue mapped through the truth, to 2 %: its edge is where the slide's is.
+  case = cases.make_case(np.random.default_rng(5), 512, appearance="msi", msi_hidden=0.0, max_shift=0.0,
+                         min_scale=0.75, max_scale=0.76)  # fmt: skip
+  rgb, truth = cases._tissue_image(np.random.default_rng(5), 512)
+  assert np.allclose(rgb.mean(), cases.tissue_image(np.random.default_rng(5), 512).mean())
+  moving = ndi.median_filter(case.moving, 3)  # the hot pixels and most of the noise gone
+  tissue_level = float(np.median(moving[moving > 0.9]))
+  msi_area_um2 = _half_level_area(moving, 0.5, tissue_level) * case.moving_pixel_size_um**2
+  det = abs(np.linalg.det(np.asarray(case.transform.matrix, np.float64)[:2, :2]))
+  true_area_um2 = float((truth > 0.5).sum()) * case.fixed_pixel_size_um**2 * det
+  assert msi_area_um2 == pytest.approx(true_area_um2, rel=0.02)
+
+
+def test_intensity_percentiles_set_the_histogram_range():
+  values = np.concatenate([np.linspace(0.0, 1.0, 999), [50.0]]).astype(np.float32)
+  ones = np.ones_like(values)
+  assert opt._range(values, ones).tolist() == [0.0, 50.0]
+  lo, hi = opt._range(values, ones, (0.5, 99.5))
+  assert 0.0 < lo < 0.01 and 0.99 < hi < 1.0  # the hot value no longer stretches the bins
+  assert opt._range(values, (values < 0.5).astype(np.float32), (0.0, 100.0))[1] < 0.5  # within the mask only
+  constant = np.ones(100, np.float32)
+  assert opt._range(constant, np.ones(100), (1.0, 99.0)).tolist() == [1.0, 2.0]
+  for bad in ((5.0, 5.0), (-1.0, 99.0), (1.0, 101.0), (60.0, 40.0)):
+    with pytest.raises(errors.ConfigError, match="intensity_percentiles"):
+      opt.RegistrationConfig(intensity_percentiles=bad)

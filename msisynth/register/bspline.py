@@ -513,6 +513,7 @@ class DeformableConfig:
       level has fewer.
     seed: seed of that sampling.
     min_jacobian: warn when det(I + ∇d) falls below this anywhere on the fixed grid's samples (≤ 0 is a fold).
+    intensity_percentiles: the MI's histogram range, as in `RegistrationConfig`.
   """
 
   grid_spacing_um: float | tuple[float, float] | None = None
@@ -530,9 +531,11 @@ class DeformableConfig:
   max_samples: int | None = 32768
   seed: int = 0
   min_jacobian: float = 0.1
+  intensity_percentiles: tuple[float, float] = (0.5, 99.5)
 
   def __post_init__(self):
     optimize.check_measure(self.similarity, self.kernel)
+    object.__setattr__(self, "intensity_percentiles", optimize.check_percentiles(self.intensity_percentiles))
     if self.levels < 1 or self.bins < 4 or self.patience < 1:
       raise errors.ConfigError("levels and patience must be >= 1 and bins >= 4")
     its = self.iterations_per_level()
@@ -716,14 +719,6 @@ def _run_level(coefficients0, data, hyper, opts: _Options):
   return best, steps, since >= hyper["patience"], _diagnostics(best, data, opts), affine_only
 
 
-def _range(values, weights):
-  sel = values[weights > 0.5]
-  if sel.size == 0:
-    return np.array([0.0, 1.0], np.float32)
-  lo, hi = float(sel.min()), float(sel.max())
-  return np.array([lo, hi if hi > lo else lo + 1.0], np.float32)
-
-
 def _prepare(image, mask, name):
   grey = optimize.to_grey(image)
   if not np.all(np.isfinite(grey)):
@@ -842,10 +837,10 @@ def register_deformable(
       "points": points,
       "values": values.astype(np.float32),
       "weights": weights.astype(np.float32),
-      "fixed_range": _range(values, weights),
+      "fixed_range": optimize._range(values, weights, config.intensity_percentiles),
       "moving": np.stack([np.pad(m_img, pad_m), np.pad(m_w, pad_m)], axis=-1).astype(np.float32),
       "moving_hw": np.array([mh, mw], np.int32),
-      "moving_range": _range(m_img.ravel(), m_w.ravel()),
+      "moving_range": optimize._range(m_img.ravel(), m_w.ravel(), config.intensity_percentiles),
       "moving_px": np.array([moving_px[0] * p["sm"], moving_px[1] * p["sm"]], np.float32),
       "affine": matrix,
       "grid_origin": np.asarray(p["grid_origin"], np.float32),

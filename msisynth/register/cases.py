@@ -12,7 +12,8 @@ made from it through a random FIXED → MOVING affine transform T (µm), so that
   (σ 0.02), on a grid of the same pixel size. "msi": an MSI-like image on a grid `msi_factor` times coarser (box
   averaged, as an MSI pixel integrates its area): a non-monotonic mixture of the hematoxylin and eosin densities
   and of a smooth field the stains do not show, with an off-tissue matrix signal, multiplicative noise and
-  hotspots. Its intensities are not a function of the fixed image's, so only a multimodal similarity can align it.
+  hotspots. The tissue signal is weighted by the fraction of each pixel that the tissue covers (the generated
+  slide's own, or `tissue_cover` of a given slide), so that the MSI's tissue edge lies where the slide's does. Its intensities are not a function of the fixed image's, so only a multimodal similarity can align it.
 - **Texture.** A fixed image enlarged from a smaller slide is smoother than a real scan of that size, so
   `fine_texture=True` (default) adds nuclei-like dots of about 3 px to its tissue, which the moving image shares.
 
@@ -83,6 +84,11 @@ def tissue_image(rng: np.random.Generator, size: int, *, tissue_fraction: float 
   Returns:
     (H, W, 3) float32 RGB in [0, 1].
   """
+  return _tissue_image(rng, size, tissue_fraction=tissue_fraction, pale=pale, shape=shape)[0]
+
+
+def _tissue_image(rng, size, *, tissue_fraction=0.45, pale=0.0, shape=None):
+  """`tissue_image` and the fraction of each pixel that the tissue covers, (H, W) float32 in [0, 1]."""
   h, w = shape if shape is not None else (size, size)
   scale = max(h, w)
   low = ndi.zoom(_smooth_noise(rng, (48, 48), 5.0), (h / 48, w / 48), order=1)[:h, :w]
@@ -102,7 +108,7 @@ def tissue_image(rng: np.random.Generator, size: int, *, tissue_fraction: float 
   dim = 1.0 / (1.0 + 7.0 * pale)
   od = (hem[..., None] * _H_RGB + eos[..., None] * _E_RGB) * 0.9 * dim
   rgb = np.exp(-od * math.log(10)) * 0.94 + 0.03 * rng.standard_normal((h, w, 1)) * 0.1
-  return np.clip(rgb, 0, 1).astype(np.float32)
+  return np.clip(rgb, 0, 1).astype(np.float32), tissue.astype(np.float32)
 
 
 def _add_texture(rng, rgb, tissue):
@@ -156,8 +162,44 @@ def _warp_np(image, matrix, out_shape, in_px, out_px, order=1, cval=0.0):
 MIXTURES = ("sine", "linear")
 
 
+def tissue_cover(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+  """The fraction of each pixel that tissue covers, estimated from an H&E image's optical density.
+
+  A tissue edge in a slide is a ramp of optical density over a few pixels. A binary mask (`tissue`) ends at its
+  outer foot, so an image made from the blurred mask shows the tissue larger than the slide does: by 2.6 px at
+  256² to 8 px at 2048² on `tissue_image`'s slides, which draws an edge-aligning registration to a wrong scale.
+  Here the density, smoothed (σ 1 px), less the bare slide's (the median away from the mask), is divided by the
+  local density of the tissue's interior (the mask eroded, a normalised Gaussian average of σ max(4, size / 64)
+  px) and clipped to [0, 1]. On `tissue_image`'s slides (with texture) its half level lies within 0.31 px of the
+  true cover's (256²–2048², 6 slides), it is ≥ 0.9 on 94–98 % of the interior, and 0 from 3 px beyond the mask.
+
+  Args:
+    rgb: (H, W, 3) H&E image in [0, 1].
+    tissue: (H, W) bool tissue mask of it (`msisynth.io.histology.tissue_mask`).
+
+  Returns:
+    (H, W) float32 in [0, 1].
+  """
+  tissue = np.asarray(tissue, bool)
+  if not tissue.any():
+    return np.zeros(tissue.shape, np.float32)
+  size = max(tissue.shape)
+  od = ndi.gaussian_filter(-np.log10(np.clip(rgb[..., :3], 1e-3, 1.0)).sum(axis=2), 1.0)
+  core = ndi.binary_erosion(tissue, iterations=max(2, size // 128))
+  if not core.any():
+    core = tissue
+  sigma = max(4.0, size / 64)
+  weight = ndi.gaussian_filter(core.astype(np.float64), sigma)
+  local = ndi.gaussian_filter(od * core, sigma) / np.maximum(weight, 1e-12)
+  local = np.where(weight > 1e-3, local, np.median(od[core]))
+  outside = ~ndi.binary_dilation(tissue, iterations=3)
+  slide = float(np.median(od[outside])) if outside.any() else 0.0  # the bare slide's density
+  cover = np.clip((od - slide) / np.maximum(local - slide, 1e-6), 0.0, 1.0)
+  return np.where(outside, 0.0, cover).astype(np.float32)  # none beyond the mask's edge ramp
+
+
 def msi_like(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray, *, mixture: str = "sine",
-             hidden: float = 0.4) -> np.ndarray:  # fmt: skip
+             hidden: float = 0.4, fraction: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
   """An MSI-like single-channel image of an H&E image on the same grid (see the module).
 
   Args:
@@ -167,6 +209,8 @@ def msi_like(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray, *, m
     mixture: "sine" (default): sin(2.5 h + 0.7) + 0.6 e of the normalised hematoxylin h and eosin e densities, a
       non-monotonic function of the stain; "linear": h + 0.6 e.
     hidden: weight of a smooth random field the stains do not show.
+    fraction: (H, W) fraction of each pixel that the tissue covers, in [0, 1], where the MSI signal of the tissue
+      comes from; None: `tissue_cover(rgb, tissue)`.
   """
   if mixture not in MIXTURES:
     raise errors.ConfigError(f"mixture must be one of {MIXTURES}, got {mixture!r}")
@@ -175,7 +219,7 @@ def msi_like(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray, *, m
   eos = np.clip(od @ _E_RGB / (_E_RGB @ _E_RGB), 0, None)
   h, w = tissue.shape
   field = ndi.zoom(_smooth_noise(rng, (32, 32), 3.0), (h / 32, w / 32), order=1)[:h, :w]
-  t = ndi.gaussian_filter(tissue.astype(np.float32), 1.0)
+  t = tissue_cover(rgb, tissue) if fraction is None else np.clip(np.asarray(fraction, np.float32), 0, 1)
   hn = hem / max(np.percentile(hem[tissue], 99), 1e-3)
   en = eos / max(np.percentile(eos[tissue], 99), 1e-3)
   mix = (np.sin(2.5 * hn + 0.7) if mixture == "sine" else hn) + 0.6 * en
@@ -217,8 +261,9 @@ def make_case(rng: np.random.Generator, size: int, *, appearance: str = "uni", f
   if size < 32:
     raise errors.ConfigError(f"size must be at least 32, got {size}")
   if source is None:
-    rgb = tissue_image(rng, size, pale=pale)
+    rgb, fraction = _tissue_image(rng, size, pale=pale)
   else:
+    fraction = None
     src = np.asarray(source, np.float32)[..., :3]
     side = min(src.shape[:2])
     r0 = int(rng.integers(0, src.shape[0] - side + 1))
@@ -246,7 +291,7 @@ def make_case(rng: np.random.Generator, size: int, *, appearance: str = "uni", f
     moving = _warp_np(grey, inv, mshape, fixed_px, moving_px)
     moving = ndi.gaussian_filter(moving, 0.7) + 0.02 * rng.standard_normal(mshape)
   else:
-    signal = msi_like(rng, rgb, tissue, mixture=msi_mixture, hidden=msi_hidden)
+    signal = msi_like(rng, rgb, tissue, mixture=msi_mixture, hidden=msi_hidden, fraction=fraction)
     # Warp at the fixed resolution onto a fine moving grid, then integrate over each MSI pixel.
     fine_shape = (mshape[0] * msi_factor, mshape[1] * msi_factor)
     fine = _warp_np(signal, inv, fine_shape, fixed_px, fixed_px, cval=0.5)

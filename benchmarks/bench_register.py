@@ -254,17 +254,22 @@ def main(argv):
                          case.moving_pixel_size_um))  # fmt: skip
     plan = [(a, i) for i in range(_CASES.value) for a in _APPEARANCES.value]
     plan += [("unrelated", i) for i in range(_UNRELATED.value)]
-    made, jobs = [], []
+    made, made_slide, jobs = [], [], []
     for appearance, i in plan:
       if appearance == "unrelated":
         base = made[i % len(made)]
-        other = cases.make_case(rng, size, appearance=base.appearance, flips=_FLIPS.value,
-                                source=None if slides is None else slides[int(rng.integers(len(slides)))])  # fmt: skip
+        source = None
+        if slides is not None:  # another slide than the base case's: crops of one slide may overlap
+          others = [k for k in range(len(slides)) if k != made_slide[i % len(made)]] or [0]
+          source = slides[others[int(rng.integers(len(others)))]]
+        other = cases.make_case(rng, size, appearance=base.appearance, flips=_FLIPS.value, source=source)
         jobs.append((i, base, other.moving, True))
       else:
-        source = None if slides is None else slides[int(rng.integers(len(slides)))]
-        case = cases.make_case(rng, size, appearance=appearance, flips=_FLIPS.value, source=source)
+        k = None if slides is None else int(rng.integers(len(slides)))
+        case = cases.make_case(rng, size, appearance=appearance, flips=_FLIPS.value,
+                               source=None if k is None else slides[k])  # fmt: skip
         made.append(case)
+        made_slide.append(k)
         jobs.append((i, case, case.moving, False))
     pairs = [(1.0 - c.fixed.mean(axis=2), moving, c.fixed_pixel_size_um, c.moving_pixel_size_um)
              for _, c, moving, _ in jobs]  # fmt: skip

@@ -206,6 +206,11 @@ def test_msi_like_options_change_only_what_they_name():
   np.testing.assert_allclose(linear[far], a[far], atol=1e-3)  # away from tissue both are the matrix signal
   with pytest.raises(errors.ConfigError, match="mixture"):
     cases.msi_like(rng, rgb, tissue, mixture="cubic")
+  with pytest.raises(errors.ConfigError, match="fraction has shape"):
+    cases.msi_like(rng, rgb, tissue, fraction=np.ones((4, 4)))
+  # The cover given is the one used: none at all leaves only the off-tissue signal.
+  bare = cases.msi_like(np.random.default_rng(1), rgb, tissue, hidden=0.0, fraction=np.zeros(tissue.shape))
+  np.testing.assert_allclose(bare, 0.5)
 
 
 def test_match_resolution_smooths_only_the_finer_image_to_the_coarser_ones_width():

@@ -13,7 +13,8 @@ made from it through a random FIXED → MOVING affine transform T (µm), so that
   averaged, as an MSI pixel integrates its area): a non-monotonic mixture of the hematoxylin and eosin densities
   and of a smooth field the stains do not show, with an off-tissue matrix signal, multiplicative noise and
   hotspots. The tissue signal is weighted by the fraction of each pixel that the tissue covers (the generated
-  slide's own, or `tissue_cover` of a given slide), so that the MSI's tissue edge lies where the slide's does. Its intensities are not a function of the fixed image's, so only a multimodal similarity can align it.
+  slide's own, or `tissue_cover` of a given slide), so that the MSI's tissue edge lies where the slide's does.
+  Its intensities are not a function of the fixed image's, so only a multimodal similarity can align it.
 - **Texture.** A fixed image enlarged from a smaller slide is smoother than a real scan of that size, so
   `fine_texture=True` (default) adds nuclei-like dots of about 3 px to its tissue, which the moving image shares.
 
@@ -214,6 +215,8 @@ def msi_like(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray, *, m
   """
   if mixture not in MIXTURES:
     raise errors.ConfigError(f"mixture must be one of {MIXTURES}, got {mixture!r}")
+  if fraction is not None and np.shape(fraction) != np.shape(tissue):
+    raise errors.ConfigError(f"fraction has shape {np.shape(fraction)}, the tissue mask {np.shape(tissue)}")
   od = -np.log10(np.clip(rgb, 1e-3, 1.0))
   hem = np.clip(od @ _H_RGB / (_H_RGB @ _H_RGB), 0, None)
   eos = np.clip(od @ _E_RGB / (_E_RGB @ _E_RGB), 0, None)

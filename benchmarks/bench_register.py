@@ -5,7 +5,8 @@ square of a shipped H&E slide in data/he with `--source=he`), a random known aff
 translation ≤ 20 % of the field; with `--flips` also mirrors and quarter turns) and a moving image that is either
 the same modality ("uni": grey through another intensity curve, blurred, noisy) or MSI-like ("msi": a non-monotonic
 mixture of the stains on a grid 4× coarser, with noise and hotspots). `--unrelated=N` adds N pairs per size whose
-moving image comes from another case (nothing to find), to measure misses of the failure detection.
+moving image comes from another case (nothing to find; with `--source=he`, from another slide), to measure misses
+of the failure detection.
 
 Every method registers the same grey images (1 - mean RGB for the fixed, the moving as made) with their pixel
 sizes, each method in a fresh process of its own per size (once ITK had run in a process, msisynth's calls there

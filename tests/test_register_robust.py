@@ -314,3 +314,19 @@ def test_msi_hotspots_do_not_derail_the_registration():
   assert opt.RegistrationConfig().intensity_percentiles == (0.5, 99.5)
   assert cases.grid_error_px(robust.transform, case)[0] < case.moving_pixel_size_um and robust.success
   assert cases.grid_error_px(full.transform, case)[0] > 10.0 and not full.success
+
+
+def test_finest_repeats_take_the_median_of_runs_on_other_pools():
+  case = cases.make_case(np.random.default_rng(0), 128, appearance="msi", max_rotation_deg=10, max_shift=0.05)
+  kwargs = dict(fixed_pixel_size_um=1.0, moving_pixel_size_um=case.moving_pixel_size_um)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    once = opt.register(_grey(case), case.moving, **kwargs)
+    thrice = opt.register(_grey(case), case.moving, config=opt.RegistrationConfig(finest_repeats=3), **kwargs)
+  assert cases.grid_error_px(thrice.transform, case)[0] < case.moving_pixel_size_um and thrice.success
+  assert not np.allclose(np.asarray(once.transform.matrix), np.asarray(thrice.transform.matrix))  # other pools
+  assert thrice.iterations[-1] > once.iterations[-1]  # the finest level's steps of all three runs
+  assert thrice.iterations[:-1] == once.iterations[:-1]  # the coarser levels are shared
+  for bad in (0, 1.5):
+    with pytest.raises(errors.ConfigError, match="finest_repeats"):
+      opt.RegistrationConfig(finest_repeats=bad)

@@ -157,6 +157,10 @@ class RegistrationConfig:
       squeeze the tissue into a few bins: on 40 generated MSI-like cases (256²–2048²) the default (0.5, 99.5)
       raised the successes from 25 to 32 and removed the false alarms (3 of 65 → 0 of 72 correct cases;
       docs/results.md, section 10).
+    finest_repeats: run the finest level this many times from the same candidates, each with a sample pool and
+      step draws of its own, and keep the median of the parameters. The optimum of one run belongs to its random
+      pool; at 1024² and above that moves MSI-like results by a few pixels (docs/results.md, section 10). Each
+      repeat costs one more finest level.
   """
 
   similarity: str = "mi"
@@ -195,6 +199,7 @@ class RegistrationConfig:
   min_mask_pixels: int = 64
   match_resolution: bool = False
   intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+  finest_repeats: int = 1
 
   def __post_init__(self):
     check_measure(self.similarity, self.kernel)
@@ -223,6 +228,8 @@ class RegistrationConfig:
     if self.working_pixel_size_um is not None and self.working_pixel_size_um <= 0:
       raise errors.ConfigError(f"working_pixel_size_um must be > 0, got {self.working_pixel_size_um}")
     object.__setattr__(self, "intensity_percentiles", check_percentiles(self.intensity_percentiles))
+    if not isinstance(self.finest_repeats, int) or self.finest_repeats < 1:
+      raise errors.ConfigError(f"finest_repeats must be an int >= 1, got {self.finest_repeats!r}")
     if self.coarsest_size_px < 16 or not self.start_scales or min(self.start_scales) <= 0:
       raise errors.ConfigError("coarsest_size_px must be >= 16 and start_scales positive")
 
@@ -850,6 +857,26 @@ def _level_kind(config: RegistrationConfig, level: int, levels: int) -> str:
   return coarse
 
 
+def _repeat_finest(params, mirrors, data, hyper, opts, config, pyr, moving_pad, fixed_px, moving_px, factors, center,
+                   radius, rng, level):  # fmt: skip
+  """The finest level run `config.finest_repeats` times from the same candidates, each time with a pool and step
+  draws of its own; the parameters' median over the runs, its similarity measured on the last run's pool."""
+  runs = []
+  for rep in range(config.finest_repeats):
+    if rep:
+      data = _level_data(pyr, config.sample_pool, moving_pad, fixed_px, moving_px, factors, center, radius, rng,
+                         config.intensity_percentiles)  # fmt: skip
+      data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(
+        config.seed * 1000 + 17 * level + b + 7919 * rep))) for b in range(len(data["values"]))])  # fmt: skip
+    runs.append(_run_level(params, mirrors, data, hyper, opts))
+  params = jnp.median(jnp.stack([r[0] for r in runs]), axis=0)
+  mats = _matrices(params, jnp.asarray(mirrors, jnp.float32), jnp.asarray(center, jnp.float32), opts.kind)
+  metrics, overlaps = _evaluate(mats, data, opts)
+  steps = sum(np.asarray(r[3]) for r in runs)
+  converged = np.all(np.stack([np.asarray(r[4]) for r in runs]), axis=0)
+  return params, metrics, overlaps, steps, converged, data
+
+
 def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px, moving_px, config, initial,
                     on_failure, first_pair=0):  # fmt: skip
   fixed_px = tf.pixel_size_yx(fixed_px, "fixed_pixel_size_um")
@@ -928,8 +955,13 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
       "final_fraction": jnp.float32(config.final_learning_rate_fraction),
     }
     samples = config.coarsest_samples if level == 0 and config.coarsest_samples else config.max_samples
-    params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper,
-                                                             opts._replace(kind=kinds[level], samples=samples))
+    level_opts = opts._replace(kind=kinds[level], samples=samples)
+    if level == levels - 1 and config.finest_repeats > 1:
+      params, metrics, overlaps, steps, converged, data = _repeat_finest(
+        params, mirrors, data, hyper, level_opts, config, pyramids[level], moving_pad, fixed_px, moving_px,
+        level_factors, center, radius, rng, level)  # fmt: skip
+    else:
+      params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper, level_opts)
     iterations.append(np.asarray(steps))
     if level == 0 and params.shape[1] > config.num_candidates:
       score = np.asarray(metrics) if config.similarity == "mse" else -np.asarray(metrics)

@@ -710,17 +710,13 @@ def _range(values, weights, percentiles=(0.0, 100.0)):
   sel = values[weights > 0.5]
   if sel.size == 0:
     return np.array([0.0, 1.0], np.float32)
-  if tuple(percentiles) == (0.0, 100.0):
+  lo, hi = (float(v) for v in np.percentile(sel, percentiles))
+  if hi <= lo:  # most values equal (a mask of ones): the full range instead
     lo, hi = float(sel.min()), float(sel.max())
-  else:
-    lo, hi = (float(v) for v in np.percentile(sel, percentiles))
-    if hi <= lo:  # most values equal (a mask of ones): the full range instead
-      lo, hi = float(sel.min()), float(sel.max())
   return np.array([lo, hi if hi > lo else lo + 1.0], np.float32)
 
 
-def _level_data(pyr, num_points, moving_pad, fixed_px, moving_px, factors, center, radius, rng,
-                percentiles=(0.0, 100.0)):  # fmt: skip
+def _level_data(pyr, num_points, moving_pad, fixed_px, moving_px, factors, center, radius, rng, percentiles):
   """Pair-batched level data (NumPy), padded to shapes that every level and many image shapes share:
   `num_points` fixed samples (zero weight beyond the level's own) and moving images padded to `moving_pad`."""
   f_img, f_mask, m_img, m_mask = pyr
@@ -857,21 +853,15 @@ def _level_kind(config: RegistrationConfig, level: int, levels: int) -> str:
   return coarse
 
 
-def _repeat_finest(params, mirrors, data, hyper, opts, config, pyr, moving_pad, fixed_px, moving_px, factors, center,
-                   radius, rng, level):  # fmt: skip
-  """The finest level run `config.finest_repeats` times from the same candidates, each time with a pool and step
-  draws of its own; the parameters' median over the runs, its similarity measured on the last run's pool."""
+def _repeat_finest(params, mirrors, make_data, hyper, opts, repeats):
+  """The finest level run `repeats` times from the same candidates, each time on `make_data(rep)` (a pool and step
+  draws of its own); the parameters' median over the runs, its similarity measured on the last run's pool."""
   runs = []
-  for rep in range(config.finest_repeats):
-    if rep:
-      data = _level_data(pyr, config.sample_pool, moving_pad, fixed_px, moving_px, factors, center, radius, rng,
-                         config.intensity_percentiles)  # fmt: skip
-      data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(
-        config.seed * 1000 + 17 * level + b + 7919 * rep))) for b in range(len(data["values"]))])  # fmt: skip
+  for rep in range(repeats):
+    data = make_data(rep)
     runs.append(_run_level(params, mirrors, data, hyper, opts))
   params = jnp.median(jnp.stack([r[0] for r in runs]), axis=0)
-  mats = _matrices(params, jnp.asarray(mirrors, jnp.float32), jnp.asarray(center, jnp.float32), opts.kind)
-  metrics, overlaps = _evaluate(mats, data, opts)
+  metrics, overlaps = _evaluate(_matrices(params, mirrors, data["center"][0], opts.kind), data, opts)
   steps = sum(np.asarray(r[3]) for r in runs)
   converged = np.all(np.stack([np.asarray(r[4]) for r in runs]), axis=0)
   return params, metrics, overlaps, steps, converged, data
@@ -943,10 +933,15 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
   for level, level_factors in enumerate(factors):
     if level > 0 and kinds[level] != kinds[level - 1]:  # start from what the last level found
       params = tf.constrain_params(params, kinds[level - 1])
-    data = _level_data(pyramids[level], config.sample_pool, moving_pad, fixed_px, moving_px, level_factors, center,
-                       radius, rng, config.intensity_percentiles)  # fmt: skip
-    data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(config.seed * 1000 + 17 * level + b)))
-                            for b in range(batch)])  # fmt: skip
+
+    def make_data(rep, level=level, level_factors=level_factors):
+      """The level's pool (a new draw from `rng` at each call) and its step keys (rep: a repeat of the level)."""
+      data = _level_data(pyramids[level], config.sample_pool, moving_pad, fixed_px, moving_px, level_factors,
+                         center, radius, rng, config.intensity_percentiles)  # fmt: skip
+      data["key"] = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(
+        config.seed * 1000 + 17 * level + b + 7919 * rep))) for b in range(batch)])  # fmt: skip
+      return data
+
     hyper = {
       "iterations": jnp.int32(its[level]),
       "patience": jnp.int32(config.patience),
@@ -957,10 +952,10 @@ def _register_stack(fixed_list, moving_list, fixed_masks, moving_masks, fixed_px
     samples = config.coarsest_samples if level == 0 and config.coarsest_samples else config.max_samples
     level_opts = opts._replace(kind=kinds[level], samples=samples)
     if level == levels - 1 and config.finest_repeats > 1:
-      params, metrics, overlaps, steps, converged, data = _repeat_finest(
-        params, mirrors, data, hyper, level_opts, config, pyramids[level], moving_pad, fixed_px, moving_px,
-        level_factors, center, radius, rng, level)  # fmt: skip
+      params, metrics, overlaps, steps, converged, data = _repeat_finest(params, mirrors, make_data, hyper, level_opts,
+                                                                         config.finest_repeats)  # fmt: skip
     else:
+      data = make_data(0)
       params, metrics, overlaps, steps, converged = _run_level(params, mirrors, data, hyper, level_opts)
     iterations.append(np.asarray(steps))
     if level == 0 and params.shape[1] > config.num_candidates:
